@@ -1,0 +1,157 @@
+"""Typed mms messages: the five requests and their responses, as plain frozen dataclasses.
+
+These are the only objects that cross between the wire codec, the connection thread, the
+simulator and the gRPC layer. Field names carry units; ``res`` keeps mms's negative-errno form.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import ClassVar, Generic, TypeVar
+
+# mms answers -errno in "res"; these are the only values it uses.
+RES_OK = 0
+RES_EIO = -5
+RES_ENOMEM = -12
+RES_EINVAL = -22
+
+CROS_GUEST_VM_ID = 0
+U32_MAX = 2**32 - 1
+
+
+class MessageType(enum.IntEnum):
+    """The ``type`` field of the frame header; a response echoes its request's type."""
+
+    GET_BALLOON_STATS = 1
+    REBALANCE_MEMORY = 2
+    PREPARE_VM = 3
+    FINISH_ADD_VM = 4
+    REMOVE_VM = 5
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonStats:
+    """crosvm's BalloonStats; ``None`` means the guest did not report that field."""
+
+    swap_in: int | None = None
+    swap_out: int | None = None
+    major_faults: int | None = None
+    minor_faults: int | None = None
+    free_memory: int | None = None
+    total_memory: int | None = None
+    available_memory: int | None = None
+    disk_caches: int | None = None
+    hugetlb_allocations: int | None = None
+    hugetlb_failures: int | None = None
+    shared_memory: int | None = None
+    unevictable_memory: int | None = None
+
+
+# The JSON keys of crosvm's BalloonStats, in crosvm's order (also the dataclass field names).
+BALLOON_STAT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BalloonStats))
+
+
+@dataclass(frozen=True, slots=True)
+class VmBalloonStats:
+    vm_id: int
+    stats: BalloonStats
+    balloon_actual_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonDelta:
+    """A balloon delta: positive inflates (takes memory from the VM), negative deflates."""
+
+    vm_id: int
+    delta_bytes: int
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetBalloonStatsResponse:
+    all_stats: tuple[VmBalloonStats, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceMemoryResponse:
+    actual_deltas: tuple[BalloonDelta, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareVmResponse:
+    res: int
+    vm_id: int
+    shortfall_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinishAddVmResponse:
+    res: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveVmResponse:
+    res: int
+
+
+Response = (
+    GetBalloonStatsResponse
+    | RebalanceMemoryResponse
+    | PrepareVmResponse
+    | FinishAddVmResponse
+    | RemoveVmResponse
+)
+ResponseT = TypeVar("ResponseT", bound=Response, covariant=True)
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+class MmsRequest(Generic[ResponseT]):
+    """Base of the five requests; ``TYPE`` is the frame type, the type parameter the response."""
+
+    TYPE: ClassVar[MessageType]
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GetBalloonStatsRequest(MmsRequest[GetBalloonStatsResponse]):
+    TYPE: ClassVar[MessageType] = MessageType.GET_BALLOON_STATS
+    vm_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceMemoryRequest(MmsRequest[RebalanceMemoryResponse]):
+    TYPE: ClassVar[MessageType] = MessageType.REBALANCE_MEMORY
+    deltas: tuple[BalloonDelta, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareVmRequest(MmsRequest[PrepareVmResponse]):
+    TYPE: ClassVar[MessageType] = MessageType.PREPARE_VM
+    mem_size_bytes: int
+    init_mem_size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FinishAddVmRequest(MmsRequest[FinishAddVmResponse]):
+    TYPE: ClassVar[MessageType] = MessageType.FINISH_ADD_VM
+    vm_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveVmRequest(MmsRequest[RemoveVmResponse]):
+    TYPE: ClassVar[MessageType] = MessageType.REMOVE_VM
+    vm_id: int
+
+
+Request = (
+    GetBalloonStatsRequest
+    | RebalanceMemoryRequest
+    | PrepareVmRequest
+    | FinishAddVmRequest
+    | RemoveVmRequest
+)
