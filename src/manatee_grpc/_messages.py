@@ -104,13 +104,13 @@ Response = (
     | FinishAddVmResponse
     | RemoveVmResponse
 )
-ResponseT = TypeVar("ResponseT", bound=Response, covariant=True)
+ResponseT_co = TypeVar("ResponseT_co", bound=Response, covariant=True)
 
 
 # --- requests ---------------------------------------------------------------------------------
 
 
-class MmsRequest(Generic[ResponseT]):
+class MmsRequest(Generic[ResponseT_co]):
     """Base of the five requests; ``TYPE`` is the frame type, the type parameter the response."""
 
     TYPE: ClassVar[MessageType]

@@ -1,0 +1,185 @@
+"""What the server knows about mms: the session, its VMs, and VM ids from earlier sessions.
+
+Updated only from the connection thread's observer events, so the books follow what really
+happened on the wire, even when the caller who asked has gone away.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ._errors import MmsConnectionError, SessionResetError, VmNotFoundError
+from ._messages import (
+    CROS_GUEST_VM_ID,
+    RES_ENOMEM,
+    RES_OK,
+    FinishAddVmRequest,
+    FinishAddVmResponse,
+    MmsRequest,
+    PrepareVmRequest,
+    PrepareVmResponse,
+    RemoveVmRequest,
+    RemoveVmResponse,
+    Response,
+)
+
+
+class VmState(enum.Enum):
+    STARTING = "starting"  # PrepareVm opened it; FinishAddVm has not succeeded
+    FAILED = "failed"  # FinishAddVm failed: mms holds it until RemoveVm
+    RUNNING = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class VmRecord:
+    vm_id: int
+    mem_size_bytes: int
+    init_mem_size_bytes: int
+    state: VmState
+    since_unix_s: float
+    session: int
+
+
+SessionListener = Callable[[int, int], None]  # (previous_session, new_session)
+
+
+class Books:
+    """Thread-safe record of mms's VMs in the current session; a ConnectionObserver."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._session = 0
+        self._connected = False
+        self._vms: dict[int, VmRecord] = {}
+        # VM ids that an mms session reset dropped, with the session they belonged to.
+        self._dropped_by_reset: dict[int, int] = {}
+        self._session_listeners: list[SessionListener] = []
+        self._disconnect_listeners: list[Callable[[int, MmsConnectionError], None]] = []
+
+    # --- queries -----------------------------------------------------------------------------
+
+    @property
+    def session(self) -> int:
+        return self._session
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def vms(self) -> list[VmRecord]:
+        with self._lock:
+            return sorted(self._vms.values(), key=lambda vm: vm.vm_id)
+
+    def vm(self, vm_id: int) -> VmRecord | None:
+        with self._lock:
+            return self._vms.get(vm_id)
+
+    def running_vm_ids(self) -> tuple[int, ...]:
+        """The CrOS guest and every running sibling: what "all VMs" means for stats."""
+        with self._lock:
+            return tuple(
+                sorted(vm.vm_id for vm in self._vms.values() if vm.state is VmState.RUNNING)
+            )
+
+    def require_vm(self, vm_id: int, field: str = "vm_id") -> VmRecord:
+        """The VM's record, or VmNotFoundError / SessionResetError saying why it is not here."""
+        with self._lock:
+            record = self._vms.get(vm_id)
+            if record is not None:
+                return record
+            dropped_in = self._dropped_by_reset.get(vm_id)
+            session = self._session
+        if dropped_in is not None:
+            raise SessionResetError(
+                f"VM {vm_id} belonged to mms session {dropped_in}; the connection to mms was "
+                f"reset since (now session {session}) and mms dropped every sibling VM",
+                vmId=vm_id,
+                vmSession=dropped_in,
+                session=session,
+            )
+        raise VmNotFoundError(
+            f"no VM {vm_id} in mms session {session}", vmId=vm_id, session=session, field=field
+        )
+
+    # --- listeners ---------------------------------------------------------------------------
+
+    def add_session_listener(self, listener: SessionListener) -> None:
+        """Called (on the connection thread) when a new mms session starts."""
+        self._session_listeners.append(listener)
+
+    def add_disconnect_listener(self, listener: Callable[[int, MmsConnectionError], None]) -> None:
+        self._disconnect_listeners.append(listener)
+
+    # --- ConnectionObserver --------------------------------------------------------------------
+
+    def on_connected(self, session: int) -> None:
+        with self._lock:
+            previous = self._session
+            self._session = session
+            self._connected = True
+            # mms starts every session with only the CrOS guest; its memory size is mms's own.
+            self._vms = {
+                CROS_GUEST_VM_ID: VmRecord(
+                    CROS_GUEST_VM_ID, 0, 0, VmState.RUNNING, self._clock(), session
+                )
+            }
+        for listener in self._session_listeners:
+            listener(previous, session)
+
+    def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
+        with self._lock:
+            self._connected = False
+            for vm_id in self._vms:
+                if vm_id != CROS_GUEST_VM_ID:
+                    self._dropped_by_reset[vm_id] = session
+            self._vms = {}
+        for listener in self._disconnect_listeners:
+            listener(session, error)
+
+    def on_response(
+        self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
+    ) -> None:
+        del round_trip_s
+        with self._lock:
+            if session != self._session:
+                return
+            if isinstance(request, PrepareVmRequest) and isinstance(response, PrepareVmResponse):
+                self._record_prepare(session, request, response)
+            elif isinstance(request, FinishAddVmRequest) and isinstance(
+                response, FinishAddVmResponse
+            ):
+                record = self._vms.get(request.vm_id)
+                if record is not None and record.state is not VmState.RUNNING:
+                    state = VmState.RUNNING if response.res == RES_OK else VmState.FAILED
+                    self._vms[request.vm_id] = replace(
+                        record, state=state, since_unix_s=self._clock()
+                    )
+            elif (
+                isinstance(request, RemoveVmRequest)
+                and isinstance(response, RemoveVmResponse)
+                and response.res == RES_OK
+            ):
+                self._vms.pop(request.vm_id, None)
+
+    def _record_prepare(
+        self, session: int, request: PrepareVmRequest, response: PrepareVmResponse
+    ) -> None:
+        # mms answers an id for a reservation it opened or topped up (res 0 or -12); -22 may
+        # carry no meaningful id, and then nothing changed in mms.
+        if response.vm_id == CROS_GUEST_VM_ID or response.vm_id in self._vms:
+            return
+        if response.res in (RES_OK, RES_ENOMEM):
+            self._vms[response.vm_id] = VmRecord(
+                response.vm_id,
+                request.mem_size_bytes,
+                request.init_mem_size_bytes,
+                VmState.STARTING,
+                self._clock(),
+                session,
+            )

@@ -1,0 +1,335 @@
+"""The memory operations the gRPC API offers, in domain terms: no protobuf, no gRPC context.
+
+Each operation validates against the books, sends what mms needs through the one connection,
+waits within the caller's deadline, and turns mms's ``res`` codes into ManateeErrors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._books import Books, VmRecord, VmState
+from ._connection import MmsConnection
+from ._errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ManateeError,
+    MmsConnectionError,
+    MmsRefusedError,
+)
+from ._memory_math import align_down_page
+from ._messages import (
+    CROS_GUEST_VM_ID,
+    RES_ENOMEM,
+    RES_OK,
+    BalloonDelta,
+    FinishAddVmRequest,
+    MmsRequest,
+    PrepareVmRequest,
+    PrepareVmResponse,
+    RebalanceMemoryRequest,
+    RemoveVmRequest,
+    RemoveVmResponse,
+    Response,
+)
+from ._starts import StartSlot
+from ._stats import StatsReader, StatsSnapshot
+
+if TYPE_CHECKING:
+    from ._launch import Inbox
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Response)
+
+
+class CallerGoneError(ManateeError):
+    """The caller cancelled or hung up; nobody will read the answer."""
+
+    reason = "CANCELLED"
+
+
+class CallContext:
+    """One caller's patience: a deadline, and whether it has gone away (cancelled, hung up)."""
+
+    def __init__(self, deadline_monotonic: float | None = None) -> None:
+        self.deadline_monotonic = deadline_monotonic
+        self._lock = threading.Lock()
+        self._gone = False
+        self._listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    def with_timeout(cls, timeout_s: float | None) -> CallContext:
+        return cls(None if timeout_s is None else time.monotonic() + timeout_s)
+
+    def remaining_s(self) -> float | None:
+        if self.deadline_monotonic is None:
+            return None
+        return max(0.0, self.deadline_monotonic - time.monotonic())
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
+    def mark_gone(self) -> None:
+        with self._lock:
+            if self._gone:
+                return
+            self._gone = True
+            listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener()
+
+    def on_gone(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._gone:
+                self._listeners.append(listener)
+                return
+        listener()
+
+
+def await_call(future: Future[R], ctx: CallContext, what: str) -> R:
+    """Wait for an mms call until it answers, the deadline passes, or the caller goes.
+
+    A request still queued is cancelled (never sent); one on the wire runs to completion.
+    """
+    wake = threading.Event()
+    future.add_done_callback(lambda _: wake.set())
+    ctx.on_gone(wake.set)
+    wake.wait(ctx.remaining_s())
+    if future.done():
+        return future.result()
+    sent = not future.cancel()
+    suffix = " (the request was sent and will complete)" if sent else " (never sent)"
+    if ctx.gone:
+        raise CallerGoneError(f"the caller went away waiting for mms {what}{suffix}")
+    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceResult:
+    requested: tuple[BalloonDelta, ...]  # page-aligned, CrOS guest delta last
+    actual: tuple[BalloonDelta, ...]  # one per requested VM; left out by mms = 0
+    fully_applied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareResult:
+    vm_id: int
+    reserved: bool
+    shortfall_bytes: int
+    balloon_control_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    lease_s: float = 60.0
+    coalesce_stats: bool = True
+    balloon_control_dir: str = "/run"
+
+    def balloon_control_path(self, vm_id: int) -> str:
+        # mms creates this socket for the new VM's crosvm; the path is mms's, not ours.
+        return f"{self.balloon_control_dir.rstrip('/')}/mms_control_{vm_id}.sock"
+
+
+class MemoryBridge:
+    """The service's operations over one MmsConnection; see the module docstring."""
+
+    def __init__(self, connection: MmsConnection, config: BridgeConfig | None = None) -> None:
+        self.config = config or BridgeConfig()
+        self.connection = connection
+        self.books = Books()
+        connection.add_observer(self.books)
+        self.stats = StatsReader(connection, coalesce=self.config.coalesce_stats)
+        self.slot = StartSlot(self.config.lease_s, self._lease_expired)
+        self.books.add_disconnect_listener(self._on_disconnected)
+        self._reset_inboxes: list[Inbox] = []
+        self._reset_lock = threading.Lock()
+
+    # --- stats ---------------------------------------------------------------------------------
+
+    def get_balloon_stats(self, vm_ids: tuple[int, ...], ctx: CallContext) -> StatsSnapshot:
+        # Unknown ids are not an error here: mms leaves them out and they come back as missing.
+        if not vm_ids:
+            vm_ids = self.books.running_vm_ids() or (CROS_GUEST_VM_ID,)
+        return self.stats.read(vm_ids, ctx.remaining_s())
+
+    # --- rebalance -----------------------------------------------------------------------------
+
+    def rebalance(self, deltas: Mapping[int, int], ctx: CallContext) -> RebalanceResult:
+        """Move memory between siblings and the CrOS guest; the CrOS delta keeps the sum 0."""
+        requested: list[BalloonDelta] = []
+        for index, (vm_id, delta_bytes) in enumerate(deltas.items()):
+            record = self.books.require_vm(vm_id, f"deltas[{index}].vm_id")
+            if record.state is not VmState.RUNNING:
+                raise MmsRefusedError(
+                    -22, f"VM {vm_id} is {record.state.value}, not running", vmId=vm_id
+                )
+            requested.append(BalloonDelta(vm_id, align_down_page(delta_bytes)))
+        cros_delta_bytes = -sum(delta.delta_bytes for delta in requested)
+        requested.append(BalloonDelta(CROS_GUEST_VM_ID, cros_delta_bytes))
+        response = self._call(RebalanceMemoryRequest(tuple(requested)), ctx, "RebalanceMemory")
+        answered = {delta.vm_id: delta.delta_bytes for delta in response.actual_deltas}
+        # Unlike concierge, a VM mms left out of the answer moved 0 bytes, not "as asked".
+        actual = tuple(BalloonDelta(d.vm_id, answered.get(d.vm_id, 0)) for d in requested)
+        fully = all(a.delta_bytes == r.delta_bytes for a, r in zip(actual, requested, strict=True))
+        return RebalanceResult(tuple(requested), actual, fully)
+
+    # --- one-by-one start ----------------------------------------------------------------------
+
+    def prepare_vm(
+        self, mem_size_bytes: int, init_mem_size_bytes: int, ctx: CallContext
+    ) -> PrepareResult:
+        claim, newly_opened = self.slot.claim_for_prepare()
+        future = self.connection.submit(PrepareVmRequest(mem_size_bytes, init_mem_size_bytes))
+        outcome = _Outcome()
+
+        def answered(done: Future[PrepareVmResponse]) -> None:
+            response = None if done.cancelled() or done.exception() else done.result()
+            opened = response is not None and response.res in (RES_OK, RES_ENOMEM)
+            if newly_opened:
+                if response is not None and opened:
+                    self.slot.opened_by_prepare(claim, response.vm_id)
+                else:
+                    self.slot.abandon(claim)
+            if response is not None and opened and newly_opened and outcome.answered(response):
+                self._remove_orphan(response.vm_id, "its PrepareVm caller went away")
+
+        future.add_done_callback(answered)
+        try:
+            response = await_call(future, ctx, "PrepareVm")
+        except (DeadlineExceededError, CallerGoneError):
+            orphan = outcome.caller_left()
+            if orphan is not None and newly_opened:
+                self._remove_orphan(orphan.vm_id, "its PrepareVm caller went away")
+            raise
+        outcome.delivered()
+        if response.res not in (RES_OK, RES_ENOMEM):
+            raise MmsRefusedError(
+                response.res,
+                "mms refused PrepareVm: sizes differ from the pending start, or it failed",
+                memSizeBytes=mem_size_bytes,
+                initMemSizeBytes=init_mem_size_bytes,
+            )
+        return PrepareResult(
+            response.vm_id,
+            response.res == RES_OK,
+            response.shortfall_bytes,
+            self.config.balloon_control_path(response.vm_id),
+        )
+
+    def finish_add_vm(self, vm_id: int, ctx: CallContext) -> VmRecord:
+        self.books.require_vm(vm_id)
+        self.slot.check_not_launching(vm_id)
+        response = self._call(FinishAddVmRequest(vm_id), ctx, "FinishAddVm")
+        if response.res != RES_OK:
+            raise MmsRefusedError(response.res, _finish_message(response.res), vmId=vm_id)
+        self.slot.finished(vm_id)
+        record = self.books.vm(vm_id)
+        assert record is not None
+        return record
+
+    def remove_vm(self, vm_id: int, ctx: CallContext) -> None:
+        if vm_id == CROS_GUEST_VM_ID:
+            raise InvalidArgumentError("vm_id", "VM 0 is the CrOS guest and cannot be removed")
+        self.books.require_vm(vm_id)
+        self.slot.check_not_launching(vm_id)
+        response = self._call(RemoveVmRequest(vm_id), ctx, "RemoveVm")
+        if response.res != RES_OK:
+            raise MmsRefusedError(response.res, "mms refused RemoveVm", vmId=vm_id)
+        self.slot.finished(vm_id)
+
+    def list_vms(self) -> tuple[int, list[VmRecord]]:
+        return self.books.session, self.books.vms()
+
+    # --- shared plumbing -----------------------------------------------------------------------
+
+    def _call(self, request: MmsRequest[R], ctx: CallContext, what: str) -> R:
+        return await_call(self.connection.submit(request), ctx, what)
+
+    def remove_in_background(self, vm_id: int, why: str, then: Any = None) -> None:
+        """Release a reservation nobody will finish; runs without a caller to wait for it."""
+        logger.info("removing VM %d: %s", vm_id, why)
+
+        def removed(done: Future[RemoveVmResponse]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is not None:
+                logger.warning("could not remove VM %d (%s): %s", vm_id, why, error)
+            elif done.result().res != RES_OK:
+                logger.warning(
+                    "mms refused RemoveVm %d (%s): res %d", vm_id, why, done.result().res
+                )
+            else:
+                self.slot.finished(vm_id)
+            if then is not None:
+                then()
+
+        self.connection.submit(RemoveVmRequest(vm_id)).add_done_callback(removed)
+
+    def _remove_orphan(self, vm_id: int, why: str) -> None:
+        self.remove_in_background(vm_id, why)
+
+    def _lease_expired(self, vm_id: int) -> None:
+        self.remove_in_background(vm_id, "its PrepareVm lease expired before FinishAddVm")
+
+    def _on_disconnected(self, session: int, error: MmsConnectionError) -> None:
+        del error
+        # mms dropped its pending start with the connection: nobody owns it now.
+        self.slot.release_all()
+        with self._reset_lock:
+            inboxes = list(self._reset_inboxes)
+        from ._launch import SessionReset  # the launch module builds on this one
+
+        for inbox in inboxes:
+            inbox.put(SessionReset(session))
+
+    def add_session_reset_listener(self, inbox: Inbox) -> Inbox:
+        with self._reset_lock:
+            self._reset_inboxes.append(inbox)
+        return inbox
+
+    def remove_session_reset_listener(self, inbox: Inbox) -> None:
+        with self._reset_lock:
+            self._reset_inboxes.remove(inbox)
+
+
+class _Outcome:
+    """Decides, race-free, whether a PrepareVm answer reached its caller or is an orphan."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._response: PrepareVmResponse | None = None
+        self._caller_left = False
+        self._delivered = False
+
+    def answered(self, response: PrepareVmResponse) -> bool:
+        """Record mms's answer; True if the caller already left (so the answer is orphaned)."""
+        with self._lock:
+            self._response = response
+            return self._caller_left
+
+    def caller_left(self) -> PrepareVmResponse | None:
+        """The caller gave up; returns the answer if it had already come (now orphaned)."""
+        with self._lock:
+            self._caller_left = True
+            return self._response
+
+    def delivered(self) -> None:
+        with self._lock:
+            self._delivered = True
+
+
+def _finish_message(res: int) -> str:
+    return {
+        -22: "mms refused FinishAddVm: the VM is not the pending start, or the start failed",
+        -12: "mms could not complete FinishAddVm: the reservation or the new balloon fell short",
+        -5: "mms could not complete FinishAddVm: the VM's crosvm did not connect in time",
+    }.get(res, f"mms failed FinishAddVm with res {res}")

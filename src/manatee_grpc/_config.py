@@ -1,0 +1,42 @@
+"""Every server setting in one object; the CLI fills it, nothing else reads the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ._connection import DEFAULT_WATCHDOG_S
+from ._launch import DEFAULT_ATTEMPT_DELAYS_S, DEFAULT_STOP_TIMEOUT_S
+from ._messages import MessageType
+from ._wire import DEFAULT_MAX_BODY_BYTES
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    # Where gRPC listens: HOST:PORT (port 0 picks one) or unix:///abs/path.
+    listen: str = DEFAULT_LISTEN
+    # The mms address (vsock://, unix://, tcp://, fd://); None starts the embedded simulator.
+    mms: str | None = None
+    # Scenario file for the embedded simulator (TOML or JSON).
+    sim_scenario: str | None = None
+    # Thread pool for RPC handlers; a LaunchVm or a watch holds one thread for its duration.
+    max_workers: int = 64
+    # RPCs in progress beyond this are refused with RESOURCE_EXHAUSTED (None: no cap).
+    max_concurrent_rpcs: int | None = 1000
+    max_receive_message_bytes: int = 1 << 20
+    # How long in-flight RPCs may run after SIGTERM before they are cancelled.
+    grace_s: float = 10.0
+    # A start opened by a bare PrepareVm is removed if not finished or removed in this time.
+    prepare_lease_s: float = 60.0
+    launch_attempt_delays_s: tuple[float, ...] = DEFAULT_ATTEMPT_DELAYS_S
+    launch_stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
+    coalesce_stats: bool = True
+    balloon_control_dir: str = "/run"
+    # mms link
+    mms_connect_timeout_s: float = 5.0
+    mms_max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    mms_watchdog_s: Mapping[MessageType, float] = field(default_factory=lambda: DEFAULT_WATCHDOG_S)
+    mms_backoff_initial_s: float = 0.05
+    mms_backoff_max_s: float = 5.0

@@ -1,0 +1,116 @@
+"""Balloon-stats reads, coalesced: callers arriving while a read is in flight share the next one.
+
+mms serves one request at a time, so throughput comes from doing less: every caller waiting for
+stats is served by one GetBalloonStats for the union of their ids, sent after they all arrived.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from ._connection import MmsConnection
+from ._errors import DeadlineExceededError
+from ._messages import (
+    GetBalloonStatsRequest,
+    GetBalloonStatsResponse,
+    MessageType,
+    VmBalloonStats,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """Stats for the ids one caller asked for, read after that caller's request arrived."""
+
+    session: int
+    read_time_unix_s: float
+    stats: tuple[VmBalloonStats, ...]
+    missing_vm_ids: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _Batch:
+    vm_ids: set[int] = field(default_factory=set)
+    done: Future[tuple[int, float, dict[int, VmBalloonStats]]] = field(default_factory=Future)
+
+
+class StatsReader:
+    """Reads balloon stats through the connection, coalescing concurrent callers if enabled."""
+
+    def __init__(self, connection: MmsConnection, coalesce: bool = True) -> None:
+        self._connection = connection
+        self._coalesce = coalesce
+        # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
+        self._lock = threading.RLock()
+        self._in_flight = False
+        self._next: _Batch | None = None
+        self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
+
+    def read(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
+        if not self._coalesce:
+            return self._read_direct(vm_ids, timeout_s)
+        with self._lock:
+            if self._next is None:
+                self._next = _Batch()
+            batch = self._next
+            batch.vm_ids.update(vm_ids)
+            if not self._in_flight:
+                self._send_next_locked()
+        try:
+            # Not wait_for(): the batch is shared, so one caller's deadline must not cancel it.
+            session, read_time_unix_s, by_id = batch.done.result(timeout=timeout_s)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "deadline passed waiting for mms GET_BALLOON_STATS",
+                messageType=MessageType.GET_BALLOON_STATS.name,
+            ) from None
+        return _pick(vm_ids, session, read_time_unix_s, by_id)
+
+    def _read_direct(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
+        self.mms_reads += 1
+        session = self._connection.session
+        response = self._connection.call(GetBalloonStatsRequest(vm_ids), timeout_s)
+        by_id = {entry.vm_id: entry for entry in response.all_stats}
+        return _pick(vm_ids, session, time.time(), by_id)
+
+    def _send_next_locked(self) -> None:
+        batch = self._next
+        assert batch is not None
+        self._next = None
+        self._in_flight = True
+        self.mms_reads += 1
+        session = self._connection.session
+        mms_future = self._connection.submit(GetBalloonStatsRequest(tuple(sorted(batch.vm_ids))))
+
+        def finished(done: Future[GetBalloonStatsResponse]) -> None:
+            # Runs on the connection thread (or inline if submit failed at once).
+            with self._lock:
+                self._in_flight = False
+                if self._next is not None:
+                    self._send_next_locked()
+            if done.cancelled():
+                batch.done.cancel()
+                return
+            error = done.exception()
+            if error is not None:
+                batch.done.set_exception(error)
+                return
+            response = done.result()
+            by_id = {entry.vm_id: entry for entry in response.all_stats}
+            batch.done.set_result((session, time.time(), by_id))
+
+        mms_future.add_done_callback(finished)
+
+
+def _pick(
+    vm_ids: tuple[int, ...],
+    session: int,
+    read_time_unix_s: float,
+    by_id: dict[int, VmBalloonStats],
+) -> StatsSnapshot:
+    stats = tuple(by_id[vm_id] for vm_id in vm_ids if vm_id in by_id)
+    missing = tuple(vm_id for vm_id in vm_ids if vm_id not in by_id)
+    return StatsSnapshot(session, read_time_unix_s, stats, missing)

@@ -1,0 +1,104 @@
+"""Request validation: pure checks that turn API messages into safe mms values.
+
+Everything here runs before a request reaches mms; each failure names the offending field the
+way google.rpc.BadRequest expects (``deltas[2].vm_id``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._errors import InvalidArgumentError
+from ._memory_math import MAX_JSON_SAFE_INT, PAGE_SIZE_BYTES, default_init_mem_size_bytes
+from ._messages import CROS_GUEST_VM_ID, U32_MAX
+
+# More ids than this in one request is a mistake, not a device: mms serves a handful of VMs.
+MAX_VM_IDS = 1024
+MIN_WATCH_INTERVAL_S = 0.1
+MAX_WATCH_INTERVAL_S = 3600.0
+DEFAULT_WATCH_INTERVAL_S = 1.0
+
+
+def vm_id(value: int, field: str = "vm_id") -> int:
+    if not 0 <= value <= U32_MAX:
+        raise InvalidArgumentError(field, f"VM id {value} is outside the mms id range 0..{U32_MAX}")
+    return value
+
+
+def sibling_vm_id(value: int, field: str = "vm_id") -> int:
+    vm_id(value, field)
+    if value == CROS_GUEST_VM_ID:
+        raise InvalidArgumentError(field, "VM 0 is the CrOS guest, not a sibling VM")
+    return value
+
+
+def vm_ids(values: Sequence[int], field: str = "vm_ids") -> tuple[int, ...]:
+    if len(values) > MAX_VM_IDS:
+        raise InvalidArgumentError(field, f"{len(values)} ids; at most {MAX_VM_IDS} per request")
+    seen: set[int] = set()
+    for index, value in enumerate(values):
+        vm_id(value, f"{field}[{index}]")
+        if value in seen:
+            raise InvalidArgumentError(f"{field}[{index}]", f"VM id {value} is repeated")
+        seen.add(value)
+    return tuple(values)
+
+
+def balloon_deltas(pairs: Sequence[tuple[int, int]], field: str = "deltas") -> dict[int, int]:
+    """Sibling balloon deltas by VM id; the CrOS guest's delta is derived, never given."""
+    if not pairs:
+        raise InvalidArgumentError(field, "at least one sibling VM delta is needed")
+    if len(pairs) > MAX_VM_IDS:
+        raise InvalidArgumentError(field, f"{len(pairs)} deltas; at most {MAX_VM_IDS}")
+    deltas: dict[int, int] = {}
+    for index, (value, delta_bytes) in enumerate(pairs):
+        sibling_vm_id(value, f"{field}[{index}].vm_id")
+        if value in deltas:
+            raise InvalidArgumentError(f"{field}[{index}].vm_id", f"VM {value} appears twice")
+        _json_safe(delta_bytes, f"{field}[{index}].delta_bytes")
+        deltas[value] = delta_bytes
+    # The derived CrOS guest delta is their negated sum: it must travel exactly too.
+    _json_safe(sum(deltas.values()), field, "the sum of the deltas")
+    return deltas
+
+
+def mem_sizes(
+    mem_size_bytes: int, init_mem_size_bytes: int | None, prefix: str = ""
+) -> tuple[int, int]:
+    """(mem, init) for PrepareVm/LaunchVm; init defaults to concierge's min(1000 MiB, mem)."""
+    mem_field = f"{prefix}mem_size_bytes"
+    init_field = f"{prefix}init_mem_size_bytes"
+    if mem_size_bytes <= 0:
+        raise InvalidArgumentError(mem_field, "must be positive")
+    _json_safe(mem_size_bytes, mem_field)
+    _page_multiple(mem_size_bytes, mem_field)
+    if init_mem_size_bytes is None:
+        return mem_size_bytes, default_init_mem_size_bytes(mem_size_bytes)
+    if init_mem_size_bytes <= 0:
+        raise InvalidArgumentError(init_field, "must be positive")
+    _page_multiple(init_mem_size_bytes, init_field)
+    if init_mem_size_bytes > mem_size_bytes:
+        raise InvalidArgumentError(init_field, f"must be at most {mem_field}")
+    return mem_size_bytes, init_mem_size_bytes
+
+
+def watch_interval_s(seconds: float, field: str = "interval") -> float:
+    if seconds == 0:
+        return DEFAULT_WATCH_INTERVAL_S
+    if not MIN_WATCH_INTERVAL_S <= seconds <= MAX_WATCH_INTERVAL_S:
+        raise InvalidArgumentError(
+            field,
+            f"{seconds:g} s is outside {MIN_WATCH_INTERVAL_S:g} s .. {MAX_WATCH_INTERVAL_S:g} s",
+        )
+    return seconds
+
+
+def _json_safe(value: int, field: str, what: str = "the value") -> None:
+    # mms reads numbers as doubles: beyond 2^53 they would arrive changed.
+    if abs(value) > MAX_JSON_SAFE_INT:
+        raise InvalidArgumentError(field, f"{what} {value} exceeds 2^53 bytes")
+
+
+def _page_multiple(value: int, field: str) -> None:
+    if value % PAGE_SIZE_BYTES:
+        raise InvalidArgumentError(field, f"{value} is not a multiple of {PAGE_SIZE_BYTES} bytes")

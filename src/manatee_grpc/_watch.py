@@ -1,0 +1,194 @@
+"""WatchBalloonStats fan-out: one backend poll per tick serves every watcher of that interval.
+
+Each watcher has a one-slot mailbox: a slow watcher sees the latest snapshot and a count of the
+ones it missed, never an unbounded queue. Session resets are queued apart so none is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._errors import ManateeError
+from ._stats import StatsSnapshot
+
+logger = logging.getLogger(__name__)
+
+ReadStats = Callable[[tuple[int, ...]], StatsSnapshot]  # () = every known VM
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChanged:
+    previous_session: int
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchUpdate:
+    """What a watcher receives: a reset, a snapshot, or an error from the backend."""
+
+    reset: SessionChanged | None = None
+    snapshot: StatsSnapshot | None = None
+    error: ManateeError | None = None
+    dropped_updates: int = 0
+
+
+class Watcher:
+    """One WatchBalloonStats stream's mailbox."""
+
+    def __init__(self, vm_ids: tuple[int, ...], interval_s: float) -> None:
+        self.vm_ids = vm_ids
+        self.interval_s = interval_s
+        self._cond = threading.Condition()
+        self._resets: list[SessionChanged] = []
+        self._latest: StatsSnapshot | ManateeError | None = None
+        self._dropped = 0
+        self._closed = False
+
+    def offer(self, item: StatsSnapshot | ManateeError) -> None:
+        with self._cond:
+            if self._latest is not None:
+                self._dropped += 1  # the watcher did not take the previous one in time
+            self._latest = item
+            self._cond.notify_all()
+
+    def offer_reset(self, reset: SessionChanged) -> None:
+        with self._cond:
+            self._resets.append(reset)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, timeout_s: float | None = None) -> WatchUpdate | None:
+        """The next update, or None once closed (or when ``timeout_s`` passes)."""
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: self._closed or self._resets or self._latest is not None, timeout_s
+            ):
+                return None
+            if self._closed:
+                return None
+            if self._resets:
+                return WatchUpdate(reset=self._resets.pop(0))
+            item, self._latest = self._latest, None
+            dropped, self._dropped = self._dropped, 0
+        if isinstance(item, ManateeError):
+            return WatchUpdate(error=item, dropped_updates=dropped)
+        return WatchUpdate(snapshot=item, dropped_updates=dropped)
+
+
+class _Ticker:
+    """Polls for every watcher of one interval, on its own thread."""
+
+    def __init__(self, interval_s: float, read: ReadStats) -> None:
+        self.interval_s = interval_s
+        self._read = read
+        self.watchers: set[Watcher] = set()
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"watch-{interval_s:g}s", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            watchers = list(self.watchers)
+            if watchers:
+                self._poll(watchers)
+            next_tick += self.interval_s
+            # Skip ticks we are late for rather than bursting to catch up.
+            now = time.monotonic()
+            if next_tick < now:
+                next_tick = now + self.interval_s
+            self._stop.wait(next_tick - now)
+
+    def _poll(self, watchers: list[Watcher]) -> None:
+        wants_all = any(not w.vm_ids for w in watchers)
+        ids = sorted({vm_id for w in watchers for vm_id in w.vm_ids})
+        self.polls += 1
+        try:
+            everything = self._read(()) if wants_all else None
+            listed = self._read(tuple(ids)) if ids and not wants_all else None
+        except ManateeError as error:
+            for watcher in watchers:
+                watcher.offer(error)
+            return
+        for watcher in watchers:
+            source = everything if everything is not None else listed
+            assert source is not None
+            watcher.offer(_filter(source, watcher.vm_ids) if watcher.vm_ids else source)
+
+
+def _filter(snapshot: StatsSnapshot, vm_ids: tuple[int, ...]) -> StatsSnapshot:
+    by_id = {entry.vm_id: entry for entry in snapshot.stats}
+    return StatsSnapshot(
+        snapshot.session,
+        snapshot.read_time_unix_s,
+        tuple(by_id[i] for i in vm_ids if i in by_id),
+        tuple(i for i in vm_ids if i not in by_id),
+    )
+
+
+class WatchHub:
+    """Registers watchers and runs one ticker per distinct interval."""
+
+    def __init__(self, read: ReadStats) -> None:
+        self._read = read
+        self._lock = threading.Lock()
+        self._tickers: dict[float, _Ticker] = {}
+
+    def subscribe(self, vm_ids: tuple[int, ...], interval_s: float) -> Watcher:
+        watcher = Watcher(vm_ids, interval_s)
+        with self._lock:
+            ticker = self._tickers.get(interval_s)
+            if ticker is None:
+                ticker = self._tickers[interval_s] = _Ticker(interval_s, self._read)
+                ticker.start()
+            ticker.watchers = ticker.watchers | {watcher}
+        return watcher
+
+    def unsubscribe(self, watcher: Watcher) -> None:
+        watcher.close()
+        with self._lock:
+            ticker = self._tickers.get(watcher.interval_s)
+            if ticker is None:
+                return
+            ticker.watchers = ticker.watchers - {watcher}
+            if not ticker.watchers:
+                ticker.stop()
+                del self._tickers[watcher.interval_s]
+
+    def session_changed(self, previous_session: int, session: int) -> None:
+        with self._lock:
+            watchers = [w for t in self._tickers.values() for w in t.watchers]
+        for watcher in watchers:
+            watcher.offer_reset(SessionChanged(previous_session, session))
+
+    def watcher_count(self) -> int:
+        with self._lock:
+            return sum(len(t.watchers) for t in self._tickers.values())
+
+    def polls(self) -> int:
+        with self._lock:
+            return sum(t.polls for t in self._tickers.values())
+
+    def close(self) -> None:
+        with self._lock:
+            tickers, self._tickers = list(self._tickers.values()), {}
+        for ticker in tickers:
+            ticker.stop()
+            for watcher in ticker.watchers:
+                watcher.close()
