@@ -1,0 +1,448 @@
+"""The mms wire codec: the 8-byte frame header and the JSON bodies of the five messages.
+
+Pure functions, no sockets. The bridge (client side) and the simulator (mms side) both frame and
+parse through here, so every protocol rule, and every way a peer can break it, lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any, NamedTuple, TypeVar, cast
+
+from manatee_grpc._memory_math import MAX_JSON_SAFE_INT
+from manatee_grpc._messages import (
+    BALLOON_STAT_FIELDS,
+    U32_MAX,
+    BalloonDelta,
+    BalloonStats,
+    FinishAddVmRequest,
+    FinishAddVmResponse,
+    GetBalloonStatsRequest,
+    GetBalloonStatsResponse,
+    MessageType,
+    MmsRequest,
+    PrepareVmRequest,
+    PrepareVmResponse,
+    RebalanceMemoryRequest,
+    RebalanceMemoryResponse,
+    RemoveVmRequest,
+    RemoveVmResponse,
+    Request,
+    Response,
+    VmBalloonStats,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "HEADER_SIZE_BYTES",
+    "CodecError",
+    "FrameHeader",
+    "RequestEncodeError",
+    "check_response_header",
+    "decode_header",
+    "decode_request",
+    "decode_response",
+    "encode_frame",
+    "encode_request",
+    "encode_response",
+]
+
+HEADER_SIZE_BYTES = 8
+# mms's largest answer is GetBalloonStats: a few hundred bytes per VM, so 1 MiB is generous and
+# still stops a corrupt or hostile `len` from making us allocate gigabytes.
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+# Native byte order on every mms target is little-endian; `len` first, then `type`.
+_HEADER = struct.Struct("<II")
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_U64_MAX = 2**64 - 1
+
+_MESSAGE_NAMES = {
+    MessageType.GET_BALLOON_STATS: "GetBalloonStats",
+    MessageType.REBALANCE_MEMORY: "RebalanceMemory",
+    MessageType.PREPARE_VM: "PrepareVm",
+    MessageType.FINISH_ADD_VM: "FinishAddVm",
+    MessageType.REMOVE_VM: "RemoveVm",
+}
+
+_R = TypeVar("_R", bound=Response)
+
+
+class CodecError(Exception):
+    """The peer broke the protocol (bad header, type or body): the stream can't be trusted."""
+
+
+class RequestEncodeError(ValueError):
+    """A request we refuse to send because mms would misread it; the message names the field."""
+
+
+class FrameHeader(NamedTuple):
+    body_len_bytes: int
+    msg_type: int
+
+
+# --- framing ----------------------------------------------------------------------------------
+
+
+def encode_frame(msg_type: int, body: bytes) -> bytes:
+    """The 8-byte header (body length, type) followed by ``body``."""
+    if not 0 <= msg_type <= U32_MAX:
+        raise ValueError(f"message type {msg_type} does not fit in a u32")
+    if len(body) > U32_MAX:
+        raise ValueError(f"body of {len(body)} bytes does not fit a u32 length")
+    return _HEADER.pack(len(body), msg_type) + body
+
+
+def decode_header(header: bytes) -> FrameHeader:
+    if len(header) != HEADER_SIZE_BYTES:
+        raise CodecError(f"frame header must be {HEADER_SIZE_BYTES} bytes, got {len(header)}")
+    body_len_bytes, msg_type = _HEADER.unpack(header)
+    return FrameHeader(body_len_bytes, msg_type)
+
+
+def check_response_header(
+    header: FrameHeader, expected: MessageType, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> None:
+    """Refuse a response of the wrong type or a body too large to read, before reading it."""
+    if header.msg_type != expected:
+        raise CodecError(
+            f"response type {header.msg_type} does not match request type "
+            f"{int(expected)} ({_MESSAGE_NAMES[expected]})"
+        )
+    if header.body_len_bytes > max_body_bytes:
+        raise CodecError(
+            f"{_MESSAGE_NAMES[expected]} response body of {header.body_len_bytes} bytes "
+            f"exceeds the {max_body_bytes}-byte cap"
+        )
+
+
+# --- client side: requests out, responses in -------------------------------------------------
+
+
+def encode_request(request: MmsRequest[Any]) -> bytes:
+    """The whole frame for ``request``; raises RequestEncodeError for values mms would misread."""
+    payload = _request_payload(request)
+    # The C++ client sends no body at all for an empty dict; keep that rule even though every
+    # request we build today has keys.
+    body = _dump_json(payload) if payload else b""
+    return encode_frame(request.TYPE, body)
+
+
+def decode_response(request: MmsRequest[_R], body: bytes) -> _R:
+    """Parse and validate the response body to ``request``; CodecError on anything malformed."""
+    if not isinstance(
+        request,
+        GetBalloonStatsRequest
+        | RebalanceMemoryRequest
+        | PrepareVmRequest
+        | FinishAddVmRequest
+        | RemoveVmRequest,
+    ):
+        raise TypeError(f"not an mms request: {request!r}")
+    where = f"{_MESSAGE_NAMES[request.TYPE]} response"
+    root = _load_json_object(body, where)
+    response: Response
+    if isinstance(request, GetBalloonStatsRequest):
+        response = _decode_balloon_stats_response(root, where)
+    elif isinstance(request, RebalanceMemoryRequest):
+        entries = _list(_key(root, "actual_deltas", where), f"{where}: actual_deltas")
+        response = RebalanceMemoryResponse(
+            actual_deltas=tuple(
+                _decode_delta(entry, f"{where}: actual_deltas[{index}]")
+                for index, entry in enumerate(entries)
+            )
+        )
+    elif isinstance(request, PrepareVmRequest):
+        response = PrepareVmResponse(
+            res=_int_field(root, "res", _I32_MIN, _I32_MAX, where),
+            vm_id=_int_field(root, "id", 0, U32_MAX, where),
+            shortfall_bytes=_int_field(root, "shortfall", 0, _U64_MAX, where),
+        )
+    elif isinstance(request, FinishAddVmRequest):
+        response = FinishAddVmResponse(res=_int_field(root, "res", _I32_MIN, _I32_MAX, where))
+    else:
+        response = RemoveVmResponse(res=_int_field(root, "res", _I32_MIN, _I32_MAX, where))
+    # The request's type parameter is its response class, which the branch above just built.
+    return cast(_R, response)
+
+
+# --- server side (the simulator): requests in, responses out ----------------------------------
+
+
+def decode_request(msg_type: int, body: bytes) -> Request:
+    """Read a request the way mms did: sizes and deltas as f64 cast to integers, ids as u32."""
+    try:
+        kind = MessageType(msg_type)
+    except ValueError as exc:
+        raise CodecError(f"unknown message type {msg_type}") from exc
+    where = f"{_MESSAGE_NAMES[kind]} request"
+    # An empty dict travels as a zero-length body; mms then fails on the first missing key.
+    root: dict[str, object] = {} if len(body) == 0 else _load_json_object(body, where)
+    if kind is MessageType.GET_BALLOON_STATS:
+        ids = _list(_key(root, "ids", where), f"{where}: ids")
+        return GetBalloonStatsRequest(
+            vm_ids=tuple(
+                _int_in(vm_id, 0, U32_MAX, f"{where}: ids[{index}]")
+                for index, vm_id in enumerate(ids)
+            )
+        )
+    if kind is MessageType.REBALANCE_MEMORY:
+        entries = _list(_key(root, "deltas", where), f"{where}: deltas")
+        deltas = []
+        for index, entry in enumerate(entries):
+            entry_where = f"{where}: deltas[{index}]"
+            fields = _object(entry, entry_where)
+            deltas.append(
+                BalloonDelta(
+                    vm_id=_int_field(fields, "id", 0, U32_MAX, entry_where),
+                    delta_bytes=_f64_as_int(
+                        _number_as_f64(_key(fields, "delta", entry_where), f"{entry_where}.delta"),
+                        _I64_MIN,
+                        _I64_MAX,
+                    ),
+                )
+            )
+        return RebalanceMemoryRequest(deltas=tuple(deltas))
+    if kind is MessageType.PREPARE_VM:
+        return PrepareVmRequest(
+            mem_size_bytes=_size_field(root, "mem_size", where),
+            init_mem_size_bytes=_size_field(root, "init_mem_size", where),
+        )
+    vm_id = _int_field(root, "id", 0, U32_MAX, where)
+    if kind is MessageType.FINISH_ADD_VM:
+        return FinishAddVmRequest(vm_id=vm_id)
+    return RemoveVmRequest(vm_id=vm_id)
+
+
+def encode_response(msg_type: MessageType, response: Response) -> bytes:
+    """The whole frame for ``response``; ``msg_type`` is written as given.
+
+    The type is not derived from the response so a simulator can inject a mismatched frame.
+    """
+    payload: dict[str, object]
+    if isinstance(response, GetBalloonStatsResponse):
+        payload = {
+            "all_stats": [
+                {
+                    "id": entry.vm_id,
+                    "stats": {name: getattr(entry.stats, name) for name in BALLOON_STAT_FIELDS},
+                    "balloon_actual": entry.balloon_actual_bytes,
+                }
+                for entry in response.all_stats
+            ]
+        }
+    elif isinstance(response, RebalanceMemoryResponse):
+        payload = {
+            "actual_deltas": [
+                {"id": delta.vm_id, "delta": delta.delta_bytes} for delta in response.actual_deltas
+            ]
+        }
+    elif isinstance(response, PrepareVmResponse):
+        payload = {"res": response.res, "id": response.vm_id, "shortfall": response.shortfall_bytes}
+    else:
+        payload = {"res": response.res}
+    return encode_frame(msg_type, _dump_json(payload))
+
+
+# --- request encoding helpers -----------------------------------------------------------------
+
+
+def _request_payload(request: MmsRequest[Any]) -> dict[str, object]:
+    name = type(request).__name__
+    if isinstance(request, GetBalloonStatsRequest):
+        return {
+            "ids": [
+                _checked_vm_id(vm_id, f"{name}.vm_ids[{index}]")
+                for index, vm_id in enumerate(request.vm_ids)
+            ]
+        }
+    if isinstance(request, RebalanceMemoryRequest):
+        return {
+            "deltas": [
+                {
+                    "id": _checked_vm_id(delta.vm_id, f"{name}.deltas[{index}].vm_id"),
+                    "delta": _checked_delta(
+                        delta.delta_bytes, f"{name}.deltas[{index}].delta_bytes"
+                    ),
+                }
+                for index, delta in enumerate(request.deltas)
+            ]
+        }
+    if isinstance(request, PrepareVmRequest):
+        return {
+            "mem_size": _checked_size(request.mem_size_bytes, f"{name}.mem_size_bytes"),
+            "init_mem_size": _checked_size(
+                request.init_mem_size_bytes, f"{name}.init_mem_size_bytes"
+            ),
+        }
+    if isinstance(request, FinishAddVmRequest | RemoveVmRequest):
+        return {"id": _checked_vm_id(request.vm_id, f"{name}.vm_id")}
+    raise RequestEncodeError(f"not an mms request: {request!r}")
+
+
+def _require_int(value: object, field: str) -> int:
+    # bool is an int subclass; json would write it as true/false, which mms rejects.
+    if type(value) is not int:
+        raise RequestEncodeError(f"{field} must be an int, got {type(value).__name__}")
+    return value
+
+
+def _checked_vm_id(value: object, field: str) -> int:
+    vm_id = _require_int(value, field)
+    if not 0 <= vm_id <= U32_MAX:
+        raise RequestEncodeError(f"{field} must be in 0..{U32_MAX}, got {vm_id}")
+    return vm_id
+
+
+def _checked_size(value: object, field: str) -> int:
+    size_bytes = _require_int(value, field)
+    if size_bytes < 0:
+        raise RequestEncodeError(f"{field} must not be negative, got {size_bytes}")
+    if size_bytes > MAX_JSON_SAFE_INT:
+        raise RequestEncodeError(
+            f"{field} = {size_bytes} exceeds 2**53: mms reads it as a double and would round it"
+        )
+    return size_bytes
+
+
+def _checked_delta(value: object, field: str) -> int:
+    delta_bytes = _require_int(value, field)
+    if abs(delta_bytes) > MAX_JSON_SAFE_INT:
+        raise RequestEncodeError(
+            f"{field} = {delta_bytes} exceeds 2**53 in magnitude: mms reads it as a double "
+            "and would round it"
+        )
+    return delta_bytes
+
+
+def _dump_json(payload: dict[str, object]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+# --- decoding helpers: every failure here is the peer's, so every one is a CodecError ---------
+
+
+def _reject_constant(name: str) -> object:
+    # Python's json accepts NaN/Infinity; neither mms nor Chromium's JSONReader do.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load_json_object(body: bytes, where: str) -> dict[str, object]:
+    try:
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, which mms never sends.
+        text = bytes(body).decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers longer than Python's digit limit.
+        raise CodecError(f"{where}: body is not valid UTF-8 JSON: {exc}") from exc
+    return _object(value, f"{where}: body")
+
+
+def _brief(value: object) -> str:
+    # Never repr a container: a deeply nested one would recurse, a large one would flood logs.
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON array"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _object(value: object, where: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise CodecError(f"{where}: expected a JSON object, got {_brief(value)}")
+    return cast(dict[str, object], value)
+
+
+def _list(value: object, where: str) -> list[object]:
+    if not isinstance(value, list):
+        raise CodecError(f"{where}: expected a JSON array, got {_brief(value)}")
+    return cast(list[object], value)
+
+
+def _key(obj: dict[str, object], key: str, where: str) -> object:
+    if key not in obj:
+        raise CodecError(f"{where}: missing key {key!r}")
+    return obj[key]
+
+
+def _int_in(value: object, lo: int, hi: int, where: str) -> int:
+    # Exactly int: rejects bools (an int subclass) and floats such as 1.0.
+    if type(value) is not int:
+        raise CodecError(f"{where}: expected an integer, got {_brief(value)}")
+    if not lo <= value <= hi:
+        raise CodecError(f"{where}: {value} is outside {lo}..{hi}")
+    return value
+
+
+def _int_field(obj: dict[str, object], key: str, lo: int, hi: int, where: str) -> int:
+    return _int_in(_key(obj, key, where), lo, hi, f"{where}.{key}")
+
+
+def _decode_balloon_stats_response(root: dict[str, object], where: str) -> GetBalloonStatsResponse:
+    entries = _list(_key(root, "all_stats", where), f"{where}: all_stats")
+    all_stats = []
+    for index, entry in enumerate(entries):
+        entry_where = f"{where}: all_stats[{index}]"
+        fields = _object(entry, entry_where)
+        stats_where = f"{entry_where}.stats"
+        raw_stats = _object(_key(fields, "stats", entry_where), stats_where)
+        stats: dict[str, int | None] = {}
+        for name in BALLOON_STAT_FIELDS:
+            raw = raw_stats.get(name)
+            # Not reported is not zero: a guest that never sent free_memory has not run out.
+            stats[name] = (
+                None if raw is None else _int_in(raw, 0, _U64_MAX, f"{stats_where}.{name}")
+            )
+        all_stats.append(
+            VmBalloonStats(
+                vm_id=_int_field(fields, "id", 0, U32_MAX, entry_where),
+                stats=BalloonStats(**stats),
+                balloon_actual_bytes=_int_field(fields, "balloon_actual", 0, _U64_MAX, entry_where),
+            )
+        )
+    return GetBalloonStatsResponse(all_stats=tuple(all_stats))
+
+
+def _decode_delta(entry: object, where: str) -> BalloonDelta:
+    fields = _object(entry, where)
+    return BalloonDelta(
+        vm_id=_int_field(fields, "id", 0, U32_MAX, where),
+        delta_bytes=_int_field(fields, "delta", _I64_MIN, _I64_MAX, where),
+    )
+
+
+def _number_as_f64(value: object, where: str) -> float:
+    """A JSON number as serde_json hands it to an f64 field: ints round, overflow is an error."""
+    if type(value) is int:
+        try:
+            number = float(value)
+        except OverflowError as exc:
+            raise CodecError(f"{where}: number out of range") from exc
+    elif type(value) is float:
+        number = value
+    else:
+        raise CodecError(f"{where}: expected a number, got {_brief(value)}")
+    # Python parses 1e400 as inf; serde_json refuses it as out of range.
+    if math.isinf(number):
+        raise CodecError(f"{where}: number out of range")
+    return number
+
+
+def _f64_as_int(number: float, lo: int, hi: int) -> int:
+    """Rust's ``f64 as u64/i64``: truncate toward zero, saturate at the bounds, NaN becomes 0."""
+    if math.isnan(number):
+        return 0
+    # int/float comparisons are exact in Python, so the bounds need no float rounding care.
+    if number <= lo:
+        return lo
+    if number >= hi:
+        return hi
+    return int(number)
+
+
+def _size_field(obj: dict[str, object], key: str, where: str) -> int:
+    return _f64_as_int(_number_as_f64(_key(obj, key, where), f"{where}.{key}"), 0, _U64_MAX)
