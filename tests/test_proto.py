@@ -1,0 +1,137 @@
+"""The API definition: buf-clean, its checked-in generated code current, its names as agreed.
+
+Stale generated code fails here: the test regenerates into a temporary directory and compares
+byte for byte with src/manatee_grpc/_proto (fix with `make proto`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROTOS = REPO_ROOT / "protos"
+GENERATED = REPO_ROOT / "src" / "manatee_grpc" / "_proto"
+BUF = Path(sys.executable).parent / "buf"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    out = tmp_path / "_proto"
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "gen_proto.py"), "--out", str(out)],
+        check=True,
+        timeout=120,
+    )
+
+    fresh, checked_in = _tree(out), _tree(GENERATED)
+
+    assert sorted(fresh) == sorted(checked_in), "generated files differ: run `make proto`"
+    stale = [name for name in fresh if fresh[name] != checked_in[name]]
+    assert not stale, f"stale generated code in {stale}: run `make proto`"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["lint"], ["format", "--diff", "--exit-code"]],
+    ids=["lint", "format"],
+)
+def test_buf(command: list[str]) -> None:
+    result = subprocess.run(
+        [str(BUF), *command],
+        cwd=PROTOS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_code_lives_inside_manatee_grpc() -> None:
+    # A fresh interpreter, so nothing imported by other tests hides a stray top-level package.
+    code = (
+        "import sys\n"
+        "from manatee_grpc._proto.manatee.memory.v1 import"
+        " memory_service_pb2, memory_service_pb2_grpc\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'manatee'))\n"
+        "print(memory_service_pb2.PrepareVmRequest.__module__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert result.stdout.splitlines() == [
+        "[]",
+        "manatee_grpc._proto.manatee.memory.v1.memory_service_pb2",
+    ]
+
+
+def test_descriptor_keeps_the_proto_file_name() -> None:
+    # Reflection serves files by this name, and clients import it by this name.
+    assert memory_service_pb2.DESCRIPTOR.name == "manatee/memory/v1/memory_service.proto"
+    assert memory_service_pb2.DESCRIPTOR.package == "manatee.memory.v1"
+
+
+def test_rpcs_are_as_agreed() -> None:
+    service = memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"]
+
+    shapes = {
+        m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+        for m in service.methods
+    }
+
+    assert shapes == {
+        "GetBalloonStats": ("GetBalloonStatsRequest", "GetBalloonStatsResponse", False, False),
+        "WatchBalloonStats": (
+            "WatchBalloonStatsRequest",
+            "WatchBalloonStatsResponse",
+            False,
+            True,
+        ),
+        "RebalanceMemory": ("RebalanceMemoryRequest", "RebalanceMemoryResponse", False, False),
+        "LaunchVm": ("LaunchVmRequest", "LaunchVmResponse", True, True),
+        "PrepareVm": ("PrepareVmRequest", "PrepareVmResponse", False, False),
+        "FinishAddVm": ("FinishAddVmRequest", "FinishAddVmResponse", False, False),
+        "RemoveVm": ("RemoveVmRequest", "RemoveVmResponse", False, False),
+        "ListVms": ("ListVmsRequest", "ListVmsResponse", False, False),
+    }
+
+
+def test_guest_statistics_are_optional_and_say_their_units() -> None:
+    stats = memory_service_pb2.VmBalloonStats.DESCRIPTOR
+
+    optional = [f.name for f in stats.fields if f.has_presence]
+
+    # crosvm's twelve BalloonStats in crosvm's order, byte counts named _bytes.
+    assert optional == [
+        "swap_in_bytes",
+        "swap_out_bytes",
+        "major_faults",
+        "minor_faults",
+        "free_memory_bytes",
+        "total_memory_bytes",
+        "available_memory_bytes",
+        "disk_caches_bytes",
+        "hugetlb_allocations",
+        "hugetlb_failures",
+        "shared_memory_bytes",
+        "unevictable_memory_bytes",
+    ]
+    assert [f.name for f in stats.fields if not f.has_presence] == [
+        "vm_id",
+        "balloon_actual_bytes",
+    ]
