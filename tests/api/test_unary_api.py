@@ -1,0 +1,238 @@
+"""The unary RPCs end to end: real gRPC server, real simulator, real sockets."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from manatee_grpc import ManateeServer
+from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._memory_math import MIB, extra_bytes
+
+from .helpers import bad_request_fields, error_info
+
+MEM_BYTES = 512 * MIB
+INIT_BYTES = 256 * MIB
+
+
+def cros_balloon_bytes(stub: pb_grpc.MemoryServiceStub) -> int:
+    response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(vm_ids=[0]), timeout=5)
+    assert [s.vm_id for s in response.stats] == [0]
+    return response.stats[0].balloon_actual_bytes
+
+
+def start_vm(stub: pb_grpc.MemoryServiceStub, mem: int = MEM_BYTES, init: int = INIT_BYTES) -> int:
+    prepared = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=mem, init_mem_size_bytes=init), timeout=5
+    )
+    assert prepared.reserved, prepared
+    stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=15)
+    return prepared.vm_id
+
+
+def test_stats_of_every_known_vm_by_default(stub: pb_grpc.MemoryServiceStub) -> None:
+    response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    assert [s.vm_id for s in response.stats] == [0]
+    assert response.session == 1
+    assert response.read_time.seconds > 0
+    cros = response.stats[0]
+    assert cros.HasField("total_memory_bytes") and cros.total_memory_bytes > 0
+
+
+def test_unknown_ids_are_listed_missing(stub: pb_grpc.MemoryServiceStub) -> None:
+    response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(vm_ids=[0, 77]), timeout=5)
+    assert [s.vm_id for s in response.stats] == [0]
+    assert list(response.missing_vm_ids) == [77]
+
+
+def test_whole_start_moves_memory_and_remove_gives_it_back(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    before = cros_balloon_bytes(stub)
+    prepared = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES, init_mem_size_bytes=INIT_BYTES), timeout=5
+    )
+    assert prepared.reserved and prepared.shortfall_bytes == 0
+    assert prepared.vm_id == 1
+    assert prepared.balloon_control_path == "/run/mms_control_1.sock"
+    # The reservation is the VM's initial memory plus the hypervisor's overhead.
+    assert cros_balloon_bytes(stub) - before == INIT_BYTES + extra_bytes(MEM_BYTES)
+
+    finished = stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=15)
+    assert finished.vm.state == pb.VM_STATE_RUNNING
+    stats = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    by_id = {s.vm_id: s for s in stats.stats}
+    assert set(by_id) == {0, 1}
+    assert by_id[1].balloon_actual_bytes == MEM_BYTES - INIT_BYTES
+
+    listed = stub.ListVms(pb.ListVmsRequest(), timeout=5)
+    assert [(v.vm_id, v.state, v.cros_guest) for v in listed.vms] == [
+        (0, pb.VM_STATE_RUNNING, True),
+        (1, pb.VM_STATE_RUNNING, False),
+    ]
+    assert listed.vms[1].mem_size_bytes == MEM_BYTES
+
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=5)
+    assert cros_balloon_bytes(stub) == before
+    assert [v.vm_id for v in stub.ListVms(pb.ListVmsRequest(), timeout=5).vms] == [0]
+
+
+def test_init_size_defaults_to_concierge_rule(stub: pb_grpc.MemoryServiceStub) -> None:
+    before = cros_balloon_bytes(stub)
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=2048 * MIB), timeout=5)
+    assert prepared.reserved
+    assert cros_balloon_bytes(stub) - before == 1000 * MIB + extra_bytes(2048 * MIB)
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=5)
+
+
+def test_rebalance_moves_memory_and_reports_it(stub: pb_grpc.MemoryServiceStub) -> None:
+    vm_id = start_vm(stub)
+    response = stub.RebalanceMemory(
+        pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=vm_id, delta_bytes=-16 * MIB - 1)]),
+        timeout=5,
+    )
+    # -16 MiB - 1 aligns down (toward minus infinity) to -16 MiB - 4 KiB; the CrOS guest pays.
+    aligned = -16 * MIB - 4096
+    assert [(d.vm_id, d.delta_bytes) for d in response.requested_deltas] == [
+        (vm_id, aligned),
+        (0, -aligned),
+    ]
+    assert [(d.vm_id, d.delta_bytes) for d in response.actual_deltas] == [
+        (vm_id, aligned),
+        (0, -aligned),
+    ]
+    assert response.fully_applied
+
+
+def test_rebalance_that_moves_nothing_is_not_fully_applied(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    vm_id = start_vm(stub)
+    # The balloon is already at mem - init; it can grow by at most init minus the guest's use,
+    # so a huge inflate is clamped and mms leaves the untouched CrOS side out or short.
+    response = stub.RebalanceMemory(
+        pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=vm_id, delta_bytes=MEM_BYTES)]),
+        timeout=5,
+    )
+    assert not response.fully_applied
+    assert len(response.actual_deltas) == 2
+
+
+@pytest.mark.parametrize(
+    ("request_message", "field"),
+    [
+        (pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=0, delta_bytes=4096)]), "deltas[0].vm_id"),
+        (
+            pb.RebalanceMemoryRequest(
+                deltas=[pb.BalloonDelta(vm_id=1, delta_bytes=4096), pb.BalloonDelta(vm_id=1)]
+            ),
+            "deltas[1].vm_id",
+        ),
+        (pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=2**32)]), "deltas[0].vm_id"),
+        (
+            pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=1, delta_bytes=2**53 + 1)]),
+            "deltas[0].delta_bytes",
+        ),
+        (pb.RebalanceMemoryRequest(), "deltas"),
+    ],
+)
+def test_bad_rebalance_is_invalid_argument_naming_the_field(
+    server: ManateeServer,
+    stub: pb_grpc.MemoryServiceStub,
+    request_message: pb.RebalanceMemoryRequest,
+    field: str,
+) -> None:
+    assert server.connection is not None
+    sent_before = server.connection.requests_sent
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RebalanceMemory(request_message, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    assert bad_request_fields(caught.value) == [field]
+    assert server.connection.requests_sent == sent_before  # nothing reached mms
+
+
+@pytest.mark.parametrize(
+    ("mem", "init", "field"),
+    [
+        (0, None, "mem_size_bytes"),
+        (-4096, None, "mem_size_bytes"),
+        (4097, None, "mem_size_bytes"),
+        (2**54, None, "mem_size_bytes"),
+        (8192, 12288, "init_mem_size_bytes"),
+        (8192, 100, "init_mem_size_bytes"),
+    ],
+)
+def test_bad_prepare_is_invalid_argument(
+    stub: pb_grpc.MemoryServiceStub, mem: int, init: int | None, field: str
+) -> None:
+    request = pb.PrepareVmRequest(mem_size_bytes=mem)
+    if init is not None:
+        request.init_mem_size_bytes = init
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PrepareVm(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == [field]
+
+
+def test_remove_of_cros_guest_is_invalid(stub: pb_grpc.MemoryServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RemoveVm(pb.RemoveVmRequest(vm_id=0), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["vm_id"]
+
+
+def test_unknown_vm_is_not_found(stub: pb_grpc.MemoryServiceStub) -> None:
+    for call in (
+        lambda: stub.RemoveVm(pb.RemoveVmRequest(vm_id=42), timeout=5),
+        lambda: stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=42), timeout=5),
+        lambda: stub.RebalanceMemory(
+            pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=42, delta_bytes=4096)]),
+            timeout=5,
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        info = error_info(caught.value)
+        assert info.reason == "VM_NOT_FOUND"
+        assert info.domain == "manatee.memory.v1"
+        assert info.metadata["vmId"] == "42"
+
+
+def test_prepare_with_other_sizes_is_failed_precondition(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    first = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=5)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=2 * MEM_BYTES), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    assert info.reason == "MMS_EINVAL"
+    assert info.metadata["errno"] == "-22"
+    # The same sizes top the same start up, as mms does.
+    again = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=5)
+    assert again.vm_id == first.vm_id
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=first.vm_id), timeout=5)
+
+
+def test_finish_before_reservation_complete_is_resource_exhausted(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    # Ask for more than the CrOS guest can give: the reservation comes back short.
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=7 * 1024 * MIB, init_mem_size_bytes=7 * 1024 * MIB), timeout=5)
+    assert not prepared.reserved and prepared.shortfall_bytes > 0
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "MMS_ENOMEM"
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=5)
+
+
+def test_health_serving_while_connected(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "manatee.memory.v1.MemoryService"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
