@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 
@@ -38,3 +39,16 @@ def retry_delay_s(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return float(info.retry_delay.ToTimedelta().total_seconds())
     return None
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    """grpc.health.v1 Check; the typeshed HealthStub declares no methods, so call it directly."""
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    response: health_pb2.HealthCheckResponse = check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5
+    )
+    return int(response.status)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._memory_math import MIB, extra_bytes
 
-from .helpers import bad_request_fields, error_info
+from .helpers import bad_request_fields, error_info, health_status
 
 MEM_BYTES = 512 * MIB
 INIT_BYTES = 256 * MIB
@@ -123,7 +123,10 @@ def test_rebalance_that_moves_nothing_is_not_fully_applied(
 @pytest.mark.parametrize(
     ("request_message", "field"),
     [
-        (pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=0, delta_bytes=4096)]), "deltas[0].vm_id"),
+        (
+            pb.RebalanceMemoryRequest(deltas=[pb.BalloonDelta(vm_id=0, delta_bytes=4096)]),
+            "deltas[0].vm_id",
+        ),
         (
             pb.RebalanceMemoryRequest(
                 deltas=[pb.BalloonDelta(vm_id=1, delta_bytes=4096), pb.BalloonDelta(vm_id=1)]
@@ -222,7 +225,10 @@ def test_finish_before_reservation_complete_is_resource_exhausted(
     server: ManateeServer, stub: pb_grpc.MemoryServiceStub
 ) -> None:
     # Ask for more than the CrOS guest can give: the reservation comes back short.
-    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=7 * 1024 * MIB, init_mem_size_bytes=7 * 1024 * MIB), timeout=5)
+    prepared = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=7 * 1024 * MIB, init_mem_size_bytes=7 * 1024 * MIB),
+        timeout=5,
+    )
     assert not prepared.reserved and prepared.shortfall_bytes > 0
     with pytest.raises(grpc.RpcError) as caught:
         stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=5)
@@ -232,7 +238,5 @@ def test_finish_before_reservation_complete_is_resource_exhausted(
 
 
 def test_health_serving_while_connected(channel: grpc.Channel) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "manatee.memory.v1.MemoryService"):
-        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(channel, service) == health_pb2.HealthCheckResponse.SERVING

@@ -769,7 +769,7 @@ class LaunchVmRequest(_message.Message):
     @_typing.final
     class VmStartFailed(_message.Message):
         """The client could not start crosvm; the server releases the reservation and ends the stream
-        with ABORTED.
+        with FAILED_PRECONDITION (VM_START_FAILED).
         """
 
         DESCRIPTOR: _descriptor.Descriptor

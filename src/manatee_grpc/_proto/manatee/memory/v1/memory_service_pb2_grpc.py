@@ -41,15 +41,17 @@ class MemoryServiceStub:
     detected before anything is sent to mms (BadRequest names the fields).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
     mms session (SESSION_RESET).
-    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL), or a
+    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+    new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start
-    (START_IN_PROGRESS).
+    (START_IN_PROGRESS); or the LaunchVm client sent `vm_start_failed`
+    (VM_START_FAILED). A launch's reservation is always released.
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
-    ABORTED              a launch was given up: the client sent `vm_start_failed` or closed its
-    side of the stream (LAUNCH_ABORTED); the reservation is released.
-    UNAVAILABLE          mms is unreachable or the connection to it was lost, the new VM's
-    crosvm never connected to its balloon (mms -5, MMS_EIO), or the server
-    is shutting down; RetryInfo says when to retry.
+    ABORTED              the LaunchVm client closed its side of the stream before the launch
+    finished (LAUNCH_ABORTED); the reservation is released.
+    UNAVAILABLE          mms is unreachable or the connection to it was lost (MMS_UNAVAILABLE,
+    MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
+    (SHUTTING_DOWN); RetryInfo says when to retry.
     INTERNAL             mms broke its protocol: a malformed or mismatched response
     (MMS_PROTOCOL_ERROR).
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
@@ -133,15 +135,17 @@ class MemoryServiceServicer:
     detected before anything is sent to mms (BadRequest names the fields).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
     mms session (SESSION_RESET).
-    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL), or a
+    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+    new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start
-    (START_IN_PROGRESS).
+    (START_IN_PROGRESS); or the LaunchVm client sent `vm_start_failed`
+    (VM_START_FAILED). A launch's reservation is always released.
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
-    ABORTED              a launch was given up: the client sent `vm_start_failed` or closed its
-    side of the stream (LAUNCH_ABORTED); the reservation is released.
-    UNAVAILABLE          mms is unreachable or the connection to it was lost, the new VM's
-    crosvm never connected to its balloon (mms -5, MMS_EIO), or the server
-    is shutting down; RetryInfo says when to retry.
+    ABORTED              the LaunchVm client closed its side of the stream before the launch
+    finished (LAUNCH_ABORTED); the reservation is released.
+    UNAVAILABLE          mms is unreachable or the connection to it was lost (MMS_UNAVAILABLE,
+    MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
+    (SHUTTING_DOWN); RetryInfo says when to retry.
     INTERNAL             mms broke its protocol: a malformed or mismatched response
     (MMS_PROTOCOL_ERROR).
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
@@ -312,15 +316,17 @@ class MemoryService:
     detected before anything is sent to mms (BadRequest names the fields).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
     mms session (SESSION_RESET).
-    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL), or a
+    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+    new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start
-    (START_IN_PROGRESS).
+    (START_IN_PROGRESS); or the LaunchVm client sent `vm_start_failed`
+    (VM_START_FAILED). A launch's reservation is always released.
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
-    ABORTED              a launch was given up: the client sent `vm_start_failed` or closed its
-    side of the stream (LAUNCH_ABORTED); the reservation is released.
-    UNAVAILABLE          mms is unreachable or the connection to it was lost, the new VM's
-    crosvm never connected to its balloon (mms -5, MMS_EIO), or the server
-    is shutting down; RetryInfo says when to retry.
+    ABORTED              the LaunchVm client closed its side of the stream before the launch
+    finished (LAUNCH_ABORTED); the reservation is released.
+    UNAVAILABLE          mms is unreachable or the connection to it was lost (MMS_UNAVAILABLE,
+    MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
+    (SHUTTING_DOWN); RetryInfo says when to retry.
     INTERNAL             mms broke its protocol: a malformed or mismatched response
     (MMS_PROTOCOL_ERROR).
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still

@@ -1,0 +1,631 @@
+"""LaunchVm end to end: a real server and simulator, driven step by step through the stub.
+
+Each test feeds the request stream from a queue, so it answers only after it has seen what the
+server sent (``reserved``, ``stop_vm``), the way a real launcher would. Whatever way a launch
+ends, the reservation must not outlive it: the tests check the CrOS balloon, ListVms, the
+simulator's start state, and that the next launch still gets the one pending start.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import grpc
+import pytest
+
+from manatee_grpc import ManateeServer
+from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc._messages import FinishAddVmRequest, MessageType, PrepareVmRequest
+from manatee_grpc.sim import Simulator, StartState
+
+from .conftest import start_server
+from .helpers import bad_request_fields, error_info, retry_delay_s
+
+# 2 GiB starts with concierge's default of 1000 MiB; the rest begins inside the VM's balloon.
+MEM_BYTES = 2048 * MIB
+DEFAULT_INIT_BYTES = 1000 * MIB
+SMALL_MEM_BYTES = 512 * MIB
+SMALL_INIT_BYTES = 256 * MIB
+# Close to the CrOS guest's 8 GiB, all of it initial memory: the CrOS guest (2 GiB in use)
+# cannot give that much, however often the server asks.
+HUGE_BYTES = 7 * 1024 * MIB
+RPC_TIMEOUT_S = 10.0
+LAUNCH_TIMEOUT_S = 30.0
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Poll ``predicate`` quickly until it holds; a condition wait with a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout_s} s: {what}")
+        time.sleep(0.005)
+
+
+def simulator(server: ManateeServer) -> Simulator:
+    assert server.simulator is not None, "these tests need the embedded simulator"
+    return server.simulator
+
+
+def count(server: ManateeServer, msg_type: MessageType) -> int:
+    return simulator(server).request_counts[msg_type]
+
+
+def cros_balloon_bytes(stub: pb_grpc.MemoryServiceStub) -> int:
+    response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(vm_ids=[0]), timeout=RPC_TIMEOUT_S)
+    assert [s.vm_id for s in response.stats] == [0]
+    return response.stats[0].balloon_actual_bytes
+
+
+def listed_vm_ids(stub: pb_grpc.MemoryServiceStub) -> list[int]:
+    return [vm.vm_id for vm in stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S).vms]
+
+
+def wait_released(server: ManateeServer, stub: pb_grpc.MemoryServiceStub, cros_before: int) -> None:
+    """The launch left nothing behind: no VM but the CrOS guest, its balloon as before, the
+    pending start free in mms and in the server. Release may finish after the stream ended."""
+    wait_until(
+        lambda: (
+            listed_vm_ids(stub) == [0]
+            and cros_balloon_bytes(stub) == cros_before
+            and server.bridge.slot.claim is None
+        ),
+        "the launch's reservation is released",
+    )
+    sim = simulator(server)
+    assert sim.with_model(lambda model: model.start_state) is StartState.IDLE
+    assert sim.with_model(lambda model: model.conservation_error_bytes()) == 0
+
+
+class LaunchClient:
+    """One LaunchVm stream; requests go through a queue so the test answers what it has seen."""
+
+    def __init__(self, stub: pb_grpc.MemoryServiceStub, timeout_s: float | None) -> None:
+        self._requests: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
+        self.call = stub.LaunchVm(self._request_stream(), timeout=timeout_s)
+
+    def _request_stream(self) -> Iterator[pb.LaunchVmRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send(self, request: pb.LaunchVmRequest) -> None:
+        self._requests.put(request)
+
+    def start(self, mem_size_bytes: int, init_mem_size_bytes: int | None = None) -> None:
+        start = pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes)
+        if init_mem_size_bytes is not None:
+            start.init_mem_size_bytes = init_mem_size_bytes
+        self.send(pb.LaunchVmRequest(start=start))
+
+    def vm_started(self) -> None:
+        self.send(pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted()))
+
+    def close(self) -> None:
+        """Half-close the client's side of the stream."""
+        self._requests.put(None)
+
+    def expect(self, kind: str) -> pb.LaunchVmResponse:
+        response = next(self.call)
+        assert response.WhichOneof("event") == kind, response
+        return response
+
+    def expect_reserved(self) -> pb.LaunchVmResponse.Reserved:
+        """A first attempt that reserves everything, then `reserved`."""
+        progress = self.expect("progress").progress
+        assert (progress.attempt, progress.shortfall_bytes) == (1, 0)
+        assert not progress.HasField("next_attempt_delay")  # no further attempt
+        return self.expect("reserved").reserved
+
+    def expect_ok_end(self) -> None:
+        with pytest.raises(StopIteration):
+            next(self.call)
+        assert self.call.code() == grpc.StatusCode.OK
+
+    def expect_error(self) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as caught:
+            response = next(self.call)
+            raise AssertionError(f"expected the stream to fail, got {response}")
+        return caught.value
+
+
+@contextmanager
+def launch(
+    stub: pb_grpc.MemoryServiceStub, timeout_s: float | None = LAUNCH_TIMEOUT_S
+) -> Iterator[LaunchClient]:
+    client = LaunchClient(stub, timeout_s)
+    try:
+        yield client
+    finally:
+        client.call.cancel()  # a no-op once the stream has ended
+        client.close()  # let gRPC's request-reading thread finish
+
+
+def run_launch(
+    stub: pb_grpc.MemoryServiceStub,
+    mem_size_bytes: int = MEM_BYTES,
+    init_mem_size_bytes: int | None = None,
+) -> int:
+    """A whole successful launch; returns the new VM's id."""
+    with launch(stub) as client:
+        client.start(mem_size_bytes, init_mem_size_bytes)
+        reserved = client.expect_reserved()
+        client.vm_started()
+        launched = client.expect("launched").launched
+        client.expect_ok_end()
+    assert launched.vm_id == reserved.vm_id
+    assert launched.vm.state == pb.VM_STATE_RUNNING
+    return launched.vm_id
+
+
+@pytest.fixture
+def slow_retry_server() -> Iterator[ManateeServer]:
+    """A server whose launches wait a minute between reservation attempts."""
+    server = start_server(launch_attempt_delays_s=(0.0, 60.0, 60.0, 60.0, 60.0))
+    yield server
+    server.stop(grace_s=1.0)
+
+
+@pytest.fixture
+def slow_retry_stub(slow_retry_server: ManateeServer) -> Iterator[pb_grpc.MemoryServiceStub]:
+    with grpc.insecure_channel(slow_retry_server.address) as channel:
+        yield pb_grpc.MemoryServiceStub(channel)
+
+
+# --- success -------------------------------------------------------------------------------------
+
+
+def test_launch_reserves_then_launches_once_the_client_started_the_vm(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    # No deadline, as a launcher holding the stream for a VM's lifetime start would have.
+    with launch(stub, timeout_s=None) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        assert reserved.vm_id == 1
+        assert reserved.balloon_control_path == "/run/mms_control_1.sock"
+        # Reserved, not started: the CrOS guest gave the initial memory plus mms's overhead.
+        assert cros_balloon_bytes(stub) - cros_before == DEFAULT_INIT_BYTES + extra_bytes(MEM_BYTES)
+        starting = stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S).vms
+        assert [(vm.vm_id, vm.state) for vm in starting] == [
+            (0, pb.VM_STATE_RUNNING),
+            (1, pb.VM_STATE_STARTING),
+        ]
+        assert count(server, MessageType.FINISH_ADD_VM) == 0  # waits for the client
+
+        client.vm_started()
+        launched = client.expect("launched").launched
+        client.expect_ok_end()
+
+    assert launched.vm_id == 1
+    assert (launched.vm.vm_id, launched.vm.state) == (1, pb.VM_STATE_RUNNING)
+    assert launched.vm.mem_size_bytes == MEM_BYTES
+    assert launched.vm.init_mem_size_bytes == DEFAULT_INIT_BYTES
+    listed = stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S)
+    assert [(vm.vm_id, vm.state, vm.cros_guest) for vm in listed.vms] == [
+        (0, pb.VM_STATE_RUNNING, True),
+        (1, pb.VM_STATE_RUNNING, False),
+    ]
+    assert cros_balloon_bytes(stub) - cros_before == DEFAULT_INIT_BYTES + extra_bytes(MEM_BYTES)
+    stats = stub.GetBalloonStats(pb.GetBalloonStatsRequest(vm_ids=[1]), timeout=RPC_TIMEOUT_S)
+    assert stats.stats[0].balloon_actual_bytes == MEM_BYTES - DEFAULT_INIT_BYTES
+    assert simulator(server).with_model(lambda model: sorted(model.siblings())) == [1]
+
+
+# --- failures that release the reservation -------------------------------------------------------
+
+
+def test_launch_that_cannot_reserve_is_resource_exhausted_and_leaves_nothing(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    scenario = simulator(server).with_model(lambda model: model.scenario)
+    # The CrOS balloon can grow until only its used memory is left in the guest.
+    reservable_bytes = (
+        scenario.cros_mem_size_bytes
+        - scenario.cros_used_bytes
+        - scenario.cros_internal_allocation_bytes
+    )
+    expected_shortfall_bytes = HUGE_BYTES + extra_bytes(HUGE_BYTES) - reservable_bytes
+    with launch(stub) as client:
+        client.start(HUGE_BYTES, HUGE_BYTES)
+        progress = [client.expect("progress").progress for _ in range(5)]
+        error = client.expect_error()
+
+    assert [p.attempt for p in progress] == [1, 2, 3, 4, 5]
+    assert [p.shortfall_bytes for p in progress] == [expected_shortfall_bytes] * 5
+    assert [p.HasField("next_attempt_delay") for p in progress] == [True] * 4 + [False]
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(error)
+    assert (info.reason, info.domain) == ("MMS_ENOMEM", "manatee.memory.v1")
+    assert info.metadata["shortfallBytes"] == str(expected_shortfall_bytes)
+    assert info.metadata["vmId"] == "1"
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.PREPARE_VM) == 5
+    assert count(server, MessageType.REMOVE_VM) == 1
+    assert count(server, MessageType.FINISH_ADD_VM) == 0
+
+    # The pending start is free again: a launch that fits succeeds (ids are never reused).
+    assert run_launch(stub) == 2
+
+
+def test_vm_start_failed_is_failed_precondition_and_releases(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        assert cros_balloon_bytes(stub) > cros_before
+        client.send(
+            pb.LaunchVmRequest(
+                vm_start_failed=pb.LaunchVmRequest.VmStartFailed(reason="crosvm: no kernel")
+            )
+        )
+        error = client.expect_error()
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(error)
+    assert info.reason == "VM_START_FAILED"
+    assert info.metadata["vmId"] == str(reserved.vm_id)
+    assert "crosvm: no kernel" in (error.details() or "")
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.FINISH_ADD_VM) == 0
+    assert count(server, MessageType.REMOVE_VM) == 1
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+def test_finish_add_vm_failure_asks_the_client_to_stop_then_removes_the_vm(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    sim = simulator(server)
+    sim.set_crosvm_connect_timeout(0.05)  # mms's 10 s wait for crosvm, shortened
+    sim.fail_crosvm_connect(count=1)
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        client.vm_started()
+        stop = client.expect("stop_vm").stop_vm
+        assert stop.vm_id == reserved.vm_id
+        assert "FinishAddVm" in stop.reason
+        # The client's crosvm may still run: nothing is removed before it says it stopped.
+        assert count(server, MessageType.REMOVE_VM) == 0
+        assert listed_vm_ids(stub) == [0, reserved.vm_id]
+        client.send(pb.LaunchVmRequest(vm_stopped=pb.LaunchVmRequest.VmStopped()))
+        error = client.expect_error()
+
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(error)
+    assert info.reason == "MMS_EIO"
+    assert info.metadata["errno"] == "-5"
+    assert info.metadata["vmId"] == str(reserved.vm_id)
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.REMOVE_VM) == 1
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+# --- the client goes away ------------------------------------------------------------------------
+
+
+def test_cancel_while_retrying_releases_the_partial_reservation(
+    slow_retry_server: ManateeServer, slow_retry_stub: pb_grpc.MemoryServiceStub
+) -> None:
+    server, stub = slow_retry_server, slow_retry_stub
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(HUGE_BYTES, HUGE_BYTES)
+        progress = client.expect("progress").progress
+        assert progress.attempt == 1 and progress.shortfall_bytes > 0
+        assert progress.next_attempt_delay.ToTimedelta().total_seconds() == 60.0
+        # The server now waits a minute before attempt 2, holding what attempt 1 reserved.
+        assert cros_balloon_bytes(stub) > cros_before
+        assert client.call.cancel()
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.CANCELLED
+
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.PREPARE_VM) == 1  # no attempt after the client left
+    assert count(server, MessageType.REMOVE_VM) == 1
+    assert run_launch(stub) == 2
+
+
+def test_cancel_after_reserved_releases_the_reservation(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        assert cros_balloon_bytes(stub) - cros_before == DEFAULT_INIT_BYTES + extra_bytes(MEM_BYTES)
+        assert client.call.cancel()
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.CANCELLED
+
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.FINISH_ADD_VM) == 0
+    assert count(server, MessageType.REMOVE_VM) == 1
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+def test_cancel_after_vm_started_removes_the_vm(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    sim = simulator(server)
+    # mms takes a second to answer FinishAddVm, so the cancel lands while it is on the wire.
+    sim.set_message_delay(MessageType.FINISH_ADD_VM, 1.0)
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        client.vm_started()
+        assert sim.wait_until(lambda: sim.request_counts[MessageType.FINISH_ADD_VM] == 1)
+        assert client.call.cancel()
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.CANCELLED
+
+    # FinishAddVm cannot be taken back: it completes, then the server removes the VM.
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.REMOVE_VM) == 1
+    finish_then_remove = [
+        type(r).__name__
+        for r in sim.requests
+        if r.TYPE in (MessageType.FINISH_ADD_VM, MessageType.REMOVE_VM)
+    ]
+    assert finish_then_remove == ["FinishAddVmRequest", "RemoveVmRequest"]
+    sim.set_message_delay(MessageType.FINISH_ADD_VM, 0.0)
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+# --- sharing the device --------------------------------------------------------------------------
+
+
+def test_two_launches_are_served_one_after_the_other(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def record(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    def recorded() -> list[str]:
+        with lock:
+            return list(events)
+
+    def second_launch() -> int:
+        with launch(stub) as client:
+            client.start(SMALL_MEM_BYTES)
+            client.expect("progress")
+            record("B progress")
+            reserved = client.expect("reserved").reserved
+            record("B reserved")
+            client.vm_started()
+            client.expect("launched")
+            record("B launched")
+            client.expect_ok_end()
+        return reserved.vm_id
+
+    with launch(stub) as first, ThreadPoolExecutor(max_workers=1) as pool:
+        first.start(MEM_BYTES)
+        first_vm_id = first.expect_reserved().vm_id
+        record("A reserved")
+        second = pool.submit(second_launch)
+        # B's start reached the server and waits for the one pending start that A holds.
+        wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "B queues behind A")
+        assert recorded() == ["A reserved"]
+        record("A vm_started")
+        first.vm_started()
+        first.expect("launched")
+        record("A launched")
+        first.expect_ok_end()
+        second_vm_id = second.result(timeout=LAUNCH_TIMEOUT_S)
+
+    order = recorded()
+    assert order[:2] == ["A reserved", "A vm_started"]
+    assert sorted(order[2:]) == ["A launched", "B launched", "B progress", "B reserved"]
+    assert order.index("B progress") < order.index("B reserved") < order.index("B launched")
+    assert first_vm_id != second_vm_id
+    # mms saw A's start finish before B's reservation began.
+    starts = [
+        (type(r).__name__, r.vm_id if isinstance(r, FinishAddVmRequest) else None)
+        for r in simulator(server).requests
+        if isinstance(r, PrepareVmRequest | FinishAddVmRequest)
+    ]
+    assert starts == [
+        ("PrepareVmRequest", None),
+        ("FinishAddVmRequest", first_vm_id),
+        ("PrepareVmRequest", None),
+        ("FinishAddVmRequest", second_vm_id),
+    ]
+    assert listed_vm_ids(stub) == [0, first_vm_id, second_vm_id]
+
+
+def test_stats_and_rebalance_are_served_while_a_launch_waits_for_its_client(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    running_vm_id = run_launch(stub, SMALL_MEM_BYTES, SMALL_INIT_BYTES)
+    order: list[str] = []
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        launching_vm_id = client.expect_reserved().vm_id
+        order.append("reserved")
+
+        stats = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=RPC_TIMEOUT_S)
+        order.append("stats")
+        # Every running VM; the one still starting is not among them.
+        assert [s.vm_id for s in stats.stats] == [0, running_vm_id]
+        rebalanced = stub.RebalanceMemory(
+            pb.RebalanceMemoryRequest(
+                deltas=[pb.BalloonDelta(vm_id=running_vm_id, delta_bytes=-16 * MIB)]
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        order.append("rebalance")
+        assert rebalanced.fully_applied
+        assert [(d.vm_id, d.delta_bytes) for d in rebalanced.actual_deltas] == [
+            (running_vm_id, -16 * MIB),
+            (0, 16 * MIB),
+        ]
+        # Both went to mms while the launch still held its start, its VM not yet finished.
+        assert count(server, MessageType.FINISH_ADD_VM) == 1  # the first VM's only
+        assert count(server, MessageType.REBALANCE_MEMORY) == 1
+        assert server.bridge.slot.claim is not None
+        assert server.bridge.slot.claim.vm_id == launching_vm_id
+
+        client.vm_started()
+        client.expect("launched")
+        order.append("launched")
+        client.expect_ok_end()
+
+    assert order == ["reserved", "stats", "rebalance", "launched"]
+    assert listed_vm_ids(stub) == [0, running_vm_id, launching_vm_id]
+
+
+def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        prepares_before = count(server, MessageType.PREPARE_VM)
+
+        with pytest.raises(grpc.RpcError) as caught:
+            # The same sizes: mms itself would happily top up (and hand over) the launch's start.
+            stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=RPC_TIMEOUT_S)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(caught.value)
+        assert info.reason == "START_IN_PROGRESS"
+        assert info.metadata["vmId"] == str(reserved.vm_id)
+        assert count(server, MessageType.PREPARE_VM) == prepares_before
+
+        # Nor may anyone else finish or remove the VM the launch is starting.
+        for call in (
+            lambda: stub.FinishAddVm(
+                pb.FinishAddVmRequest(vm_id=reserved.vm_id), timeout=RPC_TIMEOUT_S
+            ),
+            lambda: stub.RemoveVm(pb.RemoveVmRequest(vm_id=reserved.vm_id), timeout=RPC_TIMEOUT_S),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(caught.value).reason == "START_IN_PROGRESS"
+        assert count(server, MessageType.FINISH_ADD_VM) == 0
+        assert count(server, MessageType.REMOVE_VM) == 0
+
+        client.vm_started()
+        assert client.expect("launched").launched.vm_id == reserved.vm_id
+        client.expect_ok_end()
+
+
+# --- malformed streams ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted()),
+        pb.LaunchVmRequest(vm_stopped=pb.LaunchVmRequest.VmStopped()),
+        pb.LaunchVmRequest(vm_start_failed=pb.LaunchVmRequest.VmStartFailed(reason="x")),
+        pb.LaunchVmRequest(),
+        None,  # the client closes without sending anything
+    ],
+    ids=["vm_started", "vm_stopped", "vm_start_failed", "empty_message", "no_message"],
+)
+def test_first_message_must_be_start(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub, first: pb.LaunchVmRequest | None
+) -> None:
+    assert server.connection is not None
+    sent_before = server.connection.requests_sent
+    with launch(stub) as client:
+        if first is None:
+            client.close()
+        else:
+            client.send(first)
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "INVALID_ARGUMENT"
+    assert bad_request_fields(error) == ["start"]
+    assert server.connection.requests_sent == sent_before  # nothing reached mms
+
+
+@pytest.mark.parametrize(
+    ("mem", "init", "field"),
+    [
+        (0, None, "start.mem_size_bytes"),
+        (-4096, None, "start.mem_size_bytes"),
+        (4097, None, "start.mem_size_bytes"),
+        (2**54, None, "start.mem_size_bytes"),
+        (8192, 12288, "start.init_mem_size_bytes"),
+        (8192, 100, "start.init_mem_size_bytes"),
+    ],
+)
+def test_bad_sizes_in_start_are_invalid_argument(
+    server: ManateeServer,
+    stub: pb_grpc.MemoryServiceStub,
+    mem: int,
+    init: int | None,
+    field: str,
+) -> None:
+    assert server.connection is not None
+    sent_before = server.connection.requests_sent
+    with launch(stub) as client:
+        client.start(mem, init)
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == [field]
+    assert server.connection.requests_sent == sent_before
+    assert listed_vm_ids(stub) == [0]
+
+
+# --- the mms session resets ----------------------------------------------------------------------
+
+
+def test_session_reset_during_a_launch_stops_the_vm_and_ends_unavailable(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        # mms hangs up: it drops every sibling and the pending start, and the session ends.
+        assert simulator(server).drop_connection()
+        stop = client.expect("stop_vm").stop_vm
+        assert stop.vm_id == reserved.vm_id
+        error = client.expect_error()
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(error)
+    assert info.reason == "MMS_CONNECTION_LOST"
+    assert info.metadata["vmId"] == str(reserved.vm_id)
+    assert retry_delay_s(error) is not None
+    wait_until(
+        lambda: stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S).session == 2,
+        "the server reconnected to mms",
+    )
+    for call in (
+        lambda: stub.RemoveVm(pb.RemoveVmRequest(vm_id=reserved.vm_id), timeout=RPC_TIMEOUT_S),
+        lambda: stub.FinishAddVm(
+            pb.FinishAddVmRequest(vm_id=reserved.vm_id), timeout=RPC_TIMEOUT_S
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        info = error_info(caught.value)
+        assert info.reason == "SESSION_RESET"
+        assert info.metadata["vmSession"] == "1"
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.REMOVE_VM) == 0  # mms forgot the VM by itself
+    assert run_launch(stub) == reserved.vm_id + 1
