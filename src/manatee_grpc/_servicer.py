@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+DEADLINE_MARGIN_S = 0.05
+
+# More time left than this (a year) means the caller set no deadline at all.
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+
 # crosvm stat name -> API field name: the API names byte amounts with `_bytes`; counts stay.
 _STAT_FIELD_NAMES: dict[str, str] = {
     "swap_in": "swap_in_bytes",
@@ -111,7 +116,15 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def _context(self, context: grpc.ServicerContext) -> CallContext:
         if self._shutting_down.is_set():
             raise ServerShuttingDownError("the server is shutting down")
-        remaining_s = context.time_remaining()
+        remaining_s: float | None = context.time_remaining()
+        # A call without a deadline reports ~9.2e18 s remaining (gRPC's infinite future);
+        # waiting that long overflows threading's timeout (OverflowError -> INTERNAL).
+        if remaining_s is not None and remaining_s > _NO_DEADLINE_S:
+            remaining_s = None
+        if remaining_s is not None:
+            # Give up a little before the caller does, so it gets our DEADLINE_EXCEEDED with
+            # its ErrorInfo (was the request sent?) rather than a bare client-side timeout.
+            remaining_s -= min(DEADLINE_MARGIN_S, remaining_s / 10)
         ctx = CallContext.with_timeout(remaining_s)
         if not context.add_callback(ctx.mark_gone):
             ctx.mark_gone()
