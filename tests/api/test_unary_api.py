@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
@@ -11,6 +13,7 @@ from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._memory_math import MIB, extra_bytes
 
+from .conftest import start_server
 from .helpers import bad_request_fields, error_info, health_status
 
 MEM_BYTES = 512 * MIB
@@ -240,3 +243,24 @@ def test_finish_before_reservation_complete_is_resource_exhausted(
 def test_health_serving_while_connected(channel: grpc.Channel) -> None:
     for service in ("", "manatee.memory.v1.MemoryService"):
         assert health_status(channel, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_bare_prepare_lease_expires_and_releases_the_reservation() -> None:
+    server = start_server(prepare_lease_s=0.2)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            before = cros_balloon_bytes(stub)
+            prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=5)
+            assert prepared.reserved and cros_balloon_bytes(stub) > before
+            # Nobody finishes or removes it: the server removes it when the lease runs out.
+            deadline = time.monotonic() + 10
+            while len(stub.ListVms(pb.ListVmsRequest(), timeout=5).vms) > 1:
+                assert time.monotonic() < deadline, "the lease never expired"
+                time.sleep(0.02)
+            assert cros_balloon_bytes(stub) == before
+            # And the device can start a VM again.
+            again = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=5)
+            assert again.reserved and again.vm_id == prepared.vm_id + 1
+    finally:
+        server.stop(grace_s=0.5)
