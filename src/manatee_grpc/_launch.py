@@ -161,7 +161,6 @@ class LaunchRun:
         self._inbox = inbox
         self._policy = policy
         self._token = object()
-        self._session = 0
         self._vm_id: int | None = None
         self._prepare_future: Future[PrepareVmResponse] | None = None
         self._settled = False  # launched, or mms already forgot the VM: nothing to roll back
@@ -175,7 +174,6 @@ class LaunchRun:
     def events(self) -> Iterator[LaunchEvent]:
         slot = self._bridge.slot
         slot.acquire_for_launch(self._token, self._ctx.remaining_s())
-        self._session = self._bridge.books.session
         listener = self._bridge.add_session_reset_listener(self._inbox)
         try:
             yield from self._run()
@@ -196,6 +194,7 @@ class LaunchRun:
     def _run(self) -> Iterator[LaunchEvent]:
         response = yield from self._reserve()
         vm_id = response.vm_id
+        self._refuse_early_messages()
         self._reserved_sent = True
         yield Reserved(vm_id, self._bridge.config.balloon_control_path(vm_id))
         answer = self._wait_for_client(self._ctx.remaining_s(), expect=(VmStarted, VmStartFailed))
@@ -218,6 +217,13 @@ class LaunchRun:
         # The VM is the client's to stop; remove it from mms once it has (or the client left).
         self._wait_for_client(self._policy.stop_timeout_s, expect=(VmStopped,), stopping=True)
         raise error
+
+    def _refuse_early_messages(self) -> None:
+        """A client message that came before `reserved` is out of turn, as is a departure."""
+        item = self._inbox.get(0)
+        if item is not None:
+            self._inbox.put(item)  # let the common handling below judge it
+            self._wait_for_client(0, expect=())
 
     def _reserve(self) -> Generator[LaunchEvent, None, PrepareVmResponse]:
         delays_s = list(self._policy.attempt_delays_s)

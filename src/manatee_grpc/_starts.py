@@ -76,9 +76,9 @@ class StartSlot:
                 self._cond.notify_all()
 
     def abort_waiter(self, token: object) -> None:
-        """Wake a queued launch whose caller went away."""
+        """Wake a queued launch whose caller went away (or stop it before it queues)."""
         with self._cond:
-            if token in self._waiters:
+            if self._claim is None or self._claim.token is not token:
                 self._aborted.add(token)
                 self._cond.notify_all()
 

@@ -387,6 +387,71 @@ def test_cancel_after_vm_started_removes_the_vm(
     assert run_launch(stub) == reserved.vm_id + 1
 
 
+def test_cancel_while_queued_behind_another_launch_reserves_nothing(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as first:
+        first.start(MEM_BYTES)
+        first_vm_id = first.expect_reserved().vm_id
+        prepares_before = count(server, MessageType.PREPARE_VM)
+        with launch(stub) as queued:
+            queued.start(SMALL_MEM_BYTES)
+            wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "the launch queues")
+            assert queued.call.cancel()
+            assert queued.expect_error().code() == grpc.StatusCode.CANCELLED
+        wait_until(lambda: server.bridge.slot.launches_waiting() == 0, "the queue empties")
+        first.vm_started()
+        first.expect("launched")
+        first.expect_ok_end()
+    assert count(server, MessageType.PREPARE_VM) == prepares_before  # it never reached mms
+    assert listed_vm_ids(stub) == [0, first_vm_id]
+    assert run_launch(stub) == first_vm_id + 1
+
+
+def test_deadline_while_waiting_for_the_client_releases_the_reservation(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub, timeout_s=1.0) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        # The client never answers `reserved`.
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_released(server, stub, cros_before)
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+def test_half_close_after_reserved_is_aborted_and_releases(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        client.close()
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert error_info(error).reason == "LAUNCH_ABORTED"
+    wait_released(server, stub, cros_before)
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+def test_message_out_of_turn_is_invalid_argument_and_releases(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        client.expect_reserved()
+        client.start(MEM_BYTES)  # a second `start` instead of `vm_started`
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(error).reason == "INVALID_ARGUMENT"
+    wait_released(server, stub, cros_before)
+    assert count(server, MessageType.FINISH_ADD_VM) == 0
+
+
 # --- sharing the device --------------------------------------------------------------------------
 
 
