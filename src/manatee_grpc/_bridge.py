@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ._books import Books, VmRecord, VmState
 from ._connection import MmsConnection
@@ -253,7 +253,9 @@ class MemoryBridge:
     def _call(self, request: MmsRequest[R], ctx: CallContext, what: str) -> R:
         return await_call(self.connection.submit(request), ctx, what)
 
-    def remove_in_background(self, vm_id: int, why: str, then: Any = None) -> None:
+    def remove_in_background(
+        self, vm_id: int, why: str, then: Callable[[], None] | None = None
+    ) -> None:
         """Release a reservation nobody will finish; runs without a caller to wait for it."""
         logger.info("removing VM %d: %s", vm_id, why)
 
