@@ -177,7 +177,9 @@ class MmsConnection:
             self._connected_event.notify_all()
         self._wake()
         sock = self._sock
-        if sock is not None and self._in_flight is not None:
+        # Shut the stream even when nothing looks in flight: the thread may have just taken a
+        # call off the queue and be about to send it, then wait up to a watchdog for the answer.
+        if sock is not None:
             # Unblock a read that is waiting on mms; we are going away regardless.
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -236,8 +238,13 @@ class MmsConnection:
                 if error is None:
                     error = MmsConnectionLostError("the mms connection is closing", session=session)
                 self._last_error = error
+                stopping = self._stopping
             sock.close()
-            self._fail_queued(error)
+            # Callers still queued when stop() came were never sent: they are told the server
+            # is shutting down, not that mms went away (the request on the wire gets `error`).
+            self._fail_queued(
+                ServerShuttingDownError("the mms connection is closing") if stopping else error
+            )
             self._notify(lambda o: o.on_disconnected(session, error))
 
     def _serve_calls(self, sock: socket.socket) -> MmsConnectionError | None:
