@@ -110,6 +110,7 @@ class MmsConnection:
         self._thread = threading.Thread(target=self._run, name="mms-connection", daemon=True)
         self._rng = random.Random()
         self._requests_sent = 0
+        self._responses = 0  # answers received since start
 
     # --- public API (any thread) -------------------------------------------------------------
 
@@ -214,8 +215,13 @@ class MmsConnection:
                     )
                 self._sleep_unless_stopping(delay_s)
                 continue
-            failures = 0
+            answered_before = self._responses
             self._serve(sock)
+            # A peer that accepts and hangs up at once must not be redialled in a tight loop:
+            # back off unless the session did real work.
+            failures = 0 if self._responses > answered_before else failures + 1
+            if failures and not self._stopping:
+                self._sleep_unless_stopping(self._config.backoff.delay_s(failures, self._rng))
         self._fail_queued(ServerShuttingDownError("the mms connection is closing"))
 
     def _serve(self, sock: socket.socket) -> None:
@@ -324,6 +330,7 @@ class MmsConnection:
         finally:
             self._in_flight = None
         round_trip_s = time.monotonic() - started
+        self._responses += 1
         # Update the books before the caller wakes, and even if the caller has gone away: a
         # reservation made for a vanished caller must still be known so it can be rolled back.
         self._notify(lambda o: o.on_response(session, call.request, response, round_trip_s))
