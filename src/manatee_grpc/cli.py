@@ -1,4 +1,5 @@
-"""The ``manatee-grpc`` command: ``serve`` runs the service, ``sim`` runs the mms simulator."""
+"""The ``manatee-grpc`` command: ``serve`` runs the service, ``sim`` runs the mms simulator;
+the client subcommands (``vms``, ``stats``, ``launch``, ...) live in ``_cli_client``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from ._cli_client import add_client_commands, is_client_command, run_client_command
 from ._config import DEFAULT_LISTEN, ServerConfig
 
 logger = logging.getLogger("manatee_grpc")
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="run the gRPC service")
     _add_serve_arguments(serve_parser)
     commands.add_parser("sim", help="run the mms simulator", add_help=False)
+    add_client_commands(commands)
     return parser
 
 
@@ -133,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sim import main as sim_main
 
         return sim_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if is_client_command(args):
+        return run_client_command(args, parser)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

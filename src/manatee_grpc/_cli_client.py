@@ -1,0 +1,409 @@
+"""The operator subcommands of ``manatee-grpc`` (vms, stats, rebalance, launch, remove, health).
+
+Each talks to a running server through ``manatee_grpc.Client``; output is an aligned table, or
+JSON with stable keys under ``--json``. A server error exits with 10 + its gRPC status code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from .client import Client, ManateeRpcError
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+ERROR_EXIT_BASE = 10
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+TIB = 1024 * GIB
+# Binary units only: "2G" means 2 GiB, as with crosvm's and concierge's memory sizes.
+_UNITS_BYTES = {
+    "": 1,
+    "b": 1,
+    "k": KIB,
+    "kib": KIB,
+    "m": MIB,
+    "mib": MIB,
+    "g": GIB,
+    "gib": GIB,
+    "t": TIB,
+    "tib": TIB,
+}
+_SIZE_RE = re.compile(r"([+-]?)(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
+
+
+# --- pure helpers: sizes and tables ----------------------------------------------------------
+
+
+def parse_size_bytes(text: str, *, signed: bool = False) -> int:
+    """Bytes from ``"4096"``, ``"4KiB"``, ``"512MiB"``, ``"2G"``, ``"1.5GiB"`` (and a sign if
+    ``signed``: ``"-64MiB"``). Raises ValueError with a message for the operator."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None or match.group(3).lower() not in _UNITS_BYTES:
+        raise ValueError(
+            f"cannot read size {text!r}: use bytes or a number with B, K/KiB, M/MiB, G/GiB, T/TiB"
+        )
+    sign: str = match.group(1)
+    number: str = match.group(2)
+    unit: str = match.group(3)
+    if sign and not signed:
+        raise ValueError(f"a size cannot have a sign: {text!r}")
+    whole, _, fraction = number.partition(".")
+    scale: int = 10 ** len(fraction)
+    numerator = (int(whole) * scale + int(fraction or "0")) * _UNITS_BYTES[unit.lower()]
+    # Exact integer arithmetic: "1.5GiB" is a whole number of bytes, "0.3K" is not.
+    if numerator % scale:
+        raise ValueError(f"{text!r} is not a whole number of bytes")
+    value = numerator // scale
+    return -value if sign == "-" else value
+
+
+def format_bytes(value: int, *, signed: bool = False) -> str:
+    """``536870912`` -> ``"512.0 MiB"``; ``signed`` puts ``+`` before positive values."""
+    sign = "-" if value < 0 else ("+" if signed and value > 0 else "")
+    magnitude = abs(value)
+    if magnitude >= GIB:
+        return f"{sign}{magnitude / GIB:.2f} GiB"
+    if magnitude >= MIB:
+        return f"{sign}{magnitude / MIB:.1f} MiB"
+    if magnitude >= KIB:
+        return f"{sign}{magnitude / KIB:.1f} KiB"
+    return f"{sign}{magnitude} B"
+
+
+def format_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[int] = ()
+) -> str:
+    """Columns two spaces apart; those in ``right`` (numbers) are right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _delta_arg(text: str) -> tuple[int, int]:
+    vm_text, equals, delta_text = text.partition("=")
+    if not equals or not vm_text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected ID=DELTA such as 1=-64MiB, got {text!r}")
+    try:
+        return int(vm_text), parse_size_bytes(delta_text, signed=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# --- output ------------------------------------------------------------------------------------
+
+_STATE_NAMES = {pb.VM_STATE_STARTING: "starting", pb.VM_STATE_RUNNING: "running"}
+
+# (JSON key / proto field, table column, is a byte count)
+_STAT_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("balloon_actual_bytes", "BALLOON", True),
+    ("total_memory_bytes", "TOTAL", True),
+    ("available_memory_bytes", "AVAILABLE", True),
+    ("free_memory_bytes", "FREE", True),
+    ("disk_caches_bytes", "CACHES", True),
+    ("shared_memory_bytes", "SHARED", True),
+    ("unevictable_memory_bytes", "UNEVICTABLE", True),
+    ("swap_in_bytes", "SWAP_IN", True),
+    ("swap_out_bytes", "SWAP_OUT", True),
+    ("major_faults", "MAJ_FLT", False),
+    ("minor_faults", "MIN_FLT", False),
+    ("hugetlb_allocations", "HUGETLB_OK", False),
+    ("hugetlb_failures", "HUGETLB_FAIL", False),
+)
+
+
+def _vm_json(vm: pb.VmInfo) -> dict[str, Any]:
+    return {
+        "vm_id": vm.vm_id,
+        "state": _STATE_NAMES.get(vm.state, "unspecified"),
+        "mem_size_bytes": vm.mem_size_bytes,
+        "init_mem_size_bytes": vm.init_mem_size_bytes,
+        "cros_guest": vm.cros_guest,
+        "since": vm.since.ToJsonString() if vm.HasField("since") else None,
+    }
+
+
+def _vms_table(vms: Sequence[pb.VmInfo]) -> str:
+    rows = [
+        [
+            str(vm.vm_id),
+            _STATE_NAMES.get(vm.state, "unspecified"),
+            "-" if vm.cros_guest else format_bytes(vm.mem_size_bytes),
+            "-" if vm.cros_guest else format_bytes(vm.init_mem_size_bytes),
+            vm.since.ToJsonString() if vm.HasField("since") else "-",
+            "cros guest" if vm.cros_guest else "",
+        ]
+        for vm in vms
+    ]
+    return format_table(["ID", "STATE", "MEMORY", "INITIAL", "SINCE", "NOTE"], rows, right=(2, 3))
+
+
+def _stat_values(stats: pb.VmBalloonStats) -> dict[str, int | None]:
+    """Each statistic by field name; None where the guest did not report it."""
+    reported: dict[str, int] = {field.name: value for field, value in stats.ListFields()}
+    values: dict[str, int | None] = {field: reported.get(field) for field, _, _ in _STAT_FIELDS}
+    values["balloon_actual_bytes"] = stats.balloon_actual_bytes  # not optional: 0 is a value
+    return values
+
+
+def _stats_json(stats: pb.VmBalloonStats) -> dict[str, Any]:
+    return {"vm_id": stats.vm_id, **_stat_values(stats)}
+
+
+def _stats_row(stats: pb.VmBalloonStats) -> list[str]:
+    values = _stat_values(stats)
+    row = [str(stats.vm_id)]
+    for field, _, is_bytes in _STAT_FIELDS:
+        value = values[field]
+        if value is None:
+            row.append("-")
+        else:
+            row.append(format_bytes(value) if is_bytes else str(value))
+    return row
+
+
+def _deltas_json(deltas: Sequence[pb.BalloonDelta]) -> list[dict[str, int]]:
+    return [{"vm_id": d.vm_id, "delta_bytes": d.delta_bytes} for d in deltas]
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+
+def _cmd_vms(client: Client, args: argparse.Namespace) -> int:
+    response = client.list_vms()
+    if args.json:
+        _print_json({"session": response.session, "vms": [_vm_json(vm) for vm in response.vms]})
+    else:
+        print(_vms_table(response.vms))
+    return 0
+
+
+def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
+    response = client.get_balloon_stats(args.vm_ids)
+    if args.json:
+        _print_json(
+            {
+                "session": response.session,
+                "read_time": response.read_time.ToJsonString(),
+                "stats": [_stats_json(s) for s in response.stats],
+                "missing_vm_ids": list(response.missing_vm_ids),
+            }
+        )
+        return 0
+    header = ["VM", *(column for _, column, _ in _STAT_FIELDS)]
+    rows = [_stats_row(s) for s in response.stats]
+    print(format_table(header, rows, right=range(1, len(header))))
+    if response.missing_vm_ids:
+        print(f"no statistics for VM {', '.join(str(i) for i in response.missing_vm_ids)}")
+    return 0
+
+
+def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
+    deltas = dict(args.deltas)
+    if len(deltas) != len(args.deltas):
+        raise _UsageError("each VM may appear only once")
+    response = client.rebalance_memory(deltas)
+    if args.json:
+        _print_json(
+            {
+                "requested_deltas": _deltas_json(response.requested_deltas),
+                "actual_deltas": _deltas_json(response.actual_deltas),
+                "fully_applied": response.fully_applied,
+            }
+        )
+        return 0
+    actual = {d.vm_id: d.delta_bytes for d in response.actual_deltas}
+    rows = [
+        [
+            str(d.vm_id),
+            format_bytes(d.delta_bytes, signed=True),
+            format_bytes(actual.get(d.vm_id, 0), signed=True),
+        ]
+        for d in response.requested_deltas
+    ]
+    print(format_table(["VM", "REQUESTED", "ACTUAL"], rows, right=(1, 2)))
+    print(f"fully applied: {'yes' if response.fully_applied else 'no'}")
+    return 0
+
+
+def _cmd_launch(client: Client, args: argparse.Namespace) -> int:
+    err: TextIO = sys.stderr
+
+    def on_progress(attempt: int, shortfall_bytes: int) -> None:
+        print(f"attempt {attempt}: shortfall {format_bytes(shortfall_bytes)}", file=err, flush=True)
+
+    def start_vm(vm_id: int, balloon_control_path: str) -> bool:
+        print(f"reserved VM {vm_id}: balloon control {balloon_control_path}", file=err, flush=True)
+        if args.start_cmd is not None:
+            return _run_hook(args.start_cmd, vm_id, balloon_control_path) == 0
+        print(f"start crosvm for VM {vm_id}; started? [y/N] ", end="", file=err, flush=True)
+        answer = sys.stdin.readline()
+        return answer.strip().lower() in {"y", "yes"}
+
+    def stop_vm(vm_id: int) -> None:
+        print(f"the server asks to stop VM {vm_id}", file=err, flush=True)
+        if args.stop_cmd is not None:
+            _run_hook(args.stop_cmd, vm_id, "")
+
+    vm = client.launch_vm(
+        args.mem_size_bytes,
+        init_mem_size_bytes=args.init_mem_size_bytes,
+        start_vm=start_vm,
+        stop_vm=stop_vm,
+        on_progress=on_progress,
+        timeout_s=args.launch_timeout,
+    )
+    if args.json:
+        _print_json(_vm_json(vm))
+    else:
+        print(_vms_table([vm]))
+    return 0
+
+
+def _run_hook(command: str, vm_id: int, balloon_control_path: str) -> int:
+    """Run an operator's shell command for one VM; its output goes to stderr, not our stdout."""
+    # replace, not str.format: shell commands are full of braces.
+    expanded = command.replace("{vm_id}", str(vm_id)).replace(
+        "{balloon_control_path}", shlex.quote(balloon_control_path)
+    )
+    env = {
+        **os.environ,
+        "MANATEE_VM_ID": str(vm_id),
+        "MANATEE_BALLOON_CONTROL_PATH": balloon_control_path,
+    }
+    sys.stderr.flush()
+    return subprocess.run(expanded, shell=True, env=env, stdout=sys.stderr, check=False).returncode
+
+
+def _cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    client.remove_vm(args.vm_id)
+    if args.json:
+        _print_json({"vm_id": args.vm_id, "removed": True})
+    else:
+        print(f"removed VM {args.vm_id}")
+    return 0
+
+
+def _cmd_health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health()
+    if args.json:
+        _print_json({"service": "manatee.memory.v1.MemoryService", "status": status})
+    else:
+        print(status)
+    return 0 if status == "SERVING" else 1
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+def add_client_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Register the client subcommands on the ``manatee-grpc`` parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=DEFAULT_SERVER,
+        help="manatee-grpc address: HOST:PORT or unix:///abs/path (default %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    common.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)"
+    )
+
+    def add(name: str, run: Callable[[Client, argparse.Namespace], int], help_text: str) -> Any:
+        parser = commands.add_parser(name, parents=[common], help=help_text)
+        parser.set_defaults(client_command=run)
+        return parser
+
+    add("vms", _cmd_vms, "list the VMs of the current mms session")
+    stats = add("stats", _cmd_stats, "balloon statistics of some or all VMs")
+    stats.add_argument("vm_ids", nargs="*", type=int, metavar="ID")
+    rebalance = add("rebalance", _cmd_rebalance, "move memory between sibling VMs and CrOS")
+    rebalance.add_argument(
+        "deltas",
+        nargs="+",
+        type=_delta_arg,
+        metavar="ID=DELTA",
+        help="balloon delta per VM, e.g. 1=-64MiB (negative gives the VM memory)",
+    )
+    launch = add("launch", _cmd_launch, "launch a sibling VM (LaunchVm)")
+    launch.add_argument("mem_size_bytes", type=_size_arg, metavar="SIZE", help="e.g. 2GiB")
+    launch.add_argument(
+        "--init", dest="init_mem_size_bytes", type=_size_arg, default=None, metavar="SIZE"
+    )
+    launch.add_argument(
+        "--start-cmd",
+        default=None,
+        metavar="CMD",
+        help="shell command that starts crosvm; {vm_id} and {balloon_control_path} are "
+        "substituted; exit status 0 means started (without it, you are asked on stdin)",
+    )
+    launch.add_argument(
+        "--stop-cmd", default=None, metavar="CMD", help="shell command that stops VM {vm_id}"
+    )
+    launch.add_argument(
+        "--launch-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline for the whole launch (default: none)",
+    )
+    remove = add("remove", _cmd_remove, "remove a sibling VM or release a pending start")
+    remove.add_argument("vm_id", type=int, metavar="ID")
+    add("health", _cmd_health, "health of the MemoryService (exit 1 unless SERVING)")
+
+
+def is_client_command(args: argparse.Namespace) -> bool:
+    return hasattr(args, "client_command")
+
+
+def run_client_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run a parsed client subcommand; errors become a stderr line and an exit code."""
+    try:
+        with Client(args.server, timeout_s=args.timeout) as client:
+            code: int = args.client_command(client, args)
+            return code
+    except _UsageError as exc:
+        parser.error(str(exc))
+    except ManateeRpcError as exc:
+        reason = f" ({exc.reason})" if exc.reason else ""
+        print(f"error: {exc.code.name}{reason}: {exc.message}", file=sys.stderr)
+        for violation in exc.field_violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        if exc.retry_delay_s is not None:
+            print(f"  retry in {exc.retry_delay_s:g} s", file=sys.stderr)
+        return ERROR_EXIT_BASE + int(exc.code.value[0])
+    except KeyboardInterrupt:
+        return 130

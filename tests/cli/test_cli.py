@@ -1,0 +1,223 @@
+"""Each client subcommand end to end: ``python -m manatee_grpc ...`` against a real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from api.conftest import start_server
+
+from manatee_grpc import Client, ManateeServer
+
+from .conftest import run_cli, vm_ids, wait_until
+
+MIB = 1024 * 1024
+
+
+def test_health(server: ManateeServer) -> None:
+    result = run_cli("health", "--server", server.address)
+    assert (result.returncode, result.stdout) == (0, "SERVING\n")
+
+    result = run_cli("health", "--json", "--server", server.address)
+    assert json.loads(result.stdout) == {
+        "service": "manatee.memory.v1.MemoryService",
+        "status": "SERVING",
+    }
+
+
+def test_vms_table_and_json(server: ManateeServer, client: Client) -> None:
+    client.launch_vm(512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None)
+
+    table = run_cli("vms", "--server", server.address)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATE", "MEMORY", "INITIAL", "SINCE", "NOTE"]
+    assert lines[1].split()[:4] == ["0", "running", "-", "-"]
+    assert lines[1].endswith("cros guest")
+    assert lines[2].split()[:6] == ["1", "running", "512.0", "MiB", "512.0", "MiB"]
+    # Aligned: every column starts at the same offset on every line.
+    assert lines[0].index("STATE") == lines[1].index("running") == lines[2].index("running")
+
+    data = json.loads(run_cli("vms", "--json", "--server", server.address).stdout)
+    assert data["session"] == 1
+    assert [sorted(vm) for vm in data["vms"]] == [
+        ["cros_guest", "init_mem_size_bytes", "mem_size_bytes", "since", "state", "vm_id"]
+    ] * 2
+    assert data["vms"][1] | {"since": None} == {
+        "vm_id": 1,
+        "state": "running",
+        "mem_size_bytes": 512 * MIB,
+        "init_mem_size_bytes": 512 * MIB,
+        "cros_guest": False,
+        "since": None,
+    }
+
+
+def test_stats_table_json_and_missing_ids(server: ManateeServer) -> None:
+    table = run_cli("stats", "0", "7", "--server", server.address)
+    assert table.returncode == 0, table.stderr
+    header, row, missing = table.stdout.splitlines()
+    assert header.split()[:4] == ["VM", "BALLOON", "TOTAL", "AVAILABLE"]
+    assert row.split()[0] == "0"
+    assert "GiB" in row  # sizes are humanised
+    assert missing == "no statistics for VM 7"
+
+    data = json.loads(run_cli("stats", "--json", "--server", server.address).stdout)
+    assert sorted(data) == ["missing_vm_ids", "read_time", "session", "stats"]
+    assert data["missing_vm_ids"] == []
+    (cros,) = data["stats"]
+    assert cros["vm_id"] == 0
+    assert isinstance(cros["balloon_actual_bytes"], int)
+    assert len(cros) == 14  # vm_id and all thirteen statistics, absent ones as null
+
+
+def test_rebalance_with_units_and_signs(server: ManateeServer, client: Client) -> None:
+    client.launch_vm(
+        512 * MIB, init_mem_size_bytes=256 * MIB, start_vm=lambda v, p: True, stop_vm=print
+    )
+
+    result = run_cli("rebalance", "1=-64MiB", "--json", "--server", server.address)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "requested_deltas": [
+            {"vm_id": 1, "delta_bytes": -64 * MIB},
+            {"vm_id": 0, "delta_bytes": 64 * MIB},
+        ],
+        "actual_deltas": [
+            {"vm_id": 1, "delta_bytes": -64 * MIB},
+            {"vm_id": 0, "delta_bytes": 64 * MIB},
+        ],
+        "fully_applied": True,
+    }
+
+    table = run_cli("rebalance", "1=+32M", "--server", server.address)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines() == [
+        "VM  REQUESTED     ACTUAL",
+        "1   +32.0 MiB  +32.0 MiB",
+        "0   -32.0 MiB  -32.0 MiB",
+        "fully applied: yes",
+    ]
+    assert client.get_balloon_stats([1]).stats[0].balloon_actual_bytes == 224 * MIB
+
+
+def test_launch_with_start_cmd_then_vms_shows_it(server: ManateeServer, tmp_path: Path) -> None:
+    record = tmp_path / "started"
+    start_cmd = f"echo {{vm_id}} {{balloon_control_path}} > {record}; true"
+
+    result = run_cli("launch", "512MiB", "--start-cmd", start_cmd, "--server", server.address)
+
+    assert result.returncode == 0, result.stderr
+    assert "attempt 1: shortfall 0 B" in result.stderr.splitlines()
+    vm_id, path = record.read_text().split()
+    assert vm_id == "1" and path.endswith(".sock")
+    assert result.stdout.splitlines()[1].split()[:4] == ["1", "running", "512.0", "MiB"]
+
+    listed = run_cli("vms", "--server", server.address)
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["0", "1"]
+
+    # `true` is the simplest start command: exit status 0 means started.
+    again = run_cli("launch", "512MiB", "--init", "256MiB", "--start-cmd", "true", "--json",
+                    "--server", server.address)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["init_mem_size_bytes"] == 256 * MIB
+
+
+def test_launch_confirmed_on_stdin(server: ManateeServer, client: Client) -> None:
+    result = run_cli("launch", "1G", "--json", "--server", server.address, stdin="y\n")
+
+    assert result.returncode == 0, result.stderr
+    assert "started? [y/N]" in result.stderr
+    vm = json.loads(result.stdout)
+    assert (vm["vm_id"], vm["mem_size_bytes"], vm["state"]) == (1, 1024 * MIB, "running")
+    assert vm_ids(client) == [0, 1]
+
+
+def test_launch_declined_is_vm_start_failed(server: ManateeServer, client: Client) -> None:
+    result = run_cli("launch", "1G", "--server", server.address, stdin="n\n")
+
+    assert result.returncode == 19  # 10 + FAILED_PRECONDITION (9)
+    assert "error: FAILED_PRECONDITION (VM_START_FAILED): " in result.stderr
+    assert result.stdout == ""
+    wait_until(lambda: vm_ids(client) == [0], "the reservation was released")
+
+
+def test_launch_failing_start_cmd_is_vm_start_failed(server: ManateeServer) -> None:
+    result = run_cli("launch", "512MiB", "--start-cmd", "exit 3", "--server", server.address)
+
+    assert result.returncode == 19
+    assert "(VM_START_FAILED)" in result.stderr
+
+
+def test_launch_shows_progress_then_resource_exhausted(server: ManateeServer) -> None:
+    result = run_cli("launch", "7GiB", "--init", "7GiB", "--start-cmd", "true",
+                     "--server", server.address)  # fmt: skip
+
+    assert result.returncode == 18  # 10 + RESOURCE_EXHAUSTED (8)
+    progress = [line for line in result.stderr.splitlines() if line.startswith("attempt ")]
+    assert [line.split(":")[0] for line in progress] == [f"attempt {n}" for n in range(1, 6)]
+    assert all(line.endswith("GiB") for line in progress)
+    assert "error: RESOURCE_EXHAUSTED (MMS_ENOMEM): " in result.stderr
+
+
+def test_remove_then_not_found_exits_15(server: ManateeServer, client: Client) -> None:
+    client.launch_vm(512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None)
+
+    removed = run_cli("remove", "1", "--server", server.address)
+    assert (removed.returncode, removed.stdout) == (0, "removed VM 1\n")
+    assert vm_ids(client) == [0]
+
+    again = run_cli("remove", "1", "--server", server.address)
+    assert again.returncode == 15  # 10 + NOT_FOUND (5)
+    assert again.stderr.startswith("error: NOT_FOUND (VM_NOT_FOUND): ")
+
+    rebalance = run_cli("rebalance", "9=1M", "--server", server.address)
+    assert rebalance.returncode == 15
+
+
+def test_invalid_argument_exits_13_and_names_the_field(server: ManateeServer) -> None:
+    result = run_cli("launch", "0", "--start-cmd", "true", "--server", server.address)
+
+    assert result.returncode == 13  # 10 + INVALID_ARGUMENT (3)
+    assert result.stderr.startswith("error: INVALID_ARGUMENT (INVALID_ARGUMENT): ")
+    assert "  start.mem_size_bytes: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["launch", "12XB"],
+        ["launch"],
+        ["rebalance", "1=-64XiB"],
+        ["rebalance", "one=64MiB"],
+        ["rebalance", "1=64MiB", "1=32MiB"],
+        ["stats", "zero"],
+        ["remove"],
+        ["bogus"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    # No server: usage is checked before anything is sent.
+    result = run_cli(*args, "--server", "unix:///nonexistent/manatee.sock")
+
+    assert result.returncode == 2, result.stderr
+    assert "usage: manatee-grpc" in result.stderr
+
+
+def test_unreachable_server_exits_24() -> None:
+    result = run_cli("vms", "--server", "unix:///nonexistent/manatee.sock", "--timeout", "5")
+
+    assert result.returncode == 24  # 10 + UNAVAILABLE (14)
+    assert result.stderr.startswith("error: UNAVAILABLE: ")
+
+
+def test_unix_socket_server(tmp_path: Path) -> None:
+    server = start_server(listen=f"unix://{tmp_path}/manatee.sock")
+    try:
+        result = run_cli("vms", "--json", "--server", f"unix://{tmp_path}/manatee.sock")
+    finally:
+        server.stop(grace_s=1.0)
+
+    assert result.returncode == 0, result.stderr
+    assert [vm["vm_id"] for vm in json.loads(result.stdout)["vms"]] == [0]
