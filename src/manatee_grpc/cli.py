@@ -14,6 +14,8 @@ from types import FrameType
 
 from ._cli_client import add_client_commands, is_client_command, run_client_command
 from ._config import DEFAULT_LISTEN, ServerConfig
+from ._connection import DEFAULT_WATCHDOG_S
+from ._messages import MessageType
 
 logger = logging.getLogger("manatee_grpc")
 
@@ -67,11 +69,56 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.mms_max_body_bytes,
         help="largest mms response body accepted (default %(default)s)",
     )
+    parser.add_argument(
+        "--mms-watchdog",
+        action="append",
+        default=[],
+        metavar="TYPE=SECONDS",
+        help="how long mms may take to answer one message type before the (destructive) reset; "
+        "repeatable; TYPE is one of "
+        + ", ".join(t.name for t in MessageType)
+        + "; defaults: "
+        + ", ".join(f"{t.name}={s:g}" for t, s in DEFAULT_WATCHDOG_S.items()),
+    )
+    parser.add_argument("--mms-backoff-initial", type=float, default=defaults.mms_backoff_initial_s)
+    parser.add_argument("--mms-backoff-max", type=float, default=defaults.mms_backoff_max_s)
+    parser.add_argument(
+        "--launch-stop-timeout",
+        type=float,
+        default=defaults.launch_stop_timeout_s,
+        help="seconds a LaunchVm client may take to stop its VM when asked (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
+def _watchdog_from(items: Sequence[str]) -> dict[MessageType, float]:
+    watchdog_s = dict(DEFAULT_WATCHDOG_S)
+    for item in items:
+        name, _, seconds = item.partition("=")
+        try:
+            msg_type = MessageType[name.strip().upper()]
+            watchdog_s[msg_type] = float(seconds)
+        except (KeyError, ValueError):
+            raise _UsageError(f"--mms-watchdog {item!r}: expected TYPE=SECONDS") from None
+        if watchdog_s[msg_type] <= 0:
+            raise _UsageError(f"--mms-watchdog {item!r}: SECONDS must be positive")
+    return watchdog_s
+
+
+class _UsageError(Exception):
+    """A flag value argparse could not check by itself."""
+
+
 def _config_from(args: argparse.Namespace) -> ServerConfig:
-    delays = tuple(float(part) for part in args.launch_attempt_delays.split(",") if part.strip())
+    try:
+        delays = tuple(
+            float(part) for part in args.launch_attempt_delays.split(",") if part.strip()
+        )
+    except ValueError:
+        raise _UsageError(
+            f"--launch-attempt-delays {args.launch_attempt_delays!r}: expected seconds, "
+            "comma-separated"
+        ) from None
     return ServerConfig(
         listen=args.listen,
         mms=args.mms,
@@ -86,14 +133,25 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         balloon_control_dir=args.balloon_control_dir,
         mms_connect_timeout_s=args.mms_connect_timeout,
         mms_max_body_bytes=args.mms_max_frame_bytes,
+        mms_watchdog_s=_watchdog_from(args.mms_watchdog),
+        mms_backoff_initial_s=args.mms_backoff_initial,
+        mms_backoff_max_s=args.mms_backoff_max,
+        launch_stop_timeout_s=args.launch_stop_timeout,
     )
 
 
 def serve(args: argparse.Namespace) -> int:
     from ._server import ManateeServer
+    from ._transport import AddressError
+    from .sim import ScenarioError
 
-    server = ManateeServer(_config_from(args))
-    server.start()
+    try:
+        server = ManateeServer(_config_from(args))
+        server.start()
+    except (_UsageError, AddressError, ScenarioError, OSError) as error:
+        # A bad flag or an address we cannot use: say which, no traceback.
+        print(f"manatee-grpc: error: {error}", file=sys.stderr)
+        return 2
     stop_requested = threading.Event()
     interrupts = 0
 

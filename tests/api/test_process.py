@@ -80,3 +80,25 @@ def test_sigint_stops_too(served: tuple[str, subprocess.Popen[str]]) -> None:
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert "received SIGINT" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mms", "bogus://x"], "accepted forms: vsock://CID:PORT"),
+        (["--mms-watchdog", "NOPE=1"], "--mms-watchdog 'NOPE=1': expected TYPE=SECONDS"),
+        (["--mms-watchdog", "REMOVE_VM=0"], "SECONDS must be positive"),
+        (["--launch-attempt-delays", "0,x"], "--launch-attempt-delays"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_message(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "manatee_grpc", "serve", "--listen", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
