@@ -47,9 +47,13 @@ class Watcher:
         self._latest: StatsSnapshot | ManateeError | None = None
         self._dropped = 0
         self._closed = False
+        # Snapshots of sessions before the last reset are stale: their VM ids mean nothing now.
+        self._min_session = 0
 
     def offer(self, item: StatsSnapshot | ManateeError) -> None:
         with self._cond:
+            if isinstance(item, StatsSnapshot) and item.session < self._min_session:
+                return  # read before the reset, offered after it
             if self._latest is not None:
                 self._dropped += 1  # the watcher did not take the previous one in time
             self._latest = item
@@ -57,6 +61,9 @@ class Watcher:
 
     def offer_reset(self, reset: SessionChanged) -> None:
         with self._cond:
+            self._min_session = max(self._min_session, reset.session)
+            if isinstance(self._latest, StatsSnapshot) and self._latest.session < reset.session:
+                self._latest = None  # never deliver an old session's snapshot after its reset
             self._resets.append(reset)
             self._cond.notify_all()
 
