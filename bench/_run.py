@@ -1,0 +1,671 @@
+"""The benchmark run: every measurement side by side, one table, targets with PASS/FAIL.
+
+The mms simulators live in this process (so their request counts are read directly), the server
+under test is ``bench._serve`` in a subprocess, and client load runs in spawned worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from bench import _load
+from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._messages import MessageType
+from manatee_grpc.sim import Simulator
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
+VM_COUNT = 8
+CONCURRENCIES = (1, 8, 32, 128)
+WINDOW_S = 2.0
+WARMUP_S = 0.7
+COALESCE_LATENCY_S = 0.002
+HOL_CONCURRENCIES = (1, 8)
+HOL_BACKOFF = "HOL: stats during LaunchVm backoff"
+HOL_CLIENT_WAIT = "HOL: stats during LaunchVm client wait"
+# The tcp server backs a launch off longer than the default, so every HOL run fits in the wait.
+HOL_ATTEMPT_DELAYS = "0,3,3,3,3"
+WATCHER_COUNTS = (10, 100, 1000)
+WATCH_INTERVAL_S = 1.0
+WATCH_WINDOW_S = 4.0
+START_RUNS = 3
+HUGE_BYTES = 7 * 1024 * _load.MIB
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class Row:
+    measurement: str
+    transport: str = ""
+    concurrency: int | None = None
+    calls_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    mms_round_trips_per_rpc: float | None = None
+    notes: dict[str, float | int | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    measured: str
+    wanted: str
+    passed: bool
+
+
+# --- the server under test -----------------------------------------------------------------------
+
+
+class ServerProcess:
+    """``python -m bench._serve`` with its manatee-grpc address and floor address."""
+
+    def __init__(self, listen: str, floor_listen: str, mms: str, *extra: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "bench._serve",
+            "--listen",
+            listen,
+            "--floor-listen",
+            floor_listen,
+            "--mms",
+            mms,
+            *extra,
+        ]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server subprocess failed to start: {' '.join(command)}")
+        addresses = json.loads(line)
+        self.address: str = addresses["address"]
+        self.floor: str = addresses["floor"]
+        self.pid = self._process.pid
+
+    def stop(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        try:
+            self._process.wait(15)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _stats_reads(sim: Simulator) -> int:
+    return sim.request_counts[MessageType.GET_BALLOON_STATS]
+
+
+def _start_vms(target: str, count: int) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        for _ in range(count):
+            prepared = stub.PrepareVm(
+                pb.PrepareVmRequest(mem_size_bytes=_load.VM_MEM_BYTES), timeout=10
+            )
+            if not prepared.reserved:
+                raise RuntimeError("could not reserve memory for a bench VM")
+            stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=10)
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+def _percentile_ms(latencies_s: list[float], fraction: float) -> float | None:
+    if not latencies_s:
+        return None
+    ordered = sorted(latencies_s)
+    index = min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))
+    return ordered[index] * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Rig:
+    """What every load measurement needs: the client processes and the simulator to count."""
+
+    pool: ProcessPoolExecutor
+    sim: Simulator
+
+
+def _unary(
+    rig: _Rig,
+    measurement: str,
+    transport: str,
+    target: str,
+    *,
+    method: str,
+    concurrency: int,
+    server_pid: int,
+    window_s: float = WINDOW_S,
+) -> Row:
+    pool, sim = rig.pool, rig.sim
+    # Two client processes (the machine has two cores) unless a single caller is asked for.
+    processes = 1 if concurrency == 1 else 2
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    reads_before = _stats_reads(sim)
+    cpu_before_s = _cpu_s(server_pid)
+    start_at = time.monotonic() + WARMUP_S
+    end_at = start_at + window_s
+    jobs = [
+        pool.submit(_load.run_unary, target, method, share, start_at, end_at) for share in shares
+    ]
+    results: list[_load.LoadResult] = [job.result() for job in jobs]
+    reads = _stats_reads(sim) - reads_before
+    cpu_used_s = _cpu_s(server_pid) - cpu_before_s
+    latencies = [lat for r in results for lat in r.latencies_s]
+    calls_total = sum(r.calls_total for r in results)
+    errors = sum(r.errors for r in results)
+    row = Row(
+        measurement,
+        transport,
+        concurrency,
+        calls_per_s=len(latencies) / window_s,
+        p50_ms=_percentile_ms(latencies, 0.50),
+        p99_ms=_percentile_ms(latencies, 0.99),
+        mms_round_trips_per_rpc=reads / calls_total if calls_total and method != "floor" else None,
+    )
+    if calls_total:
+        # Server process CPU per call, warm-up included: where the time goes.
+        row.notes["srv_cpu_ms_per_call"] = round(1000 * cpu_used_s / calls_total, 3)
+    if errors:
+        row.notes["errors"] = errors
+    return row
+
+
+def _direct(pool: ProcessPoolExecutor, sim: Simulator) -> Row:
+    start_at = time.monotonic() + WARMUP_S
+    result: _load.LoadResult = pool.submit(
+        _load.run_direct, str(sim.address), VM_COUNT, start_at, start_at + WINDOW_S
+    ).result()
+    return Row(
+        "direct mms GetBalloonStats (no gRPC)",
+        "unix (mms)",
+        1,
+        calls_per_s=len(result.latencies_s) / WINDOW_S,
+        p50_ms=_percentile_ms(result.latencies_s, 0.50),
+        p99_ms=_percentile_ms(result.latencies_s, 0.99),
+        mms_round_trips_per_rpc=1.0,
+    )
+
+
+def _start_times(sim: Simulator, workdir: Path) -> list[float]:
+    """Seconds from process start to health SERVING, for the real ``manatee-grpc serve``."""
+    times: list[float] = []
+    for run in range(START_RUNS):
+        listen = f"unix://{workdir / f'start-{run}.sock'}"
+        started = time.monotonic()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "manatee_grpc",
+                "serve",
+                "--listen",
+                listen,
+                "--mms",
+                str(sim.address),
+                "--log-level",
+                "ERROR",
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            times.append(_wait_serving(listen, started, 20.0))
+        finally:
+            process.terminate()
+            process.wait(15)
+    return times
+
+
+def _wait_serving(target: str, started: float, timeout_s: float) -> float:
+    with grpc.insecure_channel(target) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        while time.monotonic() - started < timeout_s:
+            try:
+                response: health_pb2.HealthCheckResponse = check(
+                    health_pb2.HealthCheckRequest(), timeout=0.2
+                )
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.005)
+    raise RuntimeError(f"{target} never reported SERVING")
+
+
+class _Launch:
+    """A LaunchVm stream driven from this process; ``send`` feeds its client half."""
+
+    def __init__(self, target: str, mem_size_bytes: int) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._outbox: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
+        self._outbox.put(
+            pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes))
+        )
+        stub = pb_grpc.MemoryServiceStub(self._channel)
+        self.call = stub.LaunchVm(self._requests(), timeout=60)
+        self.events: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _requests(self) -> Iterator[pb.LaunchVmRequest]:
+        while (item := self._outbox.get()) is not None:
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self.events.put(response.WhichOneof("event") or "")
+        except grpc.RpcError as error:
+            self.events.put(f"ended {error.code().name}")
+        self.events.put("closed")
+
+    def wait_for(self, event: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (got := self.events.get(timeout=max(0.0, deadline - time.monotonic()))) != event:
+            if got in ("closed",) or got.startswith("ended"):
+                raise RuntimeError(f"launch ended before {event!r}: {got}")
+
+    def send(self, request: pb.LaunchVmRequest | None) -> None:
+        self._outbox.put(request)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.send(None)
+        self._reader.join(10)
+        self._channel.close()
+
+
+def _head_of_line(rig: _Rig, server: ServerProcess) -> list[Row]:
+    rows: list[Row] = []
+    # 1. A launch that cannot reserve (7 GiB asked) backs off between attempts (3 s each here).
+    launch = _Launch(server.address, HUGE_BYTES)
+    try:
+        launch.wait_for("progress")
+        for concurrency in HOL_CONCURRENCIES:
+            rows.append(
+                _unary(
+                    rig,
+                    HOL_BACKOFF,
+                    "tcp",
+                    server.address,
+                    method="stats",
+                    concurrency=concurrency,
+                    server_pid=server.pid,
+                )
+            )
+    finally:
+        launch.close()
+    # 2. A launch that reserved and waits for its client to start crosvm.
+    launch = _Launch(server.address, _load.VM_MEM_BYTES)
+    try:
+        launch.wait_for("reserved")
+        for concurrency in HOL_CONCURRENCIES:
+            rows.append(
+                _unary(
+                    rig,
+                    HOL_CLIENT_WAIT,
+                    "tcp",
+                    server.address,
+                    method="stats",
+                    concurrency=concurrency,
+                    server_pid=server.pid,
+                )
+            )
+        failed = pb.LaunchVmRequest()
+        failed.vm_start_failed.reason = "bench: not starting crosvm"
+        launch.send(failed)
+    finally:
+        launch.close()
+    return rows
+
+
+def _watchers(sim: Simulator, server: ServerProcess, watchers: int) -> Row:
+    context = multiprocessing.get_context("spawn")
+    commands: multiprocessing.Queue[str] = context.Queue()
+    reports: multiprocessing.Queue[Any] = context.Queue()
+    process = context.Process(
+        target=_load.run_watchers,
+        args=(server.address, watchers, WATCH_INTERVAL_S, commands, reports),
+        daemon=True,
+    )
+    process.start()
+    row = Row(f"{watchers} watchers @ {WATCH_INTERVAL_S:g} s", "tcp", watchers)
+    try:
+        ready = reports.get(timeout=180)
+        if ready != "ready":
+            row.notes["error"] = str(ready)
+            return row
+
+        def next_poll() -> tuple[float, int, float]:
+            count = _stats_reads(sim)
+            sim.wait_until(lambda: _stats_reads(sim) > count, 10.0)
+            return time.monotonic(), _stats_reads(sim), _cpu_s(server.pid)
+
+        # Measure from one poll to a later one, so the window holds whole ticks.
+        t_a, polls_a, cpu_a = next_poll()
+        time.sleep(WATCH_WINDOW_S - WATCH_INTERVAL_S / 2)
+        t_b, polls_b, cpu_b = next_poll()
+        elapsed_s = t_b - t_a
+        row.notes["polls_per_s"] = (polls_b - polls_a) / elapsed_s
+        row.notes["rss_mb"] = _rss_mb(server.pid)
+        row.notes["cpu_pct"] = 100 * (cpu_b - cpu_a) / elapsed_s
+        commands.put("stop")
+        summary = reports.get(timeout=60)
+        row.notes["snapshots"] = summary["received"]
+        row.notes["dropped"] = summary["dropped"]
+        if summary["errors"]:
+            row.notes["stream_errors"] = summary["errors"]
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    return row
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table(rows: list[Row]) -> str:
+    header = ("measurement", "transport", "conc", "calls/s", "p50 ms", "p99 ms", "mms rt/RPC")
+    lines = [
+        [
+            row.measurement,
+            row.transport,
+            "" if row.concurrency is None else str(row.concurrency),
+            _fmt(row.calls_per_s, 0),
+            _fmt(row.p50_ms, 3),
+            _fmt(row.p99_ms, 3),
+            _fmt(row.mms_round_trips_per_rpc, 3),
+            " ".join(
+                f"{k}={_fmt(v, 1) if isinstance(v, float) else v}" for k, v in row.notes.items()
+            ),
+        ]
+        for row in rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = [
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + "  notes",
+        "  ".join("-" * w for w in widths) + "  -----",
+    ]
+    for line in lines:
+        cells = [line[i].ljust(w) if i < 2 else line[i].rjust(w) for i, w in enumerate(widths)]
+        out.append("  ".join(cells) + "  " + line[-1])
+    return "\n".join(out)
+
+
+def _find(rows: list[Row], measurement: str, transport: str, concurrency: int) -> Row:
+    for row in rows:
+        if (row.measurement, row.transport, row.concurrency) == (
+            measurement,
+            transport,
+            concurrency,
+        ):
+            return row
+    raise KeyError((measurement, transport, concurrency))
+
+
+def _targets(rows: list[Row], start_s: list[float]) -> list[Target]:
+    targets: list[Target] = []
+
+    def check(
+        name: str,
+        measured: float | None,
+        wanted: str,
+        *,
+        at_most: float | None = None,
+        at_least: float | None = None,
+    ) -> None:
+        passed = (
+            measured is not None
+            and (at_most is None or measured <= at_most)
+            and (at_least is None or measured >= at_least)
+        )
+        targets.append(Target(name, _fmt(measured, 3), wanted, passed))
+
+    direct = rows[0]
+    for transport in ("tcp", "unix"):
+        floor32 = _find(rows, "gRPC floor (no-op)", transport, 32).calls_per_s or 0.0
+        check(
+            f"bridge calls/s @32 {transport}",
+            _find(rows, "bridge GetBalloonStats", transport, 32).calls_per_s,
+            f">= 0.8 x floor ({0.8 * floor32:.0f})",
+            at_least=0.8 * floor32,
+        )
+        floor_p50 = _find(rows, "gRPC floor (no-op)", transport, 1).p50_ms or 0.0
+        limit = floor_p50 + 1.5 * (direct.p50_ms or 0.0)
+        check(
+            f"bridge p50 @1 {transport} (ms)",
+            _find(rows, "bridge GetBalloonStats", transport, 1).p50_ms,
+            f"<= floor p50 + 1.5 x direct p50 ({limit:.3f})",
+            at_most=limit,
+        )
+    on = _find(rows, "bridge, 2 ms mms, coalescing on", "tcp", 32)
+    off = _find(rows, "bridge, 2 ms mms, coalescing off", "tcp", 32)
+    check("2 ms mms @32: round trips/RPC", on.mms_round_trips_per_rpc, "<= 0.25", at_most=0.25)
+    ratio = (on.calls_per_s or 0.0) / off.calls_per_s if off.calls_per_s else None
+    check("2 ms mms @32: calls/s on / off", ratio, ">= 4", at_least=4.0)
+    for measurement in (HOL_BACKOFF, HOL_CLIENT_WAIT):
+        for concurrency in HOL_CONCURRENCIES:
+            baseline = _find(rows, "bridge GetBalloonStats", "tcp", concurrency).p99_ms
+            check(
+                f"{measurement} @{concurrency} p99 (ms)",
+                _find(rows, measurement, "tcp", concurrency).p99_ms,
+                f"<= 20 (same load, no launch: {_fmt(baseline, 3)})",
+                at_most=20.0,
+            )
+    crowd = _find(rows, "1000 watchers @ 1 s", "tcp", 1000).notes
+    # 2 % slack on the poll rate absorbs timer jitter between the ticks that bound the window.
+    for key, wanted, limit in (
+        ("polls_per_s", "<= 1 (+2 % jitter)", 1.02),
+        ("rss_mb", "<= 200", 200.0),
+        ("cpu_pct", "<= 50", 50.0),
+    ):
+        value = crowd.get(key)
+        measured = float(value) if isinstance(value, int | float) else None
+        check(f"1000 watchers: {key}", measured, wanted, at_most=limit)
+    check("start to SERVING (s, median)", statistics.median(start_s), "<= 1.5", at_most=1.5)
+    return targets
+
+
+def main() -> int:
+    began = time.monotonic()
+    load_before = os.getloadavg()
+    rows: list[Row] = []
+    context = multiprocessing.get_context("spawn")
+    with (
+        tempfile.TemporaryDirectory(prefix="manatee-bench-") as tmp,
+        ProcessPoolExecutor(max_workers=2, mp_context=context) as pool,
+    ):
+        workdir = Path(tmp)
+        # Warm the client processes so spawning is not measured.
+        for job in [pool.submit(time.monotonic) for _ in range(4)]:
+            job.result()
+        sim = Simulator(listen=f"unix://{workdir / 'mms.sock'}").start()
+        rig = _Rig(pool, sim)
+        spare_sim = Simulator(listen=f"unix://{workdir / 'mms-direct.sock'}").start()
+        try:
+            print("bench: start-up ...", file=sys.stderr, flush=True)
+            start_s = _start_times(spare_sim, workdir)
+            print("bench: direct mms ...", file=sys.stderr, flush=True)
+            rows.append(_direct(pool, spare_sim))
+            for transport, listen, floor_listen in (
+                ("tcp", "127.0.0.1:0", "127.0.0.1:0"),
+                ("unix", f"unix://{workdir / 'grpc.sock'}", f"unix://{workdir / 'floor.sock'}"),
+            ):
+                print(f"bench: floor and bridge over {transport} ...", file=sys.stderr, flush=True)
+                server = ServerProcess(
+                    listen,
+                    floor_listen,
+                    str(sim.address),
+                    "--launch-attempt-delays",
+                    HOL_ATTEMPT_DELAYS,
+                )
+                try:
+                    _start_vms(server.address, VM_COUNT)
+                    for concurrency in CONCURRENCIES:
+                        rows.append(
+                            _unary(
+                                rig,
+                                "gRPC floor (no-op)",
+                                transport,
+                                server.floor,
+                                method="floor",
+                                concurrency=concurrency,
+                                server_pid=server.pid,
+                            )
+                        )
+                        rows.append(
+                            _unary(
+                                rig,
+                                "bridge GetBalloonStats",
+                                transport,
+                                server.address,
+                                method="stats",
+                                concurrency=concurrency,
+                                server_pid=server.pid,
+                            )
+                        )
+                    if transport == "tcp":
+                        print("bench: head-of-line ...", file=sys.stderr, flush=True)
+                        rows.extend(_head_of_line(rig, server))
+                        print("bench: coalescing ...", file=sys.stderr, flush=True)
+                        sim.set_latency(COALESCE_LATENCY_S)
+                        rows.append(
+                            _unary(
+                                rig,
+                                "bridge, 2 ms mms, coalescing on",
+                                "tcp",
+                                server.address,
+                                method="stats",
+                                concurrency=32,
+                                server_pid=server.pid,
+                                window_s=3.0,
+                            )
+                        )
+                        sim.set_latency(0.0)
+                finally:
+                    server.stop()
+            server = ServerProcess(
+                "127.0.0.1:0", "127.0.0.1:0", str(sim.address), "--no-coalesce-stats"
+            )
+            try:
+                _start_vms(server.address, VM_COUNT)
+                sim.set_latency(COALESCE_LATENCY_S)
+                rows.append(
+                    _unary(
+                        rig,
+                        "bridge, 2 ms mms, coalescing off",
+                        "tcp",
+                        server.address,
+                        method="stats",
+                        concurrency=32,
+                        server_pid=server.pid,
+                        window_s=3.0,
+                    )
+                )
+                sim.set_latency(0.0)
+            finally:
+                server.stop()
+            print("bench: watchers ...", file=sys.stderr, flush=True)
+            workers = max(WATCHER_COUNTS) + 100
+            server = ServerProcess(
+                "127.0.0.1:0",
+                "127.0.0.1:0",
+                str(sim.address),
+                "--max-workers",
+                str(workers),
+                "--max-concurrent-rpcs",
+                str(workers),
+            )
+            try:
+                _start_vms(server.address, VM_COUNT)
+                for watchers in WATCHER_COUNTS:
+                    rows.append(_watchers(sim, server, watchers))
+            finally:
+                server.stop()
+        finally:
+            sim.stop()
+            spare_sim.stop()
+    rows.append(
+        Row(
+            "start: process start to SERVING",
+            "unix",
+            notes={"median_ms": 1000 * statistics.median(start_s), "max_ms": 1000 * max(start_s)},
+        )
+    )
+    targets = _targets(rows, start_s)
+    print(_table(rows))
+    print()
+    width = max(len(t.name) for t in targets)
+    for target in targets:
+        verdict = "PASS" if target.passed else "FAIL"
+        print(f"{verdict}  {target.name.ljust(width)}  {target.measured:>10}  {target.wanted}")
+    elapsed_s = time.monotonic() - began
+    load_after = os.getloadavg()
+    print(
+        f"\n{sum(t.passed for t in targets)}/{len(targets)} targets met in {elapsed_s:.0f} s "
+        f"on {os.cpu_count()} CPUs; 1-min load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after (anything else running skews these numbers)"
+    )
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PATH.write_text(
+        json.dumps(
+            {
+                "meta": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "grpcio": grpc.__version__,
+                    "elapsed_s": elapsed_s,
+                    "start_s": start_s,
+                    "load_average_before": load_before,
+                    "load_average_after": load_after,
+                },
+                "rows": [asdict(row) for row in rows],
+                "targets": [asdict(target) for target in targets],
+            },
+            indent=2,
+        )
+    )
+    print(f"results: {RESULTS_PATH}")
+    return 0
