@@ -199,7 +199,7 @@ class MemoryBridge:
                 else:
                     self.slot.abandon(claim)
             if response is not None and opened and newly_opened and outcome.answered(response):
-                self._remove_orphan(response.vm_id, "its PrepareVm caller went away")
+                self.remove_in_background(response.vm_id, "its PrepareVm caller went away")
 
         future.add_done_callback(answered)
         try:
@@ -207,9 +207,8 @@ class MemoryBridge:
         except (DeadlineExceededError, CallerGoneError):
             orphan = outcome.caller_left()
             if orphan is not None and newly_opened:
-                self._remove_orphan(orphan.vm_id, "its PrepareVm caller went away")
+                self.remove_in_background(orphan.vm_id, "its PrepareVm caller went away")
             raise
-        outcome.delivered()
         if response.res not in (RES_OK, RES_ENOMEM):
             raise MmsRefusedError(
                 response.res,
@@ -276,9 +275,6 @@ class MemoryBridge:
 
         self.connection.submit(RemoveVmRequest(vm_id)).add_done_callback(removed)
 
-    def _remove_orphan(self, vm_id: int, why: str) -> None:
-        self.remove_in_background(vm_id, why)
-
     def _lease_expired(self, vm_id: int) -> None:
         self.remove_in_background(vm_id, "its PrepareVm lease expired before FinishAddVm")
 
@@ -310,7 +306,6 @@ class _Outcome:
         self._lock = threading.Lock()
         self._response: PrepareVmResponse | None = None
         self._caller_left = False
-        self._delivered = False
 
     def answered(self, response: PrepareVmResponse) -> bool:
         """Record mms's answer; True if the caller already left (so the answer is orphaned)."""
@@ -323,10 +318,6 @@ class _Outcome:
         with self._lock:
             self._caller_left = True
             return self._response
-
-    def delivered(self) -> None:
-        with self._lock:
-            self._delivered = True
 
 
 def _finish_message(res: int) -> str:

@@ -106,7 +106,6 @@ class MmsConnection:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sock: socket.socket | None = None
-        self._in_flight: _Call | None = None
         self._thread = threading.Thread(target=self._run, name="mms-connection", daemon=True)
         self._rng = random.Random()
         self._requests_sent = 0
@@ -286,7 +285,6 @@ class MmsConnection:
         watchdog_s = self._config.watchdog_s.get(msg_type, max(DEFAULT_WATCHDOG_S.values()))
         deadline = time.monotonic() + watchdog_s
         started = time.monotonic()
-        self._in_flight = call
         try:
             sock.settimeout(watchdog_s)
             sock.sendall(call.frame)
@@ -327,8 +325,6 @@ class MmsConnection:
             logger.warning("mms connection lost (session %d): %s", session, error.message)
             call.future.set_exception(error)
             return error
-        finally:
-            self._in_flight = None
         round_trip_s = time.monotonic() - started
         self._responses += 1
         # Update the books before the caller wakes, and even if the caller has gone away: a
