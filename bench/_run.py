@@ -77,15 +77,13 @@ class Target:
 class ServerProcess:
     """``python -m bench._serve`` with its manatee-grpc address and floor address."""
 
-    def __init__(self, listen: str, floor_listen: str, mms: str, *extra: str) -> None:
+    def __init__(self, listen: str, mms: str, *extra: str) -> None:
         command = [
             sys.executable,
             "-m",
             "bench._serve",
             "--listen",
             listen,
-            "--floor-listen",
-            floor_listen,
             "--mms",
             mms,
             *extra,
@@ -99,7 +97,7 @@ class ServerProcess:
             raise RuntimeError(f"server subprocess failed to start: {' '.join(command)}")
         addresses = json.loads(line)
         self.address: str = addresses["address"]
-        self.floor: str = addresses["floor"]
+        self.floor: str = addresses["address"]  # the no-op is served by the same server
         self.pid = self._process.pid
 
     def stop(self) -> None:
@@ -529,14 +527,13 @@ def main() -> int:
             start_s = _start_times(spare_sim, workdir)
             print("bench: direct mms ...", file=sys.stderr, flush=True)
             rows.append(_direct(pool, spare_sim))
-            for transport, listen, floor_listen in (
-                ("tcp", "127.0.0.1:0", "127.0.0.1:0"),
-                ("unix", f"unix://{workdir / 'grpc.sock'}", f"unix://{workdir / 'floor.sock'}"),
+            for transport, listen in (
+                ("tcp", "127.0.0.1:0"),
+                ("unix", f"unix://{workdir / 'grpc.sock'}"),
             ):
                 print(f"bench: floor and bridge over {transport} ...", file=sys.stderr, flush=True)
                 server = ServerProcess(
                     listen,
-                    floor_listen,
                     str(sim.address),
                     "--launch-attempt-delays",
                     HOL_ATTEMPT_DELAYS,
@@ -586,9 +583,7 @@ def main() -> int:
                         sim.set_latency(0.0)
                 finally:
                     server.stop()
-            server = ServerProcess(
-                "127.0.0.1:0", "127.0.0.1:0", str(sim.address), "--no-coalesce-stats"
-            )
+            server = ServerProcess("127.0.0.1:0", str(sim.address), "--no-coalesce-stats")
             try:
                 _start_vms(server.address, VM_COUNT)
                 sim.set_latency(COALESCE_LATENCY_S)
@@ -610,7 +605,6 @@ def main() -> int:
             print("bench: watchers ...", file=sys.stderr, flush=True)
             workers = max(WATCHER_COUNTS) + 100
             server = ServerProcess(
-                "127.0.0.1:0",
                 "127.0.0.1:0",
                 str(sim.address),
                 "--max-workers",

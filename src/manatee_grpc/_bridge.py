@@ -155,10 +155,16 @@ class MemoryBridge:
     # --- stats ---------------------------------------------------------------------------------
 
     def get_balloon_stats(self, vm_ids: tuple[int, ...], ctx: CallContext) -> StatsSnapshot:
+        return self.stats.read(self._stats_ids(vm_ids), ctx.remaining_s())
+
+    async def get_balloon_stats_async(
+        self, vm_ids: tuple[int, ...], timeout_s: float | None
+    ) -> StatsSnapshot:
+        return await self.stats.read_async(self._stats_ids(vm_ids), timeout_s)
+
+    def _stats_ids(self, vm_ids: tuple[int, ...]) -> tuple[int, ...]:
         # Unknown ids are not an error here: mms leaves them out and they come back as missing.
-        if not vm_ids:
-            vm_ids = self.books.running_vm_ids() or (CROS_GUEST_VM_ID,)
-        return self.stats.read(vm_ids, ctx.remaining_s())
+        return vm_ids or self.books.running_vm_ids() or (CROS_GUEST_VM_ID,)
 
     # --- rebalance -----------------------------------------------------------------------------
 

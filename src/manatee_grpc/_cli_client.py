@@ -1,4 +1,5 @@
-"""The operator subcommands of ``manatee-grpc`` (vms, stats, rebalance, launch, remove, health).
+"""The operator subcommands of ``manatee-grpc`` (vms, stats, rebalance, launch, remove, health;
+``top`` lives in ``_top``).
 
 Each talks to a running server through ``manatee_grpc.Client``; output is an aligned table, or
 JSON with stable keys under ``--json``. A server error exits with 10 + its gRPC status code.
@@ -14,7 +15,10 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
+
+import grpc
 
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from .client import Client, ManateeRpcError
@@ -341,6 +345,13 @@ def add_client_commands(
     common.add_argument(
         "--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)"
     )
+    common.add_argument(
+        "--tls-ca", default=None, metavar="PEM", help="connect with TLS, trusting this CA"
+    )
+    common.add_argument(
+        "--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)"
+    )
+    common.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
 
     def add(name: str, run: Callable[[Client, argparse.Namespace], int], help_text: str) -> Any:
         parser = commands.add_parser(name, parents=[common], help=help_text)
@@ -383,6 +394,32 @@ def add_client_commands(
     remove = add("remove", _cmd_remove, "remove a sibling VM or release a pending start")
     remove.add_argument("vm_id", type=int, metavar="ID")
     add("health", _cmd_health, "health of the MemoryService (exit 1 unless SERVING)")
+    # Imported here: _top imports this module's helpers.
+    from ._top import add_top_arguments, run_top
+
+    add_top_arguments(add("top", run_top, "live view of every VM's memory (q or Ctrl-C quits)"))
+
+
+def _credentials_from(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS if any --tls-* flag is given (without --tls-ca the system's roots are trusted)."""
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise _UsageError("--tls-cert and --tls-key go together")
+
+    def read(flag: str, path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise _UsageError(f"{flag} {path}: cannot read it ({error.strerror})") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read("--tls-ca", args.tls_ca),
+        private_key=read("--tls-key", args.tls_key),
+        certificate_chain=read("--tls-cert", args.tls_cert),
+    )
 
 
 def is_client_command(args: argparse.Namespace) -> bool:
@@ -392,7 +429,8 @@ def is_client_command(args: argparse.Namespace) -> bool:
 def run_client_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run a parsed client subcommand; errors become a stderr line and an exit code."""
     try:
-        with Client(args.server, timeout_s=args.timeout) as client:
+        credentials = _credentials_from(args)
+        with Client(args.server, timeout_s=args.timeout, credentials=credentials) as client:
             code: int = args.client_command(client, args)
             return code
     except _UsageError as exc:

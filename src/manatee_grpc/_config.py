@@ -11,16 +11,29 @@ from ._messages import MessageType
 from ._wire import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_SOCKET_MODE = 0o600
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     # Where gRPC listens: HOST:PORT (port 0 picks one) or unix:///abs/path.
     listen: str = DEFAULT_LISTEN
+    # Who may connect (checked by _listen before anything binds). A unix socket is created
+    # with this mode, and given this group (name or gid) if set.
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None
+    # Allow plaintext TCP on a non-loopback address (refused otherwise).
+    insecure: bool = False
+    # Server TLS (PEM files); with a client CA, clients must present a certificate it signed.
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    tls_client_ca_path: str | None = None
     # The mms address (vsock://, unix://, tcp://, fd://); None starts the embedded simulator.
     mms: str | None = None
     # Scenario file for the embedded simulator (TOML or JSON).
     sim_scenario: str | None = None
+    # Prometheus endpoint (HOST:PORT, port 0 picks one); None serves no metrics.
+    metrics_listen: str | None = None
     # Thread pool for RPC handlers; a LaunchVm or a watch holds one thread for its duration.
     max_workers: int = 64
     # RPCs in progress beyond this are refused with RESOURCE_EXHAUSTED (None: no cap).

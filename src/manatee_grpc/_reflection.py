@@ -8,7 +8,7 @@ module serves v1alpha and v1 from one servicer that also resolves methods to the
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
@@ -25,7 +25,7 @@ _Request = reflection_pb2.ServerReflectionRequest
 _Response = reflection_pb2.ServerReflectionResponse
 
 
-def enable_reflection(server: grpc.Server, service_names: Sequence[str]) -> None:
+def enable_reflection(server: grpc.Server | grpc.aio.Server, service_names: Sequence[str]) -> None:
     """Serve both reflection protocols on ``server``, listing ``service_names`` and themselves.
 
     The services' descriptors are looked up in the default descriptor pool, where the generated
@@ -35,8 +35,15 @@ def enable_reflection(server: grpc.Server, service_names: Sequence[str]) -> None
     servicer = _ReflectionServicer(names, (descriptor_pool.Default(), _v1_pool()))
     # v1 is a copy of v1alpha under a new package: the messages are identical on the wire, so
     # one servicer and the v1alpha message classes serve both paths.
+    # On an aio server every handler is a coroutine: a sync one would hold a pool thread that
+    # never learns its caller left.
+    behaviour = (
+        servicer.ServerReflectionInfoAsync
+        if isinstance(server, grpc.aio.Server)
+        else servicer.ServerReflectionInfo
+    )
     handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
+        behaviour,
         request_deserializer=_Request.FromString,
         response_serializer=_Response.SerializeToString,
     )
@@ -98,6 +105,12 @@ class _ReflectionServicer:
         self, request_iterator: Iterable[_Request], context: grpc.ServicerContext
     ) -> Iterator[_Response]:
         for request in request_iterator:
+            yield self.answer(request)
+
+    async def ServerReflectionInfoAsync(
+        self, request_iterator: AsyncIterator[_Request], context: object
+    ) -> AsyncIterator[_Response]:
+        async for request in request_iterator:
             yield self.answer(request)
 
     def answer(self, request: _Request) -> _Response:

@@ -1,25 +1,37 @@
 """The server: wires the mms connection, the bridge, health, reflection and gRPC together.
 
 ``ManateeServer`` owns the lifecycle; ``stop()`` is the graceful shutdown, written as steps.
+
+gRPC runs as a ``grpc.aio`` server on its own event-loop thread, and every handler (ours,
+health, reflection) is a coroutine on that loop: a call costs no thread hand-off of its own, a
+thousand watchers cost no thousand threads, coalesced stats callers all wake in one loop pass,
+and a caller that hangs up cancels its coroutine, which is how the bridge learns it left. The
+operations that block (a start waiting for the slot, a launch waiting for its client) run on
+the ``rpc`` thread pool under a coroutine. Everything reaches mms only through the one
+connection thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 import threading
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import _transport
+from . import _listen, _transport
 from ._bridge import BridgeConfig, CallContext, MemoryBridge
 from ._config import ServerConfig
 from ._connection import BackoffPolicy, ConnectionConfig, MmsConnection
 from ._errors import MmsConnectionError
 from ._launch import LaunchPolicy
+from ._metrics import Metrics, attach_metrics
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from ._reflection import enable_reflection
@@ -29,6 +41,8 @@ from .sim import Simulator
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # A watch poll that mms has not answered in this time is reported to watchers as failed.
 WATCH_POLL_TIMEOUT_S = 30.0
 
@@ -36,19 +50,34 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
 class _HealthFollower:
-    """Health follows the mms link: SERVING only while mms is connected."""
+    """Health follows the mms link: SERVING only while mms is connected.
 
-    def __init__(self, health_servicer: health.HealthServicer) -> None:
+    The health servicer is the aio one (its Watch streams are coroutines, so a watcher that
+    hangs up holds no thread); the connection thread hands each change to the event loop,
+    whose FIFO keeps the changes in order.
+    """
+
+    def __init__(
+        self, health_servicer: health.aio.HealthServicer, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._health = health_servicer
+        self._loop = loop
 
     def set(self, serving: bool) -> None:
+        try:
+            # The coroutine is made on the loop, so a closed loop leaves none un-awaited.
+            self._loop.call_soon_threadsafe(self._set_on_loop, serving)
+        except RuntimeError:
+            pass  # the loop is closed: the server has stopped serving health anyway
+
+    def _set_on_loop(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", SERVICE_NAME):
-            self._health.set(name, status)
+            self._loop.create_task(self._health.set(name, status))
 
     def on_connected(self, session: int) -> None:
         self.set(True)
@@ -63,14 +92,23 @@ class _HealthFollower:
 class ManateeServer:
     """A running manatee-grpc server; see the module docstring."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self, config: ServerConfig, extra_handlers: Sequence[grpc.GenericRpcHandler] = ()
+    ) -> None:
         self.config = config
+        # More services on the same server (the benchmark's no-op floor, an embedder's own).
+        self._extra_handlers = tuple(extra_handlers)
         self.simulator: Simulator | None = None
         self._sim_dir: tempfile.TemporaryDirectory[str] | None = None
         self.connection: MmsConnection | None = None
-        self._grpc: grpc.Server | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
         self.port = 0
         self.address = ""
+        self.metrics = Metrics()
+        self.metrics_address: str | None = None  # HOST:PORT of /metrics, if served
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -78,6 +116,10 @@ class ManateeServer:
 
     def start(self) -> ManateeServer:
         config = self.config
+        # Who may connect is checked (and a stale unix socket removed) before anything starts.
+        listener = _listen.prepare(config)
+        if config.metrics_listen is not None:  # a busy port fails here, before anything runs
+            self.metrics_address = self.metrics.serve(config.metrics_listen)
         mms_address = self._mms_address()
         self.connection = MmsConnection(
             ConnectionConfig(
@@ -98,41 +140,89 @@ class ManateeServer:
                 balloon_control_dir=config.balloon_control_dir,
             ),
         )
+        attach_metrics(self.metrics, self.connection, self.bridge)
+        loop = self._loop = asyncio.new_event_loop()
         self.watch_hub = WatchHub(
             lambda vm_ids: self.bridge.get_balloon_stats(
                 vm_ids, CallContext.with_timeout(WATCH_POLL_TIMEOUT_S)
-            )
+            ),
+            dispatch=lambda work: _call_soon(loop, work),
         )
         self.bridge.books.add_session_listener(self._session_changed)
-        self.health = health.HealthServicer()
-        health_follower = _HealthFollower(self.health)
+        self.health = health.aio.HealthServicer()
+        health_follower = _HealthFollower(self.health, loop)
         health_follower.set(False)
         self.connection.add_observer(health_follower)
 
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=config.max_workers, thread_name_prefix="rpc"
+        )
+        self.servicer = MemoryServicer(
+            self.bridge,
+            LaunchPolicy(config.launch_attempt_delays_s, config.launch_stop_timeout_s),
+            self.watch_hub,
+            self._pool,
+            observe_rpc=self.metrics.observe_rpc,
+        )
+        self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._start_grpc(listener))
+        except BaseException:
+            # Cannot listen: undo what started, so a failed start leaves no thread or socket.
+            self.metrics.close()
+            self._stop_loop()
+            if self.simulator is not None:
+                self.simulator.stop()
+            if self._sim_dir is not None:
+                self._sim_dir.cleanup()
+            raise
+        self.address = _client_target(config.listen, self.port)
+        self.connection.start()
+        self._on_loop(self._grpc_start())
+        logger.info("manatee-grpc listening on %s, mms at %s", self.address, mms_address)
+        return self
+
+    async def _start_grpc(self, listener: _listen.Listener) -> int:
+        # aio objects belong to the loop that made them: create the server on its own thread.
+        config = self.config
+        self._grpc = grpc.aio.server(
+            migration_thread_pool=self._pool,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.servicer = MemoryServicer(
-            self.bridge,
-            LaunchPolicy(config.launch_attempt_delays_s, config.launch_stop_timeout_s),
-            self.watch_hub,
-        )
         pb_grpc.add_MemoryServiceServicer_to_server(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         enable_reflection(self._grpc, [SERVICE_NAME, health.SERVICE_NAME])
-        self.port = self._grpc.add_insecure_port(_grpc_target(config.listen))
-        if self.port == 0 and not config.listen.startswith("unix:"):
-            raise OSError(f"cannot listen on {config.listen}")
-        self.address = _client_target(config.listen, self.port)
-        self.connection.start()
-        self._grpc.start()
-        logger.info("manatee-grpc listening on %s, mms at %s", self.address, mms_address)
-        return self
+        self._grpc.add_generic_rpc_handlers(self._extra_handlers)
+        return listener.bind(self._grpc)
+
+    async def _grpc_start(self) -> None:
+        assert self._grpc is not None
+        await self._grpc.start()
+
+    async def _grpc_stop(self, grace_s: float) -> None:
+        assert self._grpc is not None
+        await self._grpc.stop(grace_s)
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        if thread.is_alive():
+            self._on_loop(_finish_tasks())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _session_changed(self, previous_session: int, session: int) -> None:
         if previous_session:  # the first connect is not a reset
@@ -166,13 +256,13 @@ class ManateeServer:
                 return
             grace_s = self.config.grace_s if grace_s is None else grace_s
             # 1. Tell load balancers and watchers first: we are going away.
-            self.health.enter_graceful_shutdown()
+            self._on_loop(self.health.enter_graceful_shutdown())
             # 2. Refuse new work, let in-flight RPCs finish within the grace period; launches
             #    that are cut off release their reservations as their streams end.
             self.servicer.begin_shutdown()
             self.watch_hub.close()
-            assert self._grpc is not None
-            self._grpc.stop(grace_s).wait()
+            self._on_loop(self._grpc_stop(grace_s))
+            self._stop_loop()
             logger.info("gRPC stopped; releasing what is left")
             # 3. Release a pending start nobody will finish, while mms still listens.
             self._release_pending_start()
@@ -184,6 +274,7 @@ class ManateeServer:
                 self.simulator.stop()
             if self._sim_dir is not None:
                 self._sim_dir.cleanup()
+            self.metrics.close()
             self._stopped.set()
             logger.info("manatee-grpc stopped")
 
@@ -204,6 +295,23 @@ class ManateeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace_s=1.0)
+
+
+async def _finish_tasks() -> None:
+    """Let what is left on the loop end (cancelled) before it closes, so nothing leaks."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, work: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(work)
+    except RuntimeError:
+        pass  # the loop is closed: the server stopped and no watcher is left to serve
 
 
 def create_server(config: ServerConfig) -> tuple[ManateeServer, int]:

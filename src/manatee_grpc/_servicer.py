@@ -1,19 +1,25 @@
 """The gRPC MemoryService: protobuf in, domain calls on the bridge, protobuf out.
 
-Handlers validate, call the bridge, and let ManateeErrors escape to ``_guard``, which aborts the
-RPC with the status ``_status`` builds. No mms or socket detail lives here.
+Handlers are coroutines on the server's event loop. They validate, call the bridge, and let
+ManateeErrors escape to ``_guard_async``, which aborts the RPC with the status ``_status``
+builds. No mms or socket detail lives here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from grpc import aio
 
 from . import _validation as validate
 from ._books import VmRecord, VmState
@@ -35,7 +41,7 @@ from ._launch import (
     VmStartFailed,
     VmStopped,
 )
-from ._messages import BALLOON_STAT_FIELDS, CROS_GUEST_VM_ID, BalloonDelta, VmBalloonStats
+from ._messages import CROS_GUEST_VM_ID, BalloonDelta, VmBalloonStats
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from ._stats import StatsSnapshot
@@ -45,6 +51,7 @@ from ._watch import WatchHub
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 DEADLINE_MARGIN_S = 0.05
 
@@ -68,98 +75,163 @@ _STAT_FIELD_NAMES: dict[str, str] = {
 }
 
 
-def _guard(method: F) -> F:
-    """Turn escaping errors into a status: ManateeErrors as mapped, anything else INTERNAL."""
+RpcObserver = Callable[[str, grpc.StatusCode, float], None]
 
+
+def _status_of(servicer: MemoryServicer, error: Exception) -> grpc.Status:
+    if isinstance(error, ManateeError):
+        return to_status(error, servicer.bridge.books.session)
+    return unexpected_status(error)
+
+
+def _observe(
+    servicer: MemoryServicer, method: str, code: grpc.StatusCode, started_s: float
+) -> None:
+    if servicer.observe_rpc is not None:
+        servicer.observe_rpc(method, code, time.monotonic() - started_s)
+
+
+# Two guards, one per handler shape, each the single place a handler's escaping error becomes
+# the RPC's status (ManateeErrors as ``_status`` maps them, anything else INTERNAL) and where
+# the RPC's outcome is observed. Every handler is a coroutine on the server's event loop.
+
+
+def _guard_async(method: F) -> F:
     @functools.wraps(method)
-    def unary(self: MemoryServicer, request: object, context: grpc.ServicerContext) -> object:
+    async def unary(self: MemoryServicer, request: object, context: aio.ServicerContext) -> object:  # type: ignore[type-arg]
+        started_s = time.monotonic()
         try:
-            return method(self, request, context)
-        except ManateeError as error:
-            context.abort_with_status(to_status(error, self.bridge.books.session))
+            response = await method(self, request, context)
+        except asyncio.CancelledError:
+            _observe(self, method.__name__, grpc.StatusCode.CANCELLED, started_s)
+            raise
         except Exception as error:
-            context.abort_with_status(unexpected_status(error))
-        raise AssertionError("unreachable: abort_with_status raises")
+            status = _status_of(self, error)
+            _observe(self, method.__name__, status.code, started_s)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
+        return response
 
     return cast(F, unary)
 
 
-def _guard_stream(method: F) -> F:
-    """The same for streaming handlers, around the whole stream."""
-
+def _guard_async_stream(method: F) -> F:
     @functools.wraps(method)
-    def stream(
-        self: MemoryServicer, request: object, context: grpc.ServicerContext
-    ) -> Iterator[object]:
+    async def stream(
+        self: MemoryServicer,
+        request: object,
+        context: aio.ServicerContext,  # type: ignore[type-arg]
+    ) -> AsyncIterator[object]:
+        started_s = time.monotonic()
         try:
-            yield from method(self, request, context)
-        except ManateeError as error:
-            context.abort_with_status(to_status(error, self.bridge.books.session))
+            async for message in method(self, request, context):
+                yield message
+        except asyncio.CancelledError:
+            _observe(self, method.__name__, grpc.StatusCode.CANCELLED, started_s)
+            raise
         except Exception as error:
-            context.abort_with_status(unexpected_status(error))
+            status = _status_of(self, error)
+            _observe(self, method.__name__, status.code, started_s)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
 
     return cast(F, stream)
 
 
+def _timeout_s(context: grpc.ServicerContext | aio.ServicerContext) -> float | None:  # type: ignore[type-arg]
+    """How long this call may wait for mms: the caller's deadline, less a margin."""
+    remaining_s: float | None = context.time_remaining()
+    # A call without a deadline reports ~9.2e18 s remaining (gRPC's infinite future);
+    # waiting that long overflows threading's timeout (OverflowError -> INTERNAL).
+    if remaining_s is None or remaining_s > _NO_DEADLINE_S:
+        return None
+    # Give up a little before the caller does, so it gets our DEADLINE_EXCEEDED with its
+    # ErrorInfo (was the request sent?) rather than a bare client-side timeout.
+    return remaining_s - min(DEADLINE_MARGIN_S, remaining_s / 10)
+
+
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def __init__(
-        self, bridge: MemoryBridge, launch_policy: LaunchPolicy, watch_hub: WatchHub
+        self,
+        bridge: MemoryBridge,
+        launch_policy: LaunchPolicy,
+        watch_hub: WatchHub,
+        blocking_pool: Executor,
+        observe_rpc: RpcObserver | None = None,
     ) -> None:
         self.bridge = bridge
         self._launch_policy = launch_policy
         self._watch_hub = watch_hub
+        # Where launches run their blocking steps (the server's RPC thread pool).
+        self._blocking_pool = blocking_pool
         self._shutting_down = threading.Event()
+        # Called with (method, final code, seconds) once per RPC: the metrics hook.
+        self.observe_rpc = observe_rpc
+        # The last snapshot converted for watchers of every VM, and its message: one tick's
+        # snapshot is shared by all of them, so it is converted once, not once per watcher.
+        self._watch_cache: tuple[StatsSnapshot, pb.BalloonStatsSnapshot] | None = None
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
 
-    def _context(self, context: grpc.ServicerContext) -> CallContext:
+    def _check_open(self) -> None:
         if self._shutting_down.is_set():
             raise ServerShuttingDownError("the server is shutting down")
-        remaining_s: float | None = context.time_remaining()
-        # A call without a deadline reports ~9.2e18 s remaining (gRPC's infinite future);
-        # waiting that long overflows threading's timeout (OverflowError -> INTERNAL).
-        if remaining_s is not None and remaining_s > _NO_DEADLINE_S:
-            remaining_s = None
-        if remaining_s is not None:
-            # Give up a little before the caller does, so it gets our DEADLINE_EXCEEDED with
-            # its ErrorInfo (was the request sent?) rather than a bare client-side timeout.
-            remaining_s -= min(DEADLINE_MARGIN_S, remaining_s / 10)
-        ctx = CallContext.with_timeout(remaining_s)
-        if not context.add_callback(ctx.mark_gone):
+
+    async def _blocking(
+        self,
+        context: aio.ServicerContext[Any, Any],
+        operation: Callable[[CallContext], T],
+    ) -> T:
+        """Run a bridge operation that blocks (on mms, on the start slot) on the thread pool.
+
+        If the caller cancels or hangs up, this coroutine is cancelled: the operation is told
+        through its CallContext, so a queued request stays off the wire and a reservation that
+        comes back for nobody is rolled back, and its thread finishes promptly.
+        """
+        self._check_open()
+        ctx = CallContext.with_timeout(_timeout_s(context))
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._blocking_pool, operation, ctx)
+        except asyncio.CancelledError:
             ctx.mark_gone()
-        return ctx
+            raise
 
-    # --- stats ---------------------------------------------------------------------------------
+    # --- stats (async: the hot path, served on the event loop without a thread per call) ------
 
-    @_guard
-    def GetBalloonStats(
-        self, request: pb.GetBalloonStatsRequest, context: grpc.ServicerContext
+    @_guard_async
+    async def GetBalloonStats(
+        self,
+        request: pb.GetBalloonStatsRequest,
+        context: aio.ServicerContext[pb.GetBalloonStatsRequest, pb.GetBalloonStatsResponse],
     ) -> pb.GetBalloonStatsResponse:
         vm_ids = validate.vm_ids(request.vm_ids)
-        ctx = self._context(context)
-        snapshot = self.bridge.get_balloon_stats(vm_ids, ctx)
+        self._check_open()
+        snapshot = await self.bridge.get_balloon_stats_async(vm_ids, _timeout_s(context))
         response = pb.GetBalloonStatsResponse()
         _fill_snapshot(response, snapshot)
         return response
 
-    @_guard_stream
-    def WatchBalloonStats(
-        self, request: pb.WatchBalloonStatsRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchBalloonStatsResponse]:
+    @_guard_async_stream
+    async def WatchBalloonStats(
+        self,
+        request: pb.WatchBalloonStatsRequest,
+        context: aio.ServicerContext[pb.WatchBalloonStatsRequest, pb.WatchBalloonStatsResponse],
+    ) -> AsyncIterator[pb.WatchBalloonStatsResponse]:
         vm_ids = validate.vm_ids(request.vm_ids)
         interval_s = validate.watch_interval_s(request.interval.ToTimedelta().total_seconds())
-        ctx = self._context(context)
+        self._check_open()
         watcher = self._watch_hub.subscribe(vm_ids, interval_s)
-        ctx.on_gone(watcher.close)
         try:
-            while (update := watcher.take()) is not None:
+            # A caller that leaves cancels this coroutine while it is parked in take_async.
+            while (update := await watcher.take_async()) is not None:
                 message = pb.WatchBalloonStatsResponse(dropped_updates=update.dropped_updates)
                 if update.reset is not None:
                     message.session_reset.previous_session = update.reset.previous_session
                     message.session_reset.session = update.reset.session
                 elif update.snapshot is not None:
-                    _fill_snapshot(message.snapshot, update.snapshot)
+                    message.snapshot.CopyFrom(self._watch_snapshot(update.snapshot))
                 else:
                     # A failed poll is not the end of the watch: the next tick may succeed.
                     continue
@@ -167,14 +239,25 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         finally:
             self._watch_hub.unsubscribe(watcher)
 
+    def _watch_snapshot(self, snapshot: StatsSnapshot) -> pb.BalloonStatsSnapshot:
+        cached = self._watch_cache
+        if cached is not None and cached[0] is snapshot:
+            return cached[1]
+        message = pb.BalloonStatsSnapshot()
+        _fill_snapshot(message, snapshot)
+        self._watch_cache = (snapshot, message)
+        return message
+
     # --- rebalance -----------------------------------------------------------------------------
 
-    @_guard
-    def RebalanceMemory(
-        self, request: pb.RebalanceMemoryRequest, context: grpc.ServicerContext
+    @_guard_async
+    async def RebalanceMemory(
+        self,
+        request: pb.RebalanceMemoryRequest,
+        context: aio.ServicerContext[pb.RebalanceMemoryRequest, pb.RebalanceMemoryResponse],
     ) -> pb.RebalanceMemoryResponse:
         deltas = validate.balloon_deltas([(d.vm_id, d.delta_bytes) for d in request.deltas])
-        result = self.bridge.rebalance(deltas, self._context(context))
+        result = await self._blocking(context, lambda ctx: self.bridge.rebalance(deltas, ctx))
         return pb.RebalanceMemoryResponse(
             requested_deltas=[_delta(d) for d in result.requested],
             actual_deltas=[_delta(d) for d in result.actual],
@@ -183,15 +266,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     # --- one-by-one start ----------------------------------------------------------------------
 
-    @_guard
-    def PrepareVm(
-        self, request: pb.PrepareVmRequest, context: grpc.ServicerContext
+    @_guard_async
+    async def PrepareVm(
+        self,
+        request: pb.PrepareVmRequest,
+        context: aio.ServicerContext[pb.PrepareVmRequest, pb.PrepareVmResponse],
     ) -> pb.PrepareVmResponse:
         mem_size_bytes, init_mem_size_bytes = validate.mem_sizes(
             request.mem_size_bytes,
             request.init_mem_size_bytes if request.HasField("init_mem_size_bytes") else None,
         )
-        result = self.bridge.prepare_vm(mem_size_bytes, init_mem_size_bytes, self._context(context))
+        result = await self._blocking(
+            context, lambda ctx: self.bridge.prepare_vm(mem_size_bytes, init_mem_size_bytes, ctx)
+        )
         return pb.PrepareVmResponse(
             vm_id=result.vm_id,
             reserved=result.reserved,
@@ -199,37 +286,46 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             balloon_control_path=result.balloon_control_path,
         )
 
-    @_guard
-    def FinishAddVm(
-        self, request: pb.FinishAddVmRequest, context: grpc.ServicerContext
+    @_guard_async
+    async def FinishAddVm(
+        self,
+        request: pb.FinishAddVmRequest,
+        context: aio.ServicerContext[pb.FinishAddVmRequest, pb.FinishAddVmResponse],
     ) -> pb.FinishAddVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
-        record = self.bridge.finish_add_vm(vm_id, self._context(context))
+        record = await self._blocking(context, lambda ctx: self.bridge.finish_add_vm(vm_id, ctx))
         return pb.FinishAddVmResponse(vm=_vm_info(record))
 
-    @_guard
-    def RemoveVm(
-        self, request: pb.RemoveVmRequest, context: grpc.ServicerContext
+    @_guard_async
+    async def RemoveVm(
+        self,
+        request: pb.RemoveVmRequest,
+        context: aio.ServicerContext[pb.RemoveVmRequest, pb.RemoveVmResponse],
     ) -> pb.RemoveVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
-        self.bridge.remove_vm(vm_id, self._context(context))
+        await self._blocking(context, lambda ctx: self.bridge.remove_vm(vm_id, ctx))
         return pb.RemoveVmResponse()
 
-    @_guard
-    def ListVms(
-        self, request: pb.ListVmsRequest, context: grpc.ServicerContext
+    @_guard_async
+    async def ListVms(
+        self,
+        request: pb.ListVmsRequest,
+        context: aio.ServicerContext[pb.ListVmsRequest, pb.ListVmsResponse],
     ) -> pb.ListVmsResponse:
         session, records = self.bridge.list_vms()
         return pb.ListVmsResponse(vms=[_vm_info(r) for r in records], session=session)
 
     # --- launch --------------------------------------------------------------------------------
 
-    @_guard_stream
-    def LaunchVm(
-        self, request_iterator: Iterator[pb.LaunchVmRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.LaunchVmResponse]:
-        ctx = self._context(context)
-        first = next(request_iterator, None)
+    @_guard_async_stream
+    async def LaunchVm(
+        self,
+        request_iterator: AsyncIterator[pb.LaunchVmRequest],
+        context: aio.ServicerContext[pb.LaunchVmRequest, pb.LaunchVmResponse],
+    ) -> AsyncIterator[pb.LaunchVmResponse]:
+        self._check_open()
+        ctx = CallContext.with_timeout(_timeout_s(context))
+        first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidArgumentError("start", "the first LaunchVm message must be `start`")
         start = first.start
@@ -239,10 +335,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             prefix="start.",
         )
         inbox = Inbox()
-        reader = threading.Thread(
-            target=_read_client, args=(request_iterator, inbox), name="launch-reader", daemon=True
-        )
-        reader.start()
+        reader = asyncio.create_task(_read_client(request_iterator, inbox))
         run = LaunchRun(
             self.bridge,
             mem_size_bytes=mem_size_bytes,
@@ -251,8 +344,21 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             inbox=inbox,
             policy=self._launch_policy,
         )
-        for event in run.events():
-            yield self._launch_event(event)
+        # The launch waits on mms, on back-off timers and on the client, in plain blocking
+        # code: it runs on a pool thread and hands its events to this coroutine.
+        events: asyncio.Queue[LaunchEvent | _RunEnded] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(self._blocking_pool, _drive_launch, run, loop, events)
+        try:
+            while not isinstance(item := await events.get(), _RunEnded):
+                yield self._launch_event(item)
+            if item.error is not None:
+                raise item.error
+        finally:
+            # Normal end, error, or the caller cancelled (CancelledError here): in the last
+            # case the run, still going on its thread, learns it and rolls back what it holds.
+            ctx.mark_gone()
+            reader.cancel()
 
     def _launch_event(self, event: LaunchEvent) -> pb.LaunchVmResponse:
         message = pb.LaunchVmResponse()
@@ -275,11 +381,44 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return message
 
 
-def _read_client(requests: Iterator[pb.LaunchVmRequest], inbox: Inbox) -> None:
+@dataclass(frozen=True, slots=True)
+class _RunEnded:
+    error: Exception | None = None
+
+
+def _drive_launch(
+    run: LaunchRun,
+    loop: asyncio.AbstractEventLoop,
+    events: asyncio.Queue[LaunchEvent | _RunEnded],
+) -> None:
+    """On a pool thread: run the launch to its end, passing each event to the loop."""
+    ended = _RunEnded()
+    try:
+        for event in run.events():
+            _hand_to_loop(loop, events, event)
+    except Exception as error:  # ManateeErrors become the status; anything else INTERNAL
+        ended = _RunEnded(error)
+    _hand_to_loop(loop, events, ended)
+
+
+def _hand_to_loop(
+    loop: asyncio.AbstractEventLoop,
+    events: asyncio.Queue[LaunchEvent | _RunEnded],
+    item: LaunchEvent | _RunEnded,
+) -> None:
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+    except RuntimeError:
+        pass  # the server's loop is closed: nobody is reading, the run still cleans up
+
+
+async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox) -> None:
     """Feed the launch's inbox from the client's half of the stream."""
     try:
-        for request in requests:
+        async for request in requests:
             inbox.put(_client_event(request))
+    except asyncio.CancelledError:
+        raise  # the launch is over; nothing more to tell it
     except Exception:  # the stream broke (cancelled, reset): same as the client leaving
         logger.debug("launch stream reader ended with an error", exc_info=True)
     inbox.put(StreamEnded())
@@ -309,12 +448,17 @@ def _fill_snapshot(
 
 
 def _vm_stats(entry: VmBalloonStats) -> pb.VmBalloonStats:
-    message = pb.VmBalloonStats(vm_id=entry.vm_id, balloon_actual_bytes=entry.balloon_actual_bytes)
-    for name in BALLOON_STAT_FIELDS:
-        value = getattr(entry.stats, name)
-        if value is not None:  # absent stays absent: proto3 optional keeps the difference
-            setattr(message, _STAT_FIELD_NAMES[name], value)
-    return message
+    stats = entry.stats
+    # Absent stays absent (proto3 optional keeps the difference); one constructor call, since
+    # this runs for every VM of every stats answer.
+    present = {
+        api_name: value
+        for name, api_name in _STAT_FIELD_NAMES.items()
+        if (value := getattr(stats, name)) is not None
+    }
+    return pb.VmBalloonStats(
+        vm_id=entry.vm_id, balloon_actual_bytes=entry.balloon_actual_bytes, **present
+    )
 
 
 def _delta(delta: BalloonDelta) -> pb.BalloonDelta:

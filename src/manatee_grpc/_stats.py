@@ -6,11 +6,13 @@ stats is served by one GetBalloonStats for the union of their ids, sent after th
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from . import _aio
 from ._connection import MmsConnection
 from ._errors import DeadlineExceededError
 from ._messages import (
@@ -35,6 +37,9 @@ class StatsSnapshot:
 class _Batch:
     vm_ids: set[int] = field(default_factory=set)
     done: Future[tuple[int, float, dict[int, VmBalloonStats]]] = field(default_factory=Future)
+    # One event-loop wake-up shared by every coroutine waiting on this batch, so a batch of N
+    # callers costs the connection thread one hand-off to the loop, not N.
+    loop_waiter: asyncio.Future[None] | None = None
 
 
 class StatsReader:
@@ -50,8 +55,41 @@ class StatsReader:
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
 
     def read(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
+        """Blocking read, for callers on plain threads (the watch tickers)."""
         if not self._coalesce:
             return self._read_direct(vm_ids, timeout_s)
+        batch = self._join_batch(vm_ids)
+        try:
+            # Not wait_for(): the batch is shared, so one caller's deadline must not cancel it.
+            session, read_time_unix_s, by_id = batch.done.result(timeout=timeout_s)
+        except TimeoutError:
+            raise _stats_deadline() from None
+        return _pick(vm_ids, session, read_time_unix_s, by_id)
+
+    async def read_async(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
+        """The same read for a coroutine on the gRPC event loop."""
+        if not self._coalesce:
+            with self._lock:
+                self.mms_reads += 1
+            session = self._connection.session
+            future = self._connection.submit(GetBalloonStatsRequest(vm_ids))
+            response: GetBalloonStatsResponse = await _aio.await_mms(
+                future, timeout_s, MessageType.GET_BALLOON_STATS
+            )
+            by_id = {entry.vm_id: entry for entry in response.all_stats}
+            return _pick(vm_ids, session, time.time(), by_id)
+        batch = self._join_batch(vm_ids)
+        if not batch.done.done():
+            if batch.loop_waiter is None:  # only loop coroutines touch it: no lock needed
+                batch.loop_waiter = _aio.wake_on_done(batch.done)
+            # asyncio.wait, not wait_for: on timeout or cancel it leaves the shared waiter be.
+            await asyncio.wait({batch.loop_waiter}, timeout=timeout_s)
+            if not batch.done.done():
+                raise _stats_deadline()
+        session, read_time_unix_s, by_id = batch.done.result()
+        return _pick(vm_ids, session, read_time_unix_s, by_id)
+
+    def _join_batch(self, vm_ids: tuple[int, ...]) -> _Batch:
         with self._lock:
             if self._next is None:
                 self._next = _Batch()
@@ -59,18 +97,11 @@ class StatsReader:
             batch.vm_ids.update(vm_ids)
             if not self._in_flight:
                 self._send_next_locked()
-        try:
-            # Not wait_for(): the batch is shared, so one caller's deadline must not cancel it.
-            session, read_time_unix_s, by_id = batch.done.result(timeout=timeout_s)
-        except TimeoutError:
-            raise DeadlineExceededError(
-                "deadline passed waiting for mms GET_BALLOON_STATS",
-                messageType=MessageType.GET_BALLOON_STATS.name,
-            ) from None
-        return _pick(vm_ids, session, read_time_unix_s, by_id)
+        return batch
 
     def _read_direct(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
-        self.mms_reads += 1
+        with self._lock:
+            self.mms_reads += 1
         session = self._connection.session
         response = self._connection.call(GetBalloonStatsRequest(vm_ids), timeout_s)
         by_id = {entry.vm_id: entry for entry in response.all_stats}
@@ -103,6 +134,13 @@ class StatsReader:
             batch.done.set_result((session, time.time(), by_id))
 
         mms_future.add_done_callback(finished)
+
+
+def _stats_deadline() -> DeadlineExceededError:
+    return DeadlineExceededError(
+        "deadline passed waiting for mms GET_BALLOON_STATS",
+        messageType=MessageType.GET_BALLOON_STATS.name,
+    )
 
 
 def _pick(

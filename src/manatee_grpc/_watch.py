@@ -6,18 +6,26 @@ ones it missed, never an unbounded queue. Session resets are queued apart so non
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import _aio
 from ._errors import ManateeError
 from ._stats import StatsSnapshot
 
 logger = logging.getLogger(__name__)
 
 ReadStats = Callable[[tuple[int, ...]], StatsSnapshot]  # () = every known VM
+Dispatch = Callable[[Callable[[], None]], None]
+
+
+def _call_now(work: Callable[[], None]) -> None:
+    work()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +57,14 @@ class Watcher:
         self._closed = False
         # Snapshots of sessions before the last reset are stale: their VM ids mean nothing now.
         self._min_session = 0
+        # The event-loop future a ``take_async`` is parked on, if any.
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake_locked(self) -> None:
+        self._cond.notify_all()
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            _aio.wake_soon(waiter)
 
     def offer(self, item: StatsSnapshot | ManateeError) -> None:
         with self._cond:
@@ -57,7 +73,7 @@ class Watcher:
             if self._latest is not None:
                 self._dropped += 1  # the watcher did not take the previous one in time
             self._latest = item
-            self._cond.notify_all()
+            self._wake_locked()
 
     def offer_reset(self, reset: SessionChanged) -> None:
         with self._cond:
@@ -65,26 +81,39 @@ class Watcher:
             if isinstance(self._latest, StatsSnapshot) and self._latest.session < reset.session:
                 self._latest = None  # never deliver an old session's snapshot after its reset
             self._resets.append(reset)
-            self._cond.notify_all()
+            self._wake_locked()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._wake_locked()
+
+    def _ready_locked(self) -> bool:
+        return self._closed or bool(self._resets) or self._latest is not None
+
+    async def take_async(self) -> WatchUpdate | None:
+        """``take`` for a coroutine: parks on the event loop, not on a thread."""
+        while True:
+            with self._cond:
+                if self._ready_locked():
+                    return self._take_locked()
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
 
     def take(self, timeout_s: float | None = None) -> WatchUpdate | None:
         """The next update, or None once closed (or when ``timeout_s`` passes)."""
         with self._cond:
-            if not self._cond.wait_for(
-                lambda: self._closed or self._resets or self._latest is not None, timeout_s
-            ):
+            if not self._cond.wait_for(self._ready_locked, timeout_s):
                 return None
-            if self._closed:
-                return None
-            if self._resets:
-                return WatchUpdate(reset=self._resets.pop(0))
-            item, self._latest = self._latest, None
-            dropped, self._dropped = self._dropped, 0
+            return self._take_locked()
+
+    def _take_locked(self) -> WatchUpdate | None:
+        if self._closed:
+            return None
+        if self._resets:
+            return WatchUpdate(reset=self._resets.pop(0))
+        item, self._latest = self._latest, None
+        dropped, self._dropped = self._dropped, 0
         if isinstance(item, ManateeError):
             return WatchUpdate(error=item, dropped_updates=dropped)
         return WatchUpdate(snapshot=item, dropped_updates=dropped)
@@ -93,9 +122,10 @@ class Watcher:
 class _Ticker:
     """Polls for every watcher of one interval, on its own thread."""
 
-    def __init__(self, interval_s: float, read: ReadStats) -> None:
+    def __init__(self, interval_s: float, read: ReadStats, dispatch: Dispatch) -> None:
         self.interval_s = interval_s
         self._read = read
+        self._dispatch = dispatch
         self.watchers: set[Watcher] = set()
         self.polls = 0
         self._stop = threading.Event()
@@ -130,13 +160,23 @@ class _Ticker:
             everything = self._read(()) if wants_all else None
             listed = self._read(tuple(ids)) if ids and not wants_all else None
         except ManateeError as error:
-            for watcher in watchers:
-                watcher.offer(error)
+            # partial, not a lambda: the except variable is unbound once this block ends.
+            self._dispatch(functools.partial(_offer_error, watchers, error))
             return
-        for watcher in watchers:
-            source = everything if everything is not None else listed
-            assert source is not None
-            watcher.offer(_filter(source, watcher.vm_ids) if watcher.vm_ids else source)
+        source = everything if everything is not None else listed
+        assert source is not None
+        self._dispatch(functools.partial(_offer_snapshot, watchers, source))
+
+
+def _offer_error(watchers: list[Watcher], error: ManateeError) -> None:
+    for watcher in watchers:
+        watcher.offer(error)
+
+
+def _offer_snapshot(watchers: list[Watcher], source: StatsSnapshot) -> None:
+    for watcher in watchers:
+        # Watchers of every VM share the one snapshot object (the servicer converts it once).
+        watcher.offer(_filter(source, watcher.vm_ids) if watcher.vm_ids else source)
 
 
 def _filter(snapshot: StatsSnapshot, vm_ids: tuple[int, ...]) -> StatsSnapshot:
@@ -152,8 +192,11 @@ def _filter(snapshot: StatsSnapshot, vm_ids: tuple[int, ...]) -> StatsSnapshot:
 class WatchHub:
     """Registers watchers and runs one ticker per distinct interval."""
 
-    def __init__(self, read: ReadStats) -> None:
+    def __init__(self, read: ReadStats, dispatch: Dispatch | None = None) -> None:
         self._read = read
+        # Where a tick's fan-out runs: inline on the ticker thread by default; the server runs
+        # it on the gRPC event loop, so waking 1000 parked watchers is one hand-off, not 1000.
+        self._dispatch: Dispatch = dispatch or _call_now
         self._lock = threading.Lock()
         self._tickers: dict[float, _Ticker] = {}
 
@@ -162,7 +205,7 @@ class WatchHub:
         with self._lock:
             ticker = self._tickers.get(interval_s)
             if ticker is None:
-                ticker = self._tickers[interval_s] = _Ticker(interval_s, self._read)
+                ticker = self._tickers[interval_s] = _Ticker(interval_s, self._read, self._dispatch)
                 ticker.start()
             ticker.watchers = ticker.watchers | {watcher}
         return watcher

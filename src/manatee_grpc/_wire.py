@@ -386,25 +386,39 @@ def _decode_balloon_stats_response(root: dict[str, object], where: str) -> GetBa
     entries = _list(_key(root, "all_stats", where), f"{where}: all_stats")
     all_stats = []
     for index, entry in enumerate(entries):
-        entry_where = f"{where}: all_stats[{index}]"
-        fields = _object(entry, entry_where)
-        stats_where = f"{entry_where}.stats"
-        raw_stats = _object(_key(fields, "stats", entry_where), stats_where)
-        stats: dict[str, int | None] = {}
-        for name in BALLOON_STAT_FIELDS:
-            raw = raw_stats.get(name)
-            # Not reported is not zero: a guest that never sent free_memory has not run out.
-            stats[name] = (
-                None if raw is None else _int_in(raw, 0, _U64_MAX, f"{stats_where}.{name}")
-            )
-        all_stats.append(
-            VmBalloonStats(
-                vm_id=_int_field(fields, "id", 0, U32_MAX, entry_where),
-                stats=BalloonStats(**stats),
-                balloon_actual_bytes=_int_field(fields, "balloon_actual", 0, _U64_MAX, entry_where),
-            )
-        )
+        # The hot path of every stats read: check values inline and build the "where" text of
+        # an error only when there is one, not for each of the dozen fields of every VM.
+        if type(entry) is dict and type(raw_stats := entry.get("stats")) is dict:
+            stats = {name: raw_stats.get(name) for name in BALLOON_STAT_FIELDS}
+            vm_id, actual = entry.get("id"), entry.get("balloon_actual")
+            if (
+                all(v is None or (type(v) is int and 0 <= v <= _U64_MAX) for v in stats.values())
+                and type(vm_id) is int
+                and 0 <= vm_id <= U32_MAX
+                and type(actual) is int
+                and 0 <= actual <= _U64_MAX
+            ):
+                all_stats.append(VmBalloonStats(vm_id, BalloonStats(**stats), actual))
+                continue
+        all_stats.append(_checked_stats_entry(entry, f"{where}: all_stats[{index}]"))
     return GetBalloonStatsResponse(all_stats=tuple(all_stats))
+
+
+def _checked_stats_entry(entry: object, entry_where: str) -> VmBalloonStats:
+    """The slow path: decode one entry field by field, raising CodecError at the first fault."""
+    fields = _object(entry, entry_where)
+    stats_where = f"{entry_where}.stats"
+    raw_stats = _object(_key(fields, "stats", entry_where), stats_where)
+    stats: dict[str, int | None] = {}
+    for name in BALLOON_STAT_FIELDS:
+        raw = raw_stats.get(name)
+        # Not reported is not zero: a guest that never sent free_memory has not run out.
+        stats[name] = None if raw is None else _int_in(raw, 0, _U64_MAX, f"{stats_where}.{name}")
+    return VmBalloonStats(
+        vm_id=_int_field(fields, "id", 0, U32_MAX, entry_where),
+        stats=BalloonStats(**stats),
+        balloon_actual_bytes=_int_field(fields, "balloon_actual", 0, _U64_MAX, entry_where),
+    )
 
 
 def _decode_delta(entry: object, where: str) -> BalloonDelta:

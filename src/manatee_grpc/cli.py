@@ -19,6 +19,9 @@ from ._messages import MessageType
 
 logger = logging.getLogger("manatee_grpc")
 
+# SIGTERM stops the server gracefully, SIGINT too; a SIGINT during the grace period exits at once.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
@@ -28,6 +31,32 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="gRPC address: HOST:PORT or unix:///abs/path (default %(default)s)",
     )
     parser.add_argument(
+        "--socket-mode",
+        type=_socket_mode_arg,
+        default=defaults.socket_mode,
+        metavar="OCTAL",
+        help=f"mode of a unix --listen socket, e.g. 0660 (default {defaults.socket_mode:04o})",
+    )
+    parser.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="group (name or gid) of a unix --listen socket; widen --socket-mode to let it in",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext gRPC on a non-loopback TCP address (refused otherwise)",
+    )
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help="server TLS certificate")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=None,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    parser.add_argument(
         "--mms",
         default=None,
         help="mms address: vsock://CID:PORT, unix:///path, tcp://HOST:PORT or fd://N; "
@@ -35,6 +64,13 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--sim-scenario", default=None, help="scenario file (TOML/JSON) for the embedded simulator"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        type=_metrics_listen_arg,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks one; default off)",
     )
     parser.add_argument("--max-workers", type=int, default=defaults.max_workers)
     parser.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs)
@@ -91,6 +127,26 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def _socket_mode_arg(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an octal mode 0000..0777")
+    return mode
+
+
+def _metrics_listen_arg(text: str) -> str:
+    from ._metrics import MetricsAddressError, parse_listen  # prometheus only when asked
+
+    try:
+        parse_listen(text)
+    except MetricsAddressError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _watchdog_from(items: Sequence[str]) -> dict[MessageType, float]:
     watchdog_s = dict(DEFAULT_WATCHDOG_S)
     for item in items:
@@ -121,8 +177,15 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         ) from None
     return ServerConfig(
         listen=args.listen,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        insecure=args.insecure,
+        tls_cert_path=args.tls_cert,
+        tls_key_path=args.tls_key,
+        tls_client_ca_path=args.tls_client_ca,
         mms=args.mms,
         sim_scenario=args.sim_scenario,
+        metrics_listen=args.metrics_listen,
         max_workers=args.max_workers,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         max_receive_message_bytes=args.max_receive_message_bytes,
@@ -141,33 +204,44 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from ._listen import ListenError
     from ._server import ManateeServer
     from ._transport import AddressError
     from .sim import ScenarioError
 
-    try:
-        server = ManateeServer(_config_from(args))
-        server.start()
-    except (_UsageError, AddressError, ScenarioError, OSError) as error:
-        # A bad flag or an address we cannot use: say which, no traceback.
-        print(f"manatee-grpc: error: {error}", file=sys.stderr)
-        return 2
     stop_requested = threading.Event()
-    interrupts = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal interrupts
         del frame
-        if signum == signal.SIGINT:
-            interrupts += 1
-            if interrupts > 1:
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():
+            if signum == signal.SIGINT:
+                # Ctrl-C during the grace period (after SIGTERM or SIGINT): the operator will
+                # not wait. mms drops whatever we still hold when the link closes with us.
                 logger.warning("second interrupt: exiting now")
                 os._exit(130)
-        logger.info("received %s: shutting down", signal.Signals(signum).name)
+            logger.info("received %s again: already shutting down", name)
+            return
+        logger.info("received %s: shutting down", name)
         stop_requested.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    # Python runs signal handlers on the main thread, but the kernel hands a process signal to
+    # any thread that does not block it, and a main thread asleep on a lock never hears of it
+    # (under load, SIGTERM went unheard). So the server's threads, which inherit the signal mask
+    # of the thread that starts them, start with the stop signals blocked: only the main thread
+    # takes them. One that comes during start-up is handled once the server has started.
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        try:
+            server = ManateeServer(_config_from(args))
+            server.start()
+        except (_UsageError, AddressError, ScenarioError, ListenError, OSError) as error:
+            # A bad flag or an address we cannot use: say which, no traceback.
+            print(f"manatee-grpc: error: {error}", file=sys.stderr)
+            return 2
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask_before)
         stop_requested.wait()
         server.stop()
     finally:

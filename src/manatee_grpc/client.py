@@ -115,16 +115,28 @@ class Client:
     """A connection to a manatee-grpc server.
 
     ``target`` is ``HOST:PORT`` or ``unix:///abs/path``. ``timeout_s`` is the deadline of each
-    unary call. Pass ``channel`` to reuse a channel you own: the client then leaves it open.
+    unary call. ``credentials`` (e.g. ``grpc.ssl_channel_credentials(...)``) makes the channel
+    TLS. Pass ``channel`` to reuse a channel you own: the client then leaves it open.
     """
 
     def __init__(
-        self, target: str, *, timeout_s: float = 10.0, channel: grpc.Channel | None = None
+        self,
+        target: str,
+        *,
+        timeout_s: float = 10.0,
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else grpc.insecure_channel(target)
+        if channel is None:
+            channel = (
+                grpc.insecure_channel(target)
+                if credentials is None
+                else grpc.secure_channel(target, credentials)
+            )
+        self._channel = channel
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
 
     def close(self) -> None:

@@ -1,0 +1,383 @@
+"""The pure half of ``manatee-grpc top``: what the view knows, how the feed's events change it,
+and how it renders as lines of text. No sockets, threads or terminal here: ``_top`` owns those
+and calls ``TopView``'s methods and ``render``, so both can be tested on constructed messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ._cli_client import format_bytes
+from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
+
+CROS_GUEST_VM_ID = 0
+MAX_EVENTS = 50
+# The events under the table: enough to see a reset and what came before it.
+SHOWN_EVENTS = 5
+MIN_BAR_WIDTH = 12
+MAX_BAR_WIDTH = 40
+# Room the CHANGE column keeps before the bar may grow: three deltas.
+CHANGE_ROOM = 48
+
+CONNECTING = "connecting…"
+CONNECTED = "connected"
+RECONNECTING = "reconnecting…"
+
+BALLOON_CHAR = "#"
+USED_CHAR = "="
+AVAILABLE_CHAR = "+"
+FREE_CHAR = "."
+UNKNOWN_CHAR = "?"
+LEGEND = (
+    f"bar of each VM's memory: {BALLOON_CHAR} balloon  {USED_CHAR} used  "
+    f"{AVAILABLE_CHAR} available (caches)  {FREE_CHAR} free  ·  q quits"
+)
+
+# For terminals whose encoding cannot show the few non-ASCII characters used here.
+ASCII_FALLBACK = str.maketrans({"…": "...", "Δ": "d", "→": "->", "·": "|"})
+
+Snapshot = pb.BalloonStatsSnapshot | pb.GetBalloonStatsResponse
+
+_STATE_NAMES = {pb.VM_STATE_STARTING: "starting", pb.VM_STATE_RUNNING: "running"}
+
+
+def clock(unix_s: float) -> str:
+    """Local wall-clock time as the view shows it: ``14:03:59``."""
+    return time.strftime("%H:%M:%S", time.localtime(unix_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One VM's numbers at one tick; None where the guest did not report the statistic."""
+
+    balloon_bytes: int
+    total_bytes: int | None
+    available_bytes: int | None
+    free_bytes: int | None
+
+    @classmethod
+    def from_stats(cls, stats: pb.VmBalloonStats) -> Sample:
+        return cls(
+            stats.balloon_actual_bytes,
+            stats.total_memory_bytes if stats.HasField("total_memory_bytes") else None,
+            stats.available_memory_bytes if stats.HasField("available_memory_bytes") else None,
+            stats.free_memory_bytes if stats.HasField("free_memory_bytes") else None,
+        )
+
+
+@dataclass
+class TopView:
+    """Everything ``render`` shows. The feed calls the methods; each takes the time it happened."""
+
+    server: str
+    interval_s: float | None  # None: one screen (``--once``), no updates to expect
+    connection: str = CONNECTING
+    problem: str = ""  # why the last subscription ended, while reconnecting
+    attempt: int = 0
+    retry_at_s: float | None = None
+    session: int | None = None
+    # When the CrOS guest's record began, i.e. when the mms session began: a restarted server
+    # numbers its sessions from 1 again, so the number alone cannot tell its session 1 from ours.
+    session_started_ns: int | None = None
+    updated_at_s: float | None = None
+    samples: dict[int, Sample] = field(default_factory=dict)
+    # The tick before ``samples``; None until there was one, so the first screen shows no change.
+    previous: dict[int, Sample] | None = None
+    missing_vm_ids: tuple[int, ...] = ()
+    vms: dict[int, pb.VmInfo] = field(default_factory=dict)  # of the current session only
+    dropped_updates: int = 0
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    # --- what the feed reports ---------------------------------------------------------------
+
+    def connected(self) -> None:
+        self.connection = CONNECTED
+        self.problem = ""
+        self.attempt = 0
+        self.retry_at_s = None
+
+    def disconnected(self, problem: str, attempt: int, retry_in_s: float, now_s: float) -> None:
+        """The stream ended or a call failed; the last screen stays until the next tick."""
+        self.connection = RECONNECTING
+        self.problem = problem
+        self.attempt = attempt
+        self.retry_at_s = now_s + retry_in_s
+
+    def vm_list(self, response: pb.ListVmsResponse, now_s: float) -> None:
+        started_ns = next(
+            (
+                vm.since.ToNanoseconds()
+                for vm in response.vms
+                if vm.cros_guest and vm.HasField("since")
+            ),
+            None,
+        )
+        if self.session is not None and not self._same_session(response.session, started_ns):
+            # Only a new server process numbers from 1 again: the books never go backwards.
+            restarted = response.session <= self.session
+            self.session_reset(self.session, response.session, now_s, server_restarted=restarted)
+        elif self.session is not None:
+            self._note_added_and_removed(self.vms, response.vms, now_s)
+        self.session = response.session
+        self.session_started_ns = started_ns
+        self.vms = {vm.vm_id: vm for vm in response.vms}
+
+    def message(self, message: pb.WatchBalloonStatsResponse, now_s: float) -> None:
+        """One event of the WatchBalloonStats stream."""
+        self.dropped_updates += message.dropped_updates
+        event = message.WhichOneof("event")
+        if event == "session_reset":
+            reset = message.session_reset
+            self.session_reset(reset.previous_session, reset.session, now_s)
+        elif event == "snapshot":
+            self.snapshot(message.snapshot, now_s)
+
+    def snapshot(self, snapshot: Snapshot, now_s: float) -> None:
+        if self.session is not None and snapshot.session != self.session:
+            # A reset the stream did not tell us about (it happened between two subscriptions).
+            self.session_reset(self.session, snapshot.session, now_s)
+        self.previous = dict(self.samples) if self.updated_at_s is not None else None
+        self.samples = {stats.vm_id: Sample.from_stats(stats) for stats in snapshot.stats}
+        self.missing_vm_ids = tuple(snapshot.missing_vm_ids)
+        self.session = snapshot.session
+        self.updated_at_s = now_s
+
+    def session_reset(
+        self, previous_session: int, session: int, now_s: float, *, server_restarted: bool = False
+    ) -> None:
+        """mms dropped every sibling VM: say which, and keep only the CrOS guest's last row."""
+        gone = sorted(
+            {*self.samples, *self.vms, *self.missing_vm_ids} - {CROS_GUEST_VM_ID},
+        )
+        cause = "server restarted, mms was reset" if server_restarted else "mms was reset"
+        lost = f"VMs {','.join(map(str, gone))} gone" if gone else "no sibling VMs were running"
+        self._event(now_s, f"session {previous_session} → {session}: {cause}; {lost}")
+        self.session = session
+        self.session_started_ns = None  # learnt from the next ListVms
+        self.vms = {}
+        self.samples = {k: v for k, v in self.samples.items() if k == CROS_GUEST_VM_ID}
+        self.missing_vm_ids = ()
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _same_session(self, session: int, started_ns: int | None) -> bool:
+        if session != self.session:
+            return False
+        # Unknown on either side (just after an in-stream reset): the number has to do.
+        return started_ns is None or self.session_started_ns in (None, started_ns)
+
+    def _note_added_and_removed(
+        self, before: dict[int, pb.VmInfo], after: Iterable[pb.VmInfo], now_s: float
+    ) -> None:
+        # The CrOS guest is there in every session: only siblings come and go.
+        after_by_id = {vm.vm_id: vm for vm in after if not vm.cros_guest}
+        before = {vm_id: vm for vm_id, vm in before.items() if not vm.cros_guest}
+        for vm_id in sorted(after_by_id.keys() - before.keys()):
+            size = format_bytes(after_by_id[vm_id].mem_size_bytes)
+            self._event(now_s, f"VM {vm_id} added ({size})")
+        for vm_id in sorted(before.keys() - after_by_id.keys()):
+            self._event(now_s, f"VM {vm_id} removed")
+
+    def _event(self, now_s: float, text: str) -> None:
+        self.events.append((now_s, text))
+        del self.events[:-MAX_EVENTS]
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def render(view: TopView, width: int, height: int | None, now_s: float) -> list[str]:
+    """The screen as lines no wider than ``width``; at most ``height`` of them (None: all)."""
+    top = [_header(view, now_s), _status(view, now_s), ""]
+    table = _table(view, width)
+    events = [f"{clock(at_s)}  {text}" for at_s, text in view.events]
+    if height is None:
+        body = table + (["", *events] if events else [])
+    else:
+        # The latest events always get their lines (a reset must stay visible); the table
+        # takes the rest and says how many VMs it had to leave out.
+        count = min(SHOWN_EVENTS, len(events), max(0, height - len(top) - 3))
+        shown_events = events[len(events) - count :]
+        room = height - len(top) - (count + 1 if count else 0)
+        if len(table) > room:
+            kept = max(1, room - 1)
+            table = [*table[:kept], f"… {len(table) - kept} more VMs"]
+        body = table + (["", *shown_events] if shown_events else [])
+    lines = [*top, *body]
+    if height is not None:
+        lines = lines[:height]
+    return [_fit(line, width) for line in lines]
+
+
+def _fit(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: max(0, width - 1)] + "…"
+
+
+def _header(view: TopView, now_s: float) -> str:
+    # The address goes last: it can be a long socket path, and a narrow terminal cuts the end.
+    parts = ["manatee-grpc top"]
+    parts.append(f"session {view.session}" if view.session is not None else "session ?")
+    parts.append(view.connection)
+    if view.updated_at_s is None:
+        parts.append("no data yet")
+    else:
+        age_s = now_s - view.updated_at_s
+        # Only a late update is worth a number: a current one is within an interval.
+        late_s = 2 * view.interval_s + 1 if view.interval_s is not None else None
+        late = f" ({age_s:.0f} s ago)" if late_s is not None and age_s >= late_s else ""
+        parts.append(f"updated {clock(view.updated_at_s)}{late}")
+    if view.interval_s is not None:
+        parts.append(f"every {view.interval_s:g} s")
+    if view.dropped_updates:
+        parts.append(f"{view.dropped_updates} updates dropped")
+    parts.append(view.server)
+    return " · ".join(parts)
+
+
+def _status(view: TopView, now_s: float) -> str:
+    """The legend; while reconnecting, why and when the next attempt is."""
+    if view.connection != RECONNECTING:
+        return LEGEND
+    retry_in_s = max(0.0, (view.retry_at_s or now_s) - now_s)
+    return (
+        f"{RECONNECTING} {view.problem}; attempt {view.attempt}, next in {retry_in_s:.1f} s; "
+        "showing the last update  ·  q quits"
+    )
+
+
+_COLUMNS = ("VM", "STATE", "MEMORY", "BALLOON", "AVAILABLE", "FREE")
+
+
+def _table(view: TopView, width: int) -> list[str]:
+    vm_ids = sorted({*view.samples, *view.missing_vm_ids, *view.vms})
+    if not vm_ids:
+        return ["waiting for the first snapshot…" if view.updated_at_s is None else "no VMs"]
+    rows: list[tuple[list[str], str]] = []  # (cells, change)
+    memory: dict[int, int | None] = {vm_id: _memory_bytes(view, vm_id) for vm_id in vm_ids}
+    for vm_id in vm_ids:
+        sample = view.samples.get(vm_id)
+        cells = [str(vm_id), _state(view, vm_id), _size(memory[vm_id])]
+        if sample is None:
+            cells += ["-", "-", "-"]
+        else:
+            cells += [
+                format_bytes(sample.balloon_bytes),
+                _size(sample.available_bytes),
+                _size(sample.free_bytes),
+            ]
+        rows.append((cells, _change(view, vm_id)))
+    widths = [max(len(c[i]) for c in [list(_COLUMNS), *(r[0] for r in rows)]) for i in range(6)]
+    fixed = sum(widths) + 2 * len(widths)
+    bar_width = max(MIN_BAR_WIDTH, min(MAX_BAR_WIDTH, width - fixed - 4 - CHANGE_ROOM))
+
+    def line(cells: Sequence[str], bar: str, change: str) -> str:
+        # Ids, then text left-aligned, numbers right-aligned.
+        aligned = [
+            cell.ljust(w) if i == 1 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return f"{'  '.join(aligned)}  {bar}  {change}".rstrip()
+
+    lines = [line(_COLUMNS, "BAR".ljust(bar_width + 2), "CHANGE")]
+    for vm_id, (cells, change) in zip(vm_ids, rows, strict=True):
+        sample = view.samples.get(vm_id)
+        lines.append(line(cells, f"[{bar(sample, memory[vm_id], bar_width)}]", change))
+    return lines
+
+
+def _state(view: TopView, vm_id: int) -> str:
+    if vm_id == CROS_GUEST_VM_ID:
+        return "cros"
+    info = view.vms.get(vm_id)
+    return _STATE_NAMES.get(info.state, "?") if info is not None else "?"
+
+
+def _memory_bytes(view: TopView, vm_id: int) -> int | None:
+    """The VM's memory: its size from ListVms, else (CrOS guest) balloon plus what the guest has."""
+    info = view.vms.get(vm_id)
+    if info is not None and info.mem_size_bytes > 0:
+        return int(info.mem_size_bytes)
+    sample = view.samples.get(vm_id)
+    if sample is None or sample.total_bytes is None:
+        return None
+    return sample.balloon_bytes + sample.total_bytes
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_bytes(value)
+
+
+def _change(view: TopView, vm_id: int) -> str:
+    sample = view.samples.get(vm_id)
+    if sample is None:
+        if vm_id in view.missing_vm_ids:
+            return "no statistics from mms"
+        info = view.vms.get(vm_id)
+        return "starting" if info is not None and info.state == pb.VM_STATE_STARTING else ""
+    if view.previous is None:
+        return ""
+    before = view.previous.get(vm_id)
+    if before is None:
+        return "new"
+    changes = [
+        ("balloon", before.balloon_bytes, sample.balloon_bytes),
+        ("avail", before.available_bytes, sample.available_bytes),
+        ("free", before.free_bytes, sample.free_bytes),
+    ]
+    return " ".join(
+        f"Δ{name} {_short_bytes(after - earlier)}"
+        for name, earlier, after in changes
+        if earlier is not None and after is not None and after != earlier
+    )
+
+
+def _short_bytes(delta_bytes: int) -> str:
+    """``+128 MiB``, ``-1.5 GiB``: ``format_bytes`` without trailing zeros, to fit three."""
+    number, unit = format_bytes(delta_bytes, signed=True).split(" ")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return f"{number} {unit}"
+
+
+def bar(sample: Sample | None, memory_bytes: int | None, width: int) -> str:
+    """``width`` characters splitting the VM's memory into balloon, used, available, free."""
+    if sample is None:
+        return UNKNOWN_CHAR * width
+    balloon = max(0, sample.balloon_bytes)
+    total = sample.total_bytes
+    if total is None:
+        parts = [
+            (balloon, BALLOON_CHAR),
+            (max(0, (memory_bytes or balloon) - balloon), UNKNOWN_CHAR),
+        ]
+    else:
+        total = max(0, total)
+        available = sample.available_bytes
+        free = sample.free_bytes
+        if available is None and free is None:
+            parts = [(balloon, BALLOON_CHAR), (total, UNKNOWN_CHAR)]
+        else:
+            # A guest that reports only one of the two: free memory is available too.
+            available = min(total, max(0, available if available is not None else free or 0))
+            free = min(available, max(0, free if free is not None else 0))
+            parts = [
+                (balloon, BALLOON_CHAR),
+                (total - available, USED_CHAR),
+                (available - free, AVAILABLE_CHAR),
+                (free, FREE_CHAR),
+            ]
+    whole = max(memory_bytes or 0, sum(size for size, _ in parts))
+    if whole == 0:
+        return " " * width
+    # Round the running sum, not each part, so the parts always add up to ``width``.
+    out: list[str] = []
+    running = 0
+    drawn = 0
+    for size, char in parts:
+        running += size
+        end = round(running * width / whole)
+        out.append(char * (end - drawn))
+        drawn = end
+    return "".join(out).ljust(width)

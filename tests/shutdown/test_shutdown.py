@@ -1,0 +1,289 @@
+"""Shutdown of the real process: SIGTERM during a launch and during a burst, and a second SIGINT.
+
+The server runs as ``python -m manatee_grpc serve`` against a simulator in this process, so the
+test sees what mms received (the RemoveVm that releases a reservation) after the server is gone.
+Health is watched from before the signal, so "NOT_SERVING at once" is measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from load._process import ServerProcess, health_watch, wait_until
+
+from manatee_grpc import ManateeRpcError
+from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._messages import RemoveVmRequest
+from manatee_grpc.sim import Simulator, StartState
+
+if TYPE_CHECKING:
+    from load._process import HealthStream
+
+MIB = 1024 * 1024
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# "At once": the signal handler only sets an event; the main thread flips health first thing.
+HEALTH_FLIP_S = 1.0
+CALL_TIMEOUT_S = 30.0
+# The process exits this long after in-flight calls are done (releases, closing mms, exit).
+EXIT_MARGIN_S = 5.0
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    with (
+        tempfile.TemporaryDirectory(prefix="manatee-shutdown-") as tmp,
+        Simulator(listen=f"unix://{Path(tmp) / 'mms.sock'}") as simulator,
+    ):
+        yield simulator
+
+
+def serve(simulator: Simulator, grace_s: float) -> ServerProcess:
+    return ServerProcess(f"unix://{simulator.address.path}", ["--grace", f"{grace_s:g}"])
+
+
+class HealthWatcher:
+    """A Health.Watch stream read on its own thread, so a status change is timed when it lands."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stream: HealthStream = health_watch(channel, CALL_TIMEOUT_S)
+        self._seen: queue.Queue[tuple[int, float]] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, name="health-watch")
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._stream:
+                self._seen.put((int(response.status), time.monotonic()))
+        except grpc.RpcError:
+            pass  # cancelled by close(), or the server went away
+
+    def next_status(self, timeout_s: float = CALL_TIMEOUT_S) -> tuple[int, float]:
+        """The next status and when it arrived (monotonic)."""
+        try:
+            return self._seen.get(timeout=timeout_s)
+        except queue.Empty:
+            raise AssertionError(f"no health status within {timeout_s} s") from None
+
+    def close(self) -> None:
+        # An open watch is an in-flight call: left open, it would hold the grace period.
+        self._stream.cancel()
+        self._thread.join()
+
+
+class Launch:
+    """One LaunchVm stream; requests go through a queue, so the test answers what it has seen."""
+
+    def __init__(self, stub: pb_grpc.MemoryServiceStub, mem_size_bytes: int) -> None:
+        self._requests: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
+        start = pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes)
+        self._requests.put(pb.LaunchVmRequest(start=start))
+        self.call = stub.LaunchVm(self._request_stream(), timeout=CALL_TIMEOUT_S)
+
+    def _request_stream(self) -> Iterator[pb.LaunchVmRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def reserved_vm_id(self) -> int:
+        for response in self.call:
+            if response.WhichOneof("event") == "reserved":
+                return response.reserved.vm_id
+        raise AssertionError("the launch ended before `reserved`")
+
+    def vm_started(self) -> None:
+        self._requests.put(pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted()))
+
+    def rest(self) -> list[str]:
+        """The events left in the stream, which must end OK (raises grpc.RpcError if not)."""
+        events = [str(response.WhichOneof("event")) for response in self.call]
+        self._requests.put(None)
+        return events
+
+
+def signal_and_see_not_serving(
+    server: ServerProcess, health: HealthWatcher, signum: signal.Signals
+) -> float:
+    """Send ``signum``; assert health turns NOT_SERVING at once. Returns when it was sent."""
+    assert health.next_status()[0] == SERVING
+    sent = time.monotonic()
+    server.send_signal(signum)
+    status, seen = health.next_status(timeout_s=5 * HEALTH_FLIP_S)
+    assert status == NOT_SERVING
+    assert seen - sent < HEALTH_FLIP_S, f"health took {seen - sent:.2f} s to go NOT_SERVING"
+    health.close()
+    return sent
+
+
+def remove_requests(simulator: Simulator, vm_id: int) -> int:
+    return sum(
+        1
+        for request in simulator.requests
+        if isinstance(request, RemoveVmRequest) and request.vm_id == vm_id
+    )
+
+
+# --- SIGTERM during a launch ---------------------------------------------------------------------
+
+
+def test_sigterm_while_a_launch_waits_for_its_client_releases_the_reservation(
+    simulator: Simulator,
+) -> None:
+    grace_s = 2.0
+    with serve(simulator, grace_s) as server, grpc.insecure_channel(server.address) as channel:
+        launch = Launch(pb_grpc.MemoryServiceStub(channel), 512 * MIB)
+        vm_id = launch.reserved_vm_id()
+        assert simulator.with_model(lambda model: model.start_state) is StartState.PENDING
+        sent = signal_and_see_not_serving(server, HealthWatcher(channel), signal.SIGTERM)
+        # The client never starts its VM: when the grace period ends the call is cut off,
+        # cleanly (no hang until the client's own 30 s deadline).
+        with pytest.raises(grpc.RpcError) as cut_off:
+            launch.rest()
+        ended_s = time.monotonic() - sent
+        assert cut_off.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        # ... after the whole grace period the client was owed, not before.
+        assert grace_s * 0.9 <= ended_s < grace_s + EXIT_MARGIN_S
+        assert server.wait_exit(grace_s + EXIT_MARGIN_S) == 0, server.log()
+    # The reservation was given back to mms with RemoveVm before the link closed, not merely
+    # dropped by the hangup.
+    assert remove_requests(simulator, vm_id) >= 1
+    assert f"removing VM {vm_id}:" in server.log()
+    assert "manatee-grpc stopped" in server.log()
+
+
+def test_sigterm_lets_a_launch_in_flight_finish_within_the_grace_period(
+    simulator: Simulator,
+) -> None:
+    grace_s = 20.0
+    with serve(simulator, grace_s) as server, grpc.insecure_channel(server.address) as channel:
+        launch = Launch(pb_grpc.MemoryServiceStub(channel), 512 * MIB)
+        vm_id = launch.reserved_vm_id()
+        sent = signal_and_see_not_serving(server, HealthWatcher(channel), signal.SIGTERM)
+        # The launcher started its VM after the signal: the launch completes normally.
+        launch.vm_started()
+        assert launch.rest() == ["launched"]
+        # Nothing is in flight any more, so the server need not wait out its 20 s grace.
+        assert server.wait_exit(EXIT_MARGIN_S) == 0, server.log()
+        assert time.monotonic() - sent < grace_s / 2
+    assert simulator.with_model(lambda model: model.start_state) is StartState.IDLE
+    assert remove_requests(simulator, vm_id) == 0  # it launched: nothing to release
+
+
+# --- SIGTERM during a burst ----------------------------------------------------------------------
+
+
+@dataclass
+class BurstResult:
+    outcomes: Counter[tuple[str, str]]
+    longest_call_s: float
+
+
+def stats_loop(target: str, stop: threading.Event, first_ok: threading.Barrier) -> BurstResult:
+    """GetBalloonStats until the server refuses (or stop); every outcome and the slowest call."""
+    outcomes: Counter[tuple[str, str]] = Counter()
+    longest_call_s = 0.0
+    waiting_at_barrier = True
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as error:
+                failed = ManateeRpcError.from_rpc_error(error)
+                outcomes[(failed.code.name, failed.reason)] += 1
+                longest_call_s = max(longest_call_s, time.monotonic() - started)
+                break  # the server is going away: a real client would back off here
+            outcomes[("OK", "")] += 1
+            longest_call_s = max(longest_call_s, time.monotonic() - started)
+            if waiting_at_barrier:
+                first_ok.wait(CALL_TIMEOUT_S)
+                waiting_at_barrier = False
+    return BurstResult(outcomes, longest_call_s)
+
+
+def test_sigterm_during_a_burst_of_calls_ends_each_cleanly(simulator: Simulator) -> None:
+    grace_s = 5.0
+    callers = 32
+    with serve(simulator, grace_s) as server, grpc.insecure_channel(server.address) as channel:
+        stop = threading.Event()
+        first_ok = threading.Barrier(callers + 1)
+        results: list[BurstResult] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(stats_loop(server.address, stop, first_ok)),
+                name=f"burst-{index}",
+            )
+            for index in range(callers)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            first_ok.wait(CALL_TIMEOUT_S)  # every caller has had an answer: the burst is on
+            sent = signal_and_see_not_serving(server, HealthWatcher(channel), signal.SIGTERM)
+            assert server.wait_exit(grace_s + EXIT_MARGIN_S) == 0, server.log()
+            exited_s = time.monotonic() - sent
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(CALL_TIMEOUT_S)
+    assert not [thread.name for thread in threads if thread.is_alive()]
+    outcomes: Counter[tuple[str, str]] = Counter()
+    for result in results:
+        outcomes.update(result.outcomes)
+    # Every caller was answered while the server went away: OK, or refused as a client can
+    # retry elsewhere (SHUTTING_DOWN with RetryInfo, or the transport's UNAVAILABLE/CANCELLED).
+    assert outcomes[("OK", "")] >= callers
+    failures = {key for key in outcomes if key != ("OK", "")}
+    assert failures <= {
+        ("UNAVAILABLE", "SHUTTING_DOWN"),
+        ("UNAVAILABLE", ""),
+        ("CANCELLED", ""),
+    }, outcomes
+    assert sum(outcomes[key] for key in failures) == callers  # each stopped at its first refusal
+    # Nothing hung: the slowest call is far below the callers' deadline, and the process left
+    # well within its grace period (the calls were short; none had to be cut off).
+    assert max(result.longest_call_s for result in results) < grace_s
+    assert exited_s < grace_s
+
+
+# --- a second SIGINT -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_sigint_during_the_grace_period_exits_at_once(
+    simulator: Simulator, first: signal.Signals
+) -> None:
+    grace_s = 30.0
+    with serve(simulator, grace_s) as server, grpc.insecure_channel(server.address) as channel:
+        # A launch waiting for its client keeps the server in its 30 s grace period.
+        launch = Launch(pb_grpc.MemoryServiceStub(channel), 512 * MIB)
+        launch.reserved_vm_id()
+        signal_and_see_not_serving(server, HealthWatcher(channel), first)
+        wait_until(
+            lambda: f"received {first.name}: shutting down" in server.log(),
+            "the server logged the first signal",
+        )
+        sent = time.monotonic()
+        server.send_signal(signal.SIGINT)
+        # The operator insisted: exit now (130, as for an interrupted program), not in 30 s.
+        assert server.wait_exit(3.0) == 130, server.log()
+        assert time.monotonic() - sent < 3.0
+        assert "second interrupt: exiting now" in server.log()
+        with pytest.raises(grpc.RpcError):
+            launch.rest()
+    # The abrupt exit closed the mms link, and mms dropped the pending start with it.
+    assert simulator.wait_until(lambda: not simulator.connected)
+    assert simulator.with_model(lambda model: model.start_state) is StartState.IDLE

@@ -1,0 +1,38 @@
+"""The docs match the code: the systemd unit's command line parses with today's flags, and the
+architecture note names modules that exist."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from manatee_grpc.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "examples" / "systemd" / "manatee-grpc.service"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def _exec_start(unit_text: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", unit_text)  # systemd's line continuations
+    line = next(entry for entry in joined.splitlines() if entry.startswith("ExecStart="))
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+def test_systemd_unit_command_line_parses_with_the_current_flags() -> None:
+    argv = _exec_start(UNIT.read_text())
+    assert argv[0].endswith("/manatee-grpc")
+    args = build_parser().parse_args(argv[1:])  # a renamed or removed flag exits 2 here
+    assert args.command == "serve"
+    assert args.listen.startswith("unix:///")
+    assert args.socket_mode == 0o660
+    assert args.mms.startswith("vsock://")
+
+
+def test_architecture_note_has_diagrams_and_names_real_modules() -> None:
+    text = ARCHITECTURE.read_text()
+    assert text.count("```mermaid") >= 2
+    package = ROOT / "src" / "manatee_grpc"
+    for name in set(re.findall(r"`(_[a-z_]+\.py)`", text)):
+        assert (package / name).exists(), f"docs/architecture.md names {name}, which is gone"
