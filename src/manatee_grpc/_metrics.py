@@ -279,4 +279,5 @@ class _StateCollector:
 
 def attach_metrics(metrics: Metrics, connection: MmsConnection, bridge: MemoryBridge) -> None:
     """Feed ``metrics`` from the mms connection and the bridge (call once, before start)."""
-    return
+    connection.add_observer(_MmsObserver(metrics))
+    metrics.registry.register(_StateCollector(metrics, connection, bridge))

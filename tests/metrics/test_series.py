@@ -1,0 +1,199 @@
+"""Each series moves as calls go through a real server on the simulator, seen by a real scrape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from manatee_grpc import ManateeServer, ServerConfig
+from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._memory_math import MIB
+from manatee_grpc._messages import MessageType
+
+from .conftest import Scrape, metrics_address, scrape, scrape_until, simulator
+
+PER_VM_SERIES = ("manatee_vm_balloon_bytes", "manatee_vm_free_bytes", "manatee_vm_available_bytes")
+
+
+def per_vm_ids(current: Scrape) -> dict[str, set[str]]:
+    return {name: current.label_values(name, "vm_id") for name in PER_VM_SERIES}
+
+
+def on_every_series(*vm_ids: str) -> dict[str, set[str]]:
+    return {name: set(vm_ids) for name in PER_VM_SERIES}
+
+
+def start_vm(stub: pb_grpc.MemoryServiceStub, mem_size_bytes: int = 512 * MIB) -> int:
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=mem_size_bytes), timeout=5)
+    stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=5)
+    return prepared.vm_id
+
+
+def test_link_gauges_follow_a_session_reset(server: ManateeServer) -> None:
+    address = metrics_address(server)
+    first = scrape(address)
+    assert first.value("manatee_mms_connected") == 1
+    assert first.value("manatee_mms_session") == 1
+
+    assert simulator(server).drop_connection()
+    scrape_until(
+        address,
+        lambda s: s.value("manatee_mms_session") == 2 and s.value("manatee_mms_connected") == 1,
+        "the reconnect shows as session 2, connected",
+    )
+
+
+def test_connected_is_0_while_mms_is_unreachable(tmp_path: Path) -> None:
+    server = ManateeServer(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            mms=f"unix://{tmp_path / 'nobody-listens.sock'}",
+            metrics_listen="127.0.0.1:0",
+            mms_backoff_initial_s=0.01,
+            mms_backoff_max_s=0.05,
+        )
+    ).start()
+    try:
+        current = scrape(metrics_address(server))
+        assert current.value("manatee_mms_connected") == 0
+        assert current.value("manatee_mms_session") == 0
+    finally:
+        server.stop(grace_s=1.0)
+
+
+def test_reservations_pending_follow_prepare_and_remove(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    address = metrics_address(server)
+    assert scrape(address).value("manatee_reservations_pending") == 0
+
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=512 * MIB), timeout=5)
+    assert prepared.reserved
+    scrape_until(
+        address, lambda s: s.value("manatee_reservations_pending") == 1, "PrepareVm reserved"
+    )
+
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=5)
+    scrape_until(
+        address, lambda s: s.value("manatee_reservations_pending") == 0, "RemoveVm released it"
+    )
+
+
+def test_per_vm_gauges_come_with_stats_and_go_with_the_vm(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    address = metrics_address(server)
+    vm_id = start_vm(stub)
+    # Nothing read stats yet, and a scrape never asks mms itself.
+    assert per_vm_ids(scrape(address)) == on_every_series()
+    reads_before = simulator(server).request_counts.get(MessageType.GET_BALLOON_STATS, 0)
+
+    stats = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    current = scrape(address)
+    assert per_vm_ids(current) == on_every_series("0", str(vm_id))
+    for entry in stats.stats:
+        labels = {"vm_id": str(entry.vm_id)}
+        assert current.value("manatee_vm_balloon_bytes", **labels) == entry.balloon_actual_bytes
+        assert current.value("manatee_vm_free_bytes", **labels) == entry.free_memory_bytes
+        assert current.value("manatee_vm_available_bytes", **labels) == (
+            entry.available_memory_bytes
+        )
+    # Scraping sent nothing to mms: only the one read the RPC made.
+    assert simulator(server).request_counts[MessageType.GET_BALLOON_STATS] == reads_before + 1
+
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=5)
+    scrape_until(
+        address,
+        lambda s: per_vm_ids(s) == on_every_series("0"),
+        f"VM {vm_id}'s series are gone after RemoveVm",
+    )
+
+    assert simulator(server).drop_connection()
+    scrape_until(
+        address,
+        lambda s: s.value("manatee_mms_session") == 2 and per_vm_ids(s) == on_every_series(),
+        "the session reset dropped every VM's series",
+    )
+
+
+def test_a_vm_mms_gives_no_stats_for_loses_its_series(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    address = metrics_address(server)
+    vm_id = start_vm(stub)
+    stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    assert per_vm_ids(scrape(address)) == on_every_series("0", str(vm_id))
+
+    simulator(server).fail_stats(vm_id)
+    stats = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    assert list(stats.missing_vm_ids) == [vm_id]
+    # A value from an earlier read would pass for a current one.
+    assert per_vm_ids(scrape(address)) == on_every_series("0")
+
+
+def test_mms_round_trip_histogram_times_each_message(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    address = metrics_address(server)
+    stats_type = {"message_type": "GET_BALLOON_STATS"}
+    before = scrape(address)
+    count_before = before.value("manatee_mms_round_trip_seconds_count", **stats_type) or 0.0
+    sum_before = before.value("manatee_mms_round_trip_seconds_sum", **stats_type) or 0.0
+
+    # A slow answer must land in a slow bucket: the histogram measures the real round trip.
+    delay_s = 0.05
+    simulator(server).set_message_delay(MessageType.GET_BALLOON_STATS, delay_s)
+    for _ in range(3):
+        stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    after = scrape_until(
+        address,
+        lambda s: s.value("manatee_mms_round_trip_seconds_count", **stats_type) == count_before + 3,
+        "three more GET_BALLOON_STATS round trips",
+    )
+    sum_after = after.value("manatee_mms_round_trip_seconds_sum", **stats_type)
+    assert sum_after is not None
+    assert sum_after - sum_before >= 3 * delay_s
+    fast = after.value("manatee_mms_round_trip_seconds_bucket", le="0.025", **stats_type)
+    slow = after.value("manatee_mms_round_trip_seconds_bucket", le="+Inf", **stats_type)
+    assert (fast, slow) == (count_before, count_before + 3)
+
+    start_vm(stub)
+    scrape_until(
+        address,
+        lambda s: (
+            s.value("manatee_mms_round_trip_seconds_count", message_type="PREPARE_VM") == 1
+            and s.value("manatee_mms_round_trip_seconds_count", message_type="FINISH_ADD_VM") == 1
+        ),
+        "one PREPARE_VM and one FINISH_ADD_VM round trip",
+    )
+
+
+def test_rpc_series_count_and_time_calls_through_the_server(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    """Needs the servicer to call Metrics.observe_rpc with each call's final status."""
+    address = metrics_address(server)
+    ok = {"grpc_method": "GetBalloonStats", "grpc_code": "OK"}
+    not_found = {"grpc_method": "RemoveVm", "grpc_code": "NOT_FOUND"}
+    before = scrape(address)
+
+    stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.RemoveVm(pb.RemoveVmRequest(vm_id=99), timeout=5)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+
+    def moved(s: Scrape) -> bool:
+        def grew(name: str, **labels: str) -> bool:
+            return (s.value(name, **labels) or 0) == (before.value(name, **labels) or 0) + 1
+
+        return (
+            grew("manatee_grpc_server_handled_total", **ok)
+            and grew("manatee_grpc_server_handled_total", **not_found)
+            and grew("manatee_grpc_server_handling_seconds_count", grpc_method="GetBalloonStats")
+            and grew("manatee_grpc_server_handling_seconds_count", grpc_method="RemoveVm")
+        )
+
+    scrape_until(address, moved, "one OK GetBalloonStats and one NOT_FOUND RemoveVm counted")
