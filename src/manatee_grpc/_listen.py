@@ -280,6 +280,16 @@ class Listener:
             ) from None
 
 
+def check_metrics_policy(metrics_listen: str, *, insecure: bool) -> None:
+    """The metrics endpoint is plain HTTP and shows every VM's memory: loopback unless told."""
+    host = metrics_listen.rpartition(":")[0]
+    if not insecure and not is_loopback_host(host):
+        raise ListenError(
+            f"--metrics-listen {metrics_listen}: refusing plain-HTTP metrics on a non-loopback "
+            "address; scrape through loopback (or a proxy) or pass --insecure"
+        )
+
+
 def prepare(config: ServerConfig) -> Listener:
     """Check the listen settings and free a unix path; call before starting anything else."""
     address = parse_listen(config.listen)
@@ -294,6 +304,8 @@ def prepare(config: ServerConfig) -> Listener:
     )
     check_policy(address, tls=credentials is not None, insecure=config.insecure)
     gid = resolve_group(config.socket_group) if config.socket_group is not None else None
+    if config.metrics_listen is not None:
+        check_metrics_policy(config.metrics_listen, insecure=config.insecure)
     if address.unix_path is not None:
         prepare_socket_path(address.unix_path)
     return Listener(address, credentials, config.socket_mode, gid)

@@ -115,9 +115,17 @@ class ManateeServer:
     # --- start ---------------------------------------------------------------------------------
 
     def start(self) -> ManateeServer:
-        config = self.config
         # Who may connect is checked (and a stale unix socket removed) before anything starts.
-        listener = _listen.prepare(config)
+        listener = _listen.prepare(self.config)
+        try:
+            return self._start(listener)
+        except BaseException:
+            # A failed start (busy port, bad scenario, cannot bind) leaves nothing running.
+            self._undo_start()
+            raise
+
+    def _start(self, listener: _listen.Listener) -> ManateeServer:
+        config = self.config
         if config.metrics_listen is not None:  # a busy port fails here, before anything runs
             self.metrics_address = self.metrics.serve(config.metrics_listen)
         mms_address = self._mms_address()
@@ -166,22 +174,22 @@ class ManateeServer:
         )
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
         self._loop_thread.start()
-        try:
-            self.port = self._on_loop(self._start_grpc(listener))
-        except BaseException:
-            # Cannot listen: undo what started, so a failed start leaves no thread or socket.
-            self.metrics.close()
-            self._stop_loop()
-            if self.simulator is not None:
-                self.simulator.stop()
-            if self._sim_dir is not None:
-                self._sim_dir.cleanup()
-            raise
+        self.port = self._on_loop(self._start_grpc(listener))
         self.address = _client_target(config.listen, self.port)
         self.connection.start()
         self._on_loop(self._grpc_start())
         logger.info("manatee-grpc listening on %s, mms at %s", self.address, mms_address)
         return self
+
+    def _undo_start(self) -> None:
+        self.metrics.close()
+        self._stop_loop()
+        if self.connection is not None:
+            self.connection.stop()
+        if self.simulator is not None:
+            self.simulator.stop()
+        if self._sim_dir is not None:
+            self._sim_dir.cleanup()
 
     async def _start_grpc(self, listener: _listen.Listener) -> int:
         # aio objects belong to the loop that made them: create the server on its own thread.
