@@ -170,6 +170,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         # The last snapshot converted for watchers of every VM, and its message: one tick's
         # snapshot is shared by all of them, so it is converted once, not once per watcher.
         self._watch_cache: tuple[StatsSnapshot, pb.BalloonStatsSnapshot] | None = None
+        # The last GetBalloonStats answer: (the mms read it came from, its VM ids, message).
+        self._stats_cache: (
+            tuple[object, tuple[tuple[int, ...], tuple[int, ...]], pb.GetBalloonStatsResponse]
+            | None
+        ) = None
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
@@ -209,8 +214,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         vm_ids = validate.vm_ids(request.vm_ids)
         self._check_open()
         snapshot = await self.bridge.get_balloon_stats_async(vm_ids, _timeout_s(context))
+        return self._stats_response(snapshot)
+
+    def _stats_response(self, snapshot: StatsSnapshot) -> pb.GetBalloonStatsResponse:
+        # Callers served by one coalesced read and asking for the same VMs get the same answer:
+        # build it once and hand every one of them the same (read-only) message.
+        key = (tuple(entry.vm_id for entry in snapshot.stats), snapshot.missing_vm_ids)
+        cached = self._stats_cache
+        if cached is not None and cached[0] is snapshot.source and cached[1] == key:
+            return cached[2]
         response = pb.GetBalloonStatsResponse()
         _fill_snapshot(response, snapshot)
+        if snapshot.source is not None:
+            self._stats_cache = (snapshot.source, key, response)
         return response
 
     @_guard_async_stream

@@ -7,6 +7,7 @@ stats is served by one GetBalloonStats for the union of their ids, sent after th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from concurrent.futures import Future
@@ -31,15 +32,19 @@ class StatsSnapshot:
     read_time_unix_s: float
     stats: tuple[VmBalloonStats, ...]
     missing_vm_ids: tuple[int, ...]
+    # The mms answer this was picked from: callers served by the same read share it, so the
+    # servicer can build one response for all of them.
+    source: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
 class _Batch:
     vm_ids: set[int] = field(default_factory=set)
     done: Future[tuple[int, float, dict[int, VmBalloonStats]]] = field(default_factory=Future)
-    # One event-loop wake-up shared by every coroutine waiting on this batch, so a batch of N
-    # callers costs the connection thread one hand-off to the loop, not N.
-    loop_waiter: asyncio.Future[None] | None = None
+    # Coroutines waiting on this batch, woken together by one hand-off to their loop (so a
+    # batch of N callers costs the connection thread one wake-up, not N); None once woken.
+    loop_waiters: list[asyncio.Future[None]] | None = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
 
 
 class StatsReader:
@@ -51,6 +56,7 @@ class StatsReader:
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
         self._in_flight = False
+        self._flush_scheduled = False  # a loop callback will send the next batch
         self._next: _Batch | None = None
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
 
@@ -78,16 +84,61 @@ class StatsReader:
             )
             by_id = {entry.vm_id: entry for entry in response.all_stats}
             return _pick(vm_ids, session, time.time(), by_id)
-        batch = self._join_batch(vm_ids)
+        loop = asyncio.get_running_loop()
+        batch = self._join_batch_async(vm_ids, loop)
+        waiter = loop.create_future()
+        if self._add_loop_waiter(batch, loop, waiter):
+            # The batch is shared: this caller's deadline ends only its own wait, never the read.
+            expiry = None if timeout_s is None else loop.call_later(timeout_s, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
         if not batch.done.done():
-            if batch.loop_waiter is None:  # only loop coroutines touch it: no lock needed
-                batch.loop_waiter = _aio.wake_on_done(batch.done)
-            # asyncio.wait, not wait_for: on timeout or cancel it leaves the shared waiter be.
-            await asyncio.wait({batch.loop_waiter}, timeout=timeout_s)
-            if not batch.done.done():
-                raise _stats_deadline()
+            raise _stats_deadline()
         session, read_time_unix_s, by_id = batch.done.result()
         return _pick(vm_ids, session, read_time_unix_s, by_id)
+
+    def _join_batch_async(self, vm_ids: tuple[int, ...], loop: asyncio.AbstractEventLoop) -> _Batch:
+        """Join the next read; it is sent at the end of this loop pass, not at once, so the
+        callers whose requests arrived together (a burst delivered in one pass) share it."""
+        with self._lock:
+            if self._next is None:
+                self._next = _Batch()
+            batch = self._next
+            batch.vm_ids.update(vm_ids)
+            if not self._in_flight and not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
+        return batch
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            if not self._in_flight and self._next is not None:
+                self._send_next_locked()
+
+    def _add_loop_waiter(
+        self, batch: _Batch, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]
+    ) -> bool:
+        """Park ``waiter`` on ``batch``; False if the batch is already answered (no wait)."""
+        with self._lock:
+            if batch.loop_waiters is None:
+                return False
+            if batch.loop is None:
+                batch.loop = loop
+                batch.done.add_done_callback(lambda _: self._wake_loop_waiters(batch))
+            batch.loop_waiters.append(waiter)
+            return True
+
+    def _wake_loop_waiters(self, batch: _Batch) -> None:
+        # On the connection thread (or inline): one hand-off wakes every parked caller.
+        with self._lock:
+            waiters, batch.loop_waiters = batch.loop_waiters, None
+        if waiters and batch.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                batch.loop.call_soon_threadsafe(_wake_all, waiters)
 
     def _join_batch(self, vm_ids: tuple[int, ...]) -> _Batch:
         with self._lock:
@@ -136,6 +187,16 @@ class StatsReader:
         mms_future.add_done_callback(finished)
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        _wake(waiter)
+
+
 def _stats_deadline() -> DeadlineExceededError:
     return DeadlineExceededError(
         "deadline passed waiting for mms GET_BALLOON_STATS",
@@ -151,4 +212,4 @@ def _pick(
 ) -> StatsSnapshot:
     stats = tuple(by_id[vm_id] for vm_id in vm_ids if vm_id in by_id)
     missing = tuple(vm_id for vm_id in vm_ids if vm_id not in by_id)
-    return StatsSnapshot(session, read_time_unix_s, stats, missing)
+    return StatsSnapshot(session, read_time_unix_s, stats, missing, by_id)
