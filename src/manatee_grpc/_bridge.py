@@ -32,7 +32,6 @@ from ._messages import (
     FinishAddVmRequest,
     MmsRequest,
     PrepareVmRequest,
-    PrepareVmResponse,
     RebalanceMemoryRequest,
     RemoveVmRequest,
     RemoveVmResponse,
@@ -144,10 +143,12 @@ class MemoryBridge:
     def __init__(self, connection: MmsConnection, config: BridgeConfig | None = None) -> None:
         self.config = config or BridgeConfig()
         self.connection = connection
+        # The slot observes before the books, so a VM id a caller can read is known to it.
+        self.slot = StartSlot(connection, self.config.lease_s, self.remove_in_background)
+        connection.add_observer(self.slot)
         self.books = Books()
         connection.add_observer(self.books)
         self.stats = StatsReader(connection, coalesce=self.config.coalesce_stats)
-        self.slot = StartSlot(self.config.lease_s, self._lease_expired)
         self.books.add_disconnect_listener(self._on_disconnected)
         self._reset_inboxes: list[Inbox] = []
         self._reset_lock = threading.Lock()
@@ -192,28 +193,12 @@ class MemoryBridge:
     def prepare_vm(
         self, mem_size_bytes: int, init_mem_size_bytes: int, ctx: CallContext
     ) -> PrepareResult:
-        claim, newly_opened = self.slot.claim_for_prepare()
-        future = self.connection.submit(PrepareVmRequest(mem_size_bytes, init_mem_size_bytes))
-        outcome = _Outcome()
-
-        def answered(done: Future[PrepareVmResponse]) -> None:
-            response = None if done.cancelled() or done.exception() else done.result()
-            opened = response is not None and response.res in (RES_OK, RES_ENOMEM)
-            if newly_opened:
-                if response is not None and opened:
-                    self.slot.opened_by_prepare(claim, response.vm_id)
-                else:
-                    self.slot.abandon(claim)
-            if response is not None and opened and newly_opened and outcome.answered(response):
-                self.remove_in_background(response.vm_id, "its PrepareVm caller went away")
-
-        future.add_done_callback(answered)
+        prepare = self.slot.submit_prepare(PrepareVmRequest(mem_size_bytes, init_mem_size_bytes))
         try:
-            response = await_call(future, ctx, "PrepareVm")
+            response = await_call(prepare.future, ctx, "PrepareVm")
         except (DeadlineExceededError, CallerGoneError):
-            orphan = outcome.caller_left()
-            if orphan is not None and newly_opened:
-                self.remove_in_background(orphan.vm_id, "its PrepareVm caller went away")
+            # A start this call opens has nobody to finish it: the slot removes it.
+            self.slot.caller_left(prepare)
             raise
         if response.res not in (RES_OK, RES_ENOMEM):
             raise MmsRefusedError(
@@ -231,11 +216,10 @@ class MemoryBridge:
 
     def finish_add_vm(self, vm_id: int, ctx: CallContext) -> VmRecord:
         self.books.require_vm(vm_id)
-        self.slot.check_not_launching(vm_id)
-        response = self._call(FinishAddVmRequest(vm_id), ctx, "FinishAddVm")
+        future = self.slot.submit_end(FinishAddVmRequest(vm_id), refuse_if_launching=True)
+        response = await_call(future, ctx, "FinishAddVm")
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, _finish_message(response.res), vmId=vm_id)
-        self.slot.finished(vm_id)
         record = self.books.vm(vm_id)
         assert record is not None
         return record
@@ -244,11 +228,10 @@ class MemoryBridge:
         if vm_id == CROS_GUEST_VM_ID:
             raise InvalidArgumentError("vm_id", "VM 0 is the CrOS guest and cannot be removed")
         self.books.require_vm(vm_id)
-        self.slot.check_not_launching(vm_id)
-        response = self._call(RemoveVmRequest(vm_id), ctx, "RemoveVm")
+        future = self.slot.submit_end(RemoveVmRequest(vm_id), refuse_if_launching=True)
+        response = await_call(future, ctx, "RemoveVm")
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, "mms refused RemoveVm", vmId=vm_id)
-        self.slot.finished(vm_id)
 
     def list_vms(self) -> tuple[int, list[VmRecord]]:
         return self.books.session, self.books.vms()
@@ -261,7 +244,10 @@ class MemoryBridge:
     def remove_in_background(
         self, vm_id: int, why: str, then: Callable[[], None] | None = None
     ) -> None:
-        """Release a reservation nobody will finish; runs without a caller to wait for it."""
+        """Release a reservation nobody will finish; runs without a caller to wait for it.
+
+        The slot frees the start when mms answers (see _starts); ``then`` runs in any case.
+        """
         logger.info("removing VM %d: %s", vm_id, why)
 
         def removed(done: Future[RemoveVmResponse]) -> None:
@@ -274,20 +260,14 @@ class MemoryBridge:
                 logger.warning(
                     "mms refused RemoveVm %d (%s): res %d", vm_id, why, done.result().res
                 )
-            else:
-                self.slot.finished(vm_id)
             if then is not None:
                 then()
 
-        self.connection.submit(RemoveVmRequest(vm_id)).add_done_callback(removed)
-
-    def _lease_expired(self, vm_id: int) -> None:
-        self.remove_in_background(vm_id, "its PrepareVm lease expired before FinishAddVm")
+        self.slot.submit_end(RemoveVmRequest(vm_id)).add_done_callback(removed)
 
     def _on_disconnected(self, session: int, error: MmsConnectionError) -> None:
         del error
-        # mms dropped its pending start with the connection: nobody owns it now.
-        self.slot.release_all()
+        # mms dropped its pending start with the connection; the slot saw it first.
         with self._reset_lock:
             inboxes = list(self._reset_inboxes)
         from ._launch import SessionReset  # the launch module builds on this one
@@ -303,27 +283,6 @@ class MemoryBridge:
     def remove_session_reset_listener(self, inbox: Inbox) -> None:
         with self._reset_lock:
             self._reset_inboxes.remove(inbox)
-
-
-class _Outcome:
-    """Decides, race-free, whether a PrepareVm answer reached its caller or is an orphan."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._response: PrepareVmResponse | None = None
-        self._caller_left = False
-
-    def answered(self, response: PrepareVmResponse) -> bool:
-        """Record mms's answer; True if the caller already left (so the answer is orphaned)."""
-        with self._lock:
-            self._response = response
-            return self._caller_left
-
-    def caller_left(self) -> PrepareVmResponse | None:
-        """The caller gave up; returns the answer if it had already come (now orphaned)."""
-        with self._lock:
-            self._caller_left = True
-            return self._response
 
 
 def _finish_message(res: int) -> str:

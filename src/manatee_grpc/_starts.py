@@ -1,19 +1,65 @@
 """The one pending start that mms allows, owned on behalf of one caller at a time.
 
-Launches queue for it in arrival order; a start opened by a bare PrepareVm holds it under a
-lease, so a caller that vanished cannot block every later start.
+Every start mms opens is tracked by exactly one claim. LaunchVm calls queue for the claim in
+arrival order and hold it alone for the whole launch (a bare call on its VM is refused with
+START_IN_PROGRESS). Bare PrepareVm calls share one unary claim, and the start they open holds it
+under a lease, so a caller that vanished cannot block every later start.
+
+The claim follows the wire, as the books do; that is what makes it race-free:
+
+- Bare PrepareVm, FinishAddVm and RemoveVm go to mms only through ``submit_prepare`` and
+  ``submit_end``, which decide and queue under the slot's lock; mms answers in queue order.
+- The slot observes the connection, before the books, so a start's VM id is known here before
+  any caller can read it (books, PrepareVm answer). Still on the connection thread, it drops the
+  claim when mms answers FinishAddVm or RemoveVm of the start with 0, whoever asked and whether
+  or not they still wait; and when the session resets.
+- A bare PrepareVm goes out under the unary claim, opening the claim if there is none. The first
+  answer with a VM id is the start the claim tracks; its lease starts then.
+- A PrepareVm joins the claim only while no FinishAddVm or RemoveVm of its start is queued or on
+  the wire; otherwise it is refused with START_IN_PROGRESS before reaching mms. So a joined
+  PrepareVm always reaches mms before anything that ends the start: it tops that start up (same
+  sizes) or mms refuses it (-22). It can never open a start that nobody tracks.
+- A unary claim whose PrepareVm calls all came back without a VM id opened nothing: dropped.
+- When the lease runs out, or the caller of the PrepareVm that opened the start left before its
+  answer, the start is removed. If a FinishAddVm or RemoveVm of it is in flight, the removal
+  waits for that answer and happens only if the start is still pending: never a VM that started.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, overload
 
-from ._errors import DeadlineExceededError, LaunchAbortedError, StartInProgressError
+from ._errors import (
+    DeadlineExceededError,
+    LaunchAbortedError,
+    MmsConnectionError,
+    StartInProgressError,
+)
+from ._messages import (
+    RES_ENOMEM,
+    RES_OK,
+    FinishAddVmRequest,
+    FinishAddVmResponse,
+    MmsRequest,
+    PrepareVmRequest,
+    PrepareVmResponse,
+    RemoveVmRequest,
+    RemoveVmResponse,
+    Response,
+)
+
+if TYPE_CHECKING:
+    from ._connection import MmsConnection
+
+logger = logging.getLogger(__name__)
 
 
 class Owner(enum.Enum):
@@ -21,24 +67,47 @@ class Owner(enum.Enum):
     UNARY = "unary"  # PrepareVm / FinishAddVm / RemoveVm called one by one
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Claim:
     owner: Owner
     token: object
-    vm_id: int | None = None
+    vm_id: int | None = None  # the start's VM, once mms answered the PrepareVm that opened it
     lease_timer: threading.Timer | None = None
+    # Bare PrepareVm calls sent under this claim and not yet answered (unary claims).
+    prepares_in_flight: int = 0
+    # FinishAddVm / RemoveVm of ``vm_id`` queued or on the wire: a join now could land after.
+    ends_in_flight: int = 0
+    # Why to remove the start once no end is in flight (the lease ran out behind one), or None.
+    remove_when_idle: str | None = None
+    # The bare PrepareVm whose answer opened the start (compared by identity).
+    opened_by: PrepareVmRequest | None = None
 
 
-LeaseExpired = Callable[[int], None]  # called with the VM id whose lease ran out
+@dataclass(slots=True, eq=False)
+class BarePrepare:
+    """One bare PrepareVm sent under the unary claim; its caller waits on ``future``."""
+
+    claim: Claim
+    request: PrepareVmRequest
+    future: Future[PrepareVmResponse]
+    opened: bool = False  # mms answered, and the answer opened the claim's start
+    caller_left: bool = False
+
+
+RemoveStart = Callable[[int, str], None]  # send RemoveVm for (vm_id, why); must not block
 
 
 class StartSlot:
-    """Who owns mms's pending start; see the module docstring."""
+    """Who owns mms's pending start, a ConnectionObserver; see the module docstring."""
 
-    def __init__(self, lease_s: float, on_lease_expired: LeaseExpired) -> None:
+    def __init__(
+        self, connection: MmsConnection, lease_s: float, remove_start: RemoveStart
+    ) -> None:
+        self._connection = connection
         self._lease_s = lease_s
-        self._on_lease_expired = on_lease_expired
-        self._cond = threading.Condition()
+        self._remove_start = remove_start
+        # Reentrant: a future that is already done runs its callback at once, under the lock.
+        self._cond = threading.Condition(threading.RLock())
         self._claim: Claim | None = None
         self._waiters: collections.deque[object] = collections.deque()
         self._aborted: set[object] = set()
@@ -98,59 +167,176 @@ class StartSlot:
             if self._claim is not None:
                 self._drop_claim()
 
-    # --- unary calls ---------------------------------------------------------------------------
-
-    def claim_for_prepare(self) -> tuple[Claim, bool]:
-        """Claim (or join) the start for a bare PrepareVm; returns (claim, newly_opened)."""
-        with self._cond:
-            if self._claim is not None and self._claim.owner is Owner.LAUNCH:
-                raise self._in_progress_error()
-            if self._claim is None and self._waiters:
-                raise StartInProgressError(
-                    "launches are queued for the pending VM start",
-                    launchesWaiting=len(self._waiters),
-                )
-            if self._claim is not None:
-                return self._claim, False
-            self._claim = Claim(Owner.UNARY, object())
-            return self._claim, True
-
-    def opened_by_prepare(self, claim: Claim, vm_id: int) -> None:
-        """mms assigned ``vm_id`` to a bare PrepareVm start: (re)start its lease."""
-        with self._cond:
-            if self._claim is not claim:
-                return
-            claim.vm_id = vm_id
-            if claim.lease_timer is not None:
-                claim.lease_timer.cancel()
-            timer = threading.Timer(self._lease_s, self._lease_expired, args=(claim,))
-            timer.daemon = True
-            timer.name = f"start-lease-{vm_id}"
-            claim.lease_timer = timer
-            timer.start()
-
-    def abandon(self, claim: Claim) -> None:
-        """A bare PrepareVm opened nothing after all (mms refused it)."""
-        with self._cond:
-            if self._claim is claim and claim.vm_id is None:
-                self._drop_claim()
-
-    def check_not_launching(self, vm_id: int) -> None:
-        """Refuse FinishAddVm / RemoveVm on the VM a launch is starting: it is not yours."""
-        with self._cond:
-            claim = self._claim
-            if claim is not None and claim.owner is Owner.LAUNCH and claim.vm_id == vm_id:
-                raise self._in_progress_error()
-
     def finished(self, vm_id: int) -> None:
         """The pending VM ``vm_id`` started or was removed: the start slot is free again."""
         with self._cond:
             if self._claim is not None and self._claim.vm_id == vm_id:
                 self._drop_claim()
 
+    # --- bare calls ----------------------------------------------------------------------------
+
+    def submit_prepare(self, request: PrepareVmRequest) -> BarePrepare:
+        """Send a bare PrepareVm under the unary claim, or refuse it (StartInProgressError)."""
+        with self._cond:
+            claim = self._claim
+            if claim is not None and claim.owner is Owner.LAUNCH:
+                raise self._launch_in_progress_error()
+            if claim is None and self._waiters:
+                raise StartInProgressError(
+                    "launches are queued for the pending VM start",
+                    launchesWaiting=len(self._waiters),
+                )
+            if claim is not None and claim.ends_in_flight:
+                raise StartInProgressError(
+                    f"a FinishAddVm or RemoveVm of the pending VM start (VM {claim.vm_id}) is on "
+                    "its way to mms; retry PrepareVm once it is answered",
+                    vmId=claim.vm_id,
+                )
+            if claim is None:
+                claim = self._claim = Claim(Owner.UNARY, object())
+            claim.prepares_in_flight += 1
+            try:
+                future = self._connection.submit(request)
+            except BaseException:
+                claim.prepares_in_flight -= 1
+                self._drop_if_nothing_opened(claim)
+                raise
+            prepare = BarePrepare(claim, request, future)
+            future.add_done_callback(lambda _: self._prepare_done(prepare))
+            return prepare
+
+    def caller_left(self, prepare: BarePrepare) -> None:
+        """The caller stopped waiting for ``prepare``; if its answer opens the start, remove it."""
+        with self._cond:
+            prepare.caller_left = True
+            if prepare.opened:
+                self._remove_unfinished(prepare.claim, "its PrepareVm caller went away")
+
+    @overload
+    def submit_end(
+        self, request: FinishAddVmRequest, *, refuse_if_launching: bool = ...
+    ) -> Future[FinishAddVmResponse]: ...
+
+    @overload
+    def submit_end(
+        self, request: RemoveVmRequest, *, refuse_if_launching: bool = ...
+    ) -> Future[RemoveVmResponse]: ...
+
+    def submit_end(
+        self, request: FinishAddVmRequest | RemoveVmRequest, *, refuse_if_launching: bool = False
+    ) -> Future[Any]:
+        """Send FinishAddVm or RemoveVm; one naming the pending start counts until answered.
+
+        ``refuse_if_launching``: a caller's own call on the VM a launch is starting is refused
+        (StartInProgressError): that start is not theirs.
+        """
+        with self._cond:
+            claim = self._claim
+            if claim is not None and claim.vm_id != request.vm_id:
+                claim = None  # another VM: this call cannot end the pending start
+            if refuse_if_launching and claim is not None and claim.owner is Owner.LAUNCH:
+                raise self._launch_in_progress_error()
+            future: Future[Any] = self._connection.submit(request)
+            if claim is not None:
+                claim.ends_in_flight += 1
+                ending = claim
+                future.add_done_callback(lambda _: self._end_done(ending))
+            return future
+
+    # --- ConnectionObserver (the connection thread, before the books) --------------------------
+
+    def on_connected(self, session: int) -> None:
+        del session
+
+    def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
+        del session, error
+        self.release_all()
+
+    def on_response(
+        self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
+    ) -> None:
+        del session, round_trip_s
+        with self._cond:
+            if isinstance(request, PrepareVmRequest) and isinstance(response, PrepareVmResponse):
+                # mms answers an id for a start it opened or topped up (res 0 or -12).
+                if response.res in (RES_OK, RES_ENOMEM):
+                    self._start_answered(request, response.vm_id)
+            elif (
+                isinstance(request, FinishAddVmRequest | RemoveVmRequest)
+                and isinstance(response, FinishAddVmResponse | RemoveVmResponse)
+                and response.res == RES_OK
+                and self._claim is not None
+                and self._claim.vm_id == request.vm_id
+            ):
+                self._drop_claim()  # the start became a running VM, or is gone
+
     # --- internals -----------------------------------------------------------------------------
 
-    def _in_progress_error(self) -> StartInProgressError:
+    def _start_answered(self, request: PrepareVmRequest, vm_id: int) -> None:
+        claim = self._claim
+        if claim is not None and claim.vm_id == vm_id:
+            return  # a top-up of the start we track
+        if claim is None:
+            # Every PrepareVm goes out under a claim, so this means a bug here; track the start
+            # anyway, under a lease, rather than let it block every later start.
+            logger.error("mms opened a start (VM %d) outside any claim; leasing it", vm_id)
+            claim = self._claim = Claim(Owner.UNARY, object())
+        elif claim.vm_id is not None:
+            logger.error("mms answered VM %d for the start known as VM %d", vm_id, claim.vm_id)
+        claim.vm_id = vm_id
+        if claim.owner is Owner.UNARY:
+            claim.opened_by = request
+            self._start_lease(claim)
+
+    def _prepare_done(self, prepare: BarePrepare) -> None:
+        # After on_response when mms answered; also when the call failed or was cancelled.
+        with self._cond:
+            claim = prepare.claim
+            claim.prepares_in_flight -= 1
+            prepare.opened = claim.opened_by is prepare.request
+            self._drop_if_nothing_opened(claim)
+            if prepare.opened and prepare.caller_left:
+                self._remove_unfinished(claim, "its PrepareVm caller went away")
+
+    def _end_done(self, claim: Claim) -> None:
+        with self._cond:
+            claim.ends_in_flight -= 1
+            if claim.ends_in_flight == 0 and claim.remove_when_idle is not None:
+                why, claim.remove_when_idle = claim.remove_when_idle, None
+                self._remove_unfinished(claim, why)
+
+    def _remove_unfinished(self, claim: Claim, why: str) -> None:
+        """Remove the claim's start if it is still pending; behind an end, once that fails."""
+        if claim is not self._claim or claim.vm_id is None:
+            return  # it started, was removed, or the session reset
+        if claim.ends_in_flight:
+            claim.remove_when_idle = why
+            return
+        self._remove_start(claim.vm_id, why)
+
+    def _drop_if_nothing_opened(self, claim: Claim) -> None:
+        if (
+            claim is self._claim
+            and claim.owner is Owner.UNARY
+            and claim.vm_id is None
+            and claim.prepares_in_flight == 0
+        ):
+            self._drop_claim()
+
+    def _start_lease(self, claim: Claim) -> None:
+        if claim.lease_timer is not None:
+            claim.lease_timer.cancel()
+        timer = threading.Timer(self._lease_s, self._lease_expired, args=(claim,))
+        timer.daemon = True
+        timer.name = f"start-lease-{claim.vm_id}"
+        claim.lease_timer = timer
+        timer.start()
+
+    def _lease_expired(self, claim: Claim) -> None:
+        with self._cond:
+            self._remove_unfinished(claim, "its PrepareVm lease expired before FinishAddVm")
+
+    def _launch_in_progress_error(self) -> StartInProgressError:
         claim = self._claim
         return StartInProgressError(
             "a LaunchVm owns the pending VM start; wait for it or use LaunchVm",
@@ -163,10 +349,3 @@ class StartSlot:
             self._claim.lease_timer.cancel()
         self._claim = None
         self._cond.notify_all()
-
-    def _lease_expired(self, claim: Claim) -> None:
-        with self._cond:
-            if self._claim is not claim or claim.vm_id is None:
-                return
-            vm_id = claim.vm_id
-        self._on_lease_expired(vm_id)
