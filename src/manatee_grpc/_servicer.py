@@ -236,7 +236,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.WatchBalloonStatsRequest, pb.WatchBalloonStatsResponse],
     ) -> AsyncIterator[pb.WatchBalloonStatsResponse]:
         vm_ids = validate.vm_ids(request.vm_ids)
-        interval_s = validate.watch_interval_s(request.interval.ToTimedelta().total_seconds())
+        interval_s = validate.watch_interval_s(
+            # Not ToTimedelta(): a Duration of 10^11 s overflows timedelta (OverflowError).
+            request.interval.seconds + request.interval.nanos / 1e9
+        )
         self._check_open()
         watcher = self._watch_hub.subscribe(vm_ids, interval_s)
         try:

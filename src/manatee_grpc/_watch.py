@@ -206,8 +206,12 @@ class WatchHub:
             ticker = self._tickers.get(interval_s)
             if ticker is None:
                 ticker = self._tickers[interval_s] = _Ticker(interval_s, self._read, self._dispatch)
+                # Start it with its watcher already in: its first tick then polls at once, so
+                # the first watcher of an interval is not left a whole interval without a snapshot.
+                ticker.watchers = {watcher}
                 ticker.start()
-            ticker.watchers = ticker.watchers | {watcher}
+            else:
+                ticker.watchers = ticker.watchers | {watcher}
         return watcher
 
     def unsubscribe(self, watcher: Watcher) -> None:

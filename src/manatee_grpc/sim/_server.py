@@ -91,6 +91,8 @@ class Simulator:
         self._connections_closed = 0
         self._malformed_requests = 0
         self._stopping = threading.Event()
+        # Set by stop() just before it shuts the listener, whose accept() then fails (EINVAL).
+        self._refusing = threading.Event()
         self._listener: socket.socket | None = None
         self._listening = False
         self._conn: socket.socket | None = None
@@ -123,6 +125,12 @@ class Simulator:
         """Stop accepting, hang up the current connection (connection lost), join the thread."""
         if self._thread is None or self._stopping.is_set():
             return
+        # Like a dying mms, stop listening before hanging up (the woken thread may hang up at
+        # once): a client that redials must be refused, not accepted by a closing listener.
+        if self._listening and self._listener is not None:
+            self._refusing.set()
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
         # Wake the thread wherever it waits: select (wake socket), delays (event), recv (shutdown).
         self._stopping.set()
         assert self._wake_w is not None
@@ -304,6 +312,10 @@ class Simulator:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
+            except OSError:
+                if self._refusing.is_set():
+                    return None
+                raise
             conn.setblocking(True)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
