@@ -50,9 +50,11 @@ class MemoryServiceStub:
                            mms session (SESSION_RESET).
       FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
                            new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
-                           LaunchVm stream holds the device's one pending start
-                           (START_IN_PROGRESS); or the LaunchVm client sent `vm_start_failed`
-                           (VM_START_FAILED). A launch's reservation is always released.
+                           LaunchVm stream holds the device's one pending start, or a PrepareVm
+                           came while that start's FinishAddVm/RemoveVm was on its way to mms
+                           (START_IN_PROGRESS; retry once it is answered); or the LaunchVm
+                           client sent `vm_start_failed` (VM_START_FAILED). A launch's
+                           reservation is always released.
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
       ABORTED              the LaunchVm client closed its side of the stream before the launch
                            finished (LAUNCH_ABORTED); the reservation is released.
@@ -154,9 +156,11 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
                            mms session (SESSION_RESET).
       FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
                            new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
-                           LaunchVm stream holds the device's one pending start
-                           (START_IN_PROGRESS); or the LaunchVm client sent `vm_start_failed`
-                           (VM_START_FAILED). A launch's reservation is always released.
+                           LaunchVm stream holds the device's one pending start, or a PrepareVm
+                           came while that start's FinishAddVm/RemoveVm was on its way to mms
+                           (START_IN_PROGRESS; retry once it is answered); or the LaunchVm
+                           client sent `vm_start_failed` (VM_START_FAILED). A launch's
+                           reservation is always released.
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
       ABORTED              the LaunchVm client closed its side of the stream before the launch
                            finished (LAUNCH_ABORTED); the reservation is released.
@@ -254,9 +258,11 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
                            mms session (SESSION_RESET).
       FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
                            new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
-                           LaunchVm stream holds the device's one pending start
-                           (START_IN_PROGRESS); or the LaunchVm client sent `vm_start_failed`
-                           (VM_START_FAILED). A launch's reservation is always released.
+                           LaunchVm stream holds the device's one pending start, or a PrepareVm
+                           came while that start's FinishAddVm/RemoveVm was on its way to mms
+                           (START_IN_PROGRESS; retry once it is answered); or the LaunchVm
+                           client sent `vm_start_failed` (VM_START_FAILED). A launch's
+                           reservation is always released.
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
       ABORTED              the LaunchVm client closed its side of the stream before the launch
                            finished (LAUNCH_ABORTED); the reservation is released.
