@@ -220,9 +220,9 @@ class MemoryBridge:
         response = await_call(future, ctx, "FinishAddVm")
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, _finish_message(response.res), vmId=vm_id)
-        record = self.books.vm(vm_id)
-        assert record is not None
-        return record
+        # Finished, but a RemoveVm (or a reset) may have landed right behind it: then say the
+        # VM is gone (NOT_FOUND), not INTERNAL.
+        return self.books.require_vm(vm_id)
 
     def remove_vm(self, vm_id: int, ctx: CallContext) -> None:
         if vm_id == CROS_GUEST_VM_ID:
