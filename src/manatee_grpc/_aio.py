@@ -10,6 +10,8 @@ future here, and the caller decides what to do with the thread future.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -19,9 +21,27 @@ from ._messages import MessageType
 R = TypeVar("R")
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
+def call_soon_from_thread(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object
+) -> None:
+    """Hand ``callback(*args)`` to ``loop`` from another thread.
+
+    A closed loop means the server has stopped: nobody is left to run it, and the thread
+    handing it over (the connection thread, a launch, a watch ticker) must not fail for that.
+    """
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def wake(waiter: asyncio.Future[None]) -> None:
+    """Complete a wake-up future (on its loop); a second wake is a no-op."""
     if not waiter.done():
         waiter.set_result(None)
+
+
+def wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        wake(waiter)
 
 
 def wake_soon(waiter: asyncio.Future[None]) -> None:
@@ -32,12 +52,9 @@ def wake_soon(waiter: asyncio.Future[None]) -> None:
     except RuntimeError:
         on_loop = False
     if on_loop:
-        _wake(waiter)
-        return
-    try:
-        loop.call_soon_threadsafe(_wake, waiter)
-    except RuntimeError:
-        pass  # the loop is closed: the server is gone and nobody is parked any more
+        wake(waiter)
+    else:
+        call_soon_from_thread(loop, wake, waiter)
 
 
 def wake_on_done(future: Future[Any]) -> asyncio.Future[None]:

@@ -352,7 +352,7 @@ class MmsConnection:
         frame_bytes = _wire.HEADER_SIZE_BYTES
         while True:
             if len(buffer) < frame_bytes:
-                _wait_readable(sock, deadline)
+                _wait(sock, select.POLLIN, deadline)
                 chunk = sock.recv(_READ_CHUNK_BYTES)
                 if not chunk:
                     raise ConnectionResetError("mms closed the connection")
@@ -445,10 +445,6 @@ class MmsConnection:
 
 # One read takes up to this much; a response is a few hundred bytes, stats for 64 VMs ~20 KiB.
 _READ_CHUNK_BYTES = 1 << 16
-
-
-def _wait_readable(sock: socket.socket, deadline: float) -> None:
-    _wait(sock, select.POLLIN, deadline)
 
 
 def _wait(sock: socket.socket, events: int, deadline: float) -> None:

@@ -8,13 +8,12 @@ and group. Every refusal is a ``ListenError`` whose message names the flag to ch
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import ipaddress
 import logging
 import os
-import socket
 import ssl
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Protocol
 
 import grpc
 
+from . import _transport
 from ._config import DEFAULT_SOCKET_MODE, ServerConfig
 
 __all__ = [
@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 # The umask a unix socket is bound under: grpc creates the file itself, and this makes it
 # owner-only from its first instant (bind gives 0o777 & ~umask).
 _BIND_UMASK = 0o177
-# A live server answers a unix connect at once; a wedged one must not hang start-up.
-_PROBE_TIMEOUT_S = 2.0
 
 
 class ListenError(Exception):
@@ -189,37 +187,26 @@ def prepare_socket_path(path: str) -> None:
     gRPC itself silently unlinks any socket at the path before binding, which would steal a
     live server's address, so the live check must happen here, first.
     """
+    if not Path(path).parent.is_dir():
+        raise ListenError(f"unix socket {path}: directory {Path(path).parent} does not exist")
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        if not Path(path).parent.is_dir():
-            raise ListenError(
-                f"unix socket {path}: directory {Path(path).parent} does not exist"
-            ) from None
-        return
-    if not stat.S_ISSOCK(mode):
+        removed = _transport.remove_stale_unix_socket(path)
+    except FileExistsError:
         raise ListenError(
             f"unix socket {path}: the path exists and is not a socket; refusing to replace it"
-        )
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(_PROBE_TIMEOUT_S)
-    try:
-        # Probing costs a live server one connection that hangs up at once.
-        probe.connect(path)
-    except ConnectionRefusedError:
-        # Nobody listens: the file outlived its server.
-        logger.info("removing stale socket %s (nobody is listening on it)", path)
-        os.unlink(path)
-        return
+        ) from None
     except OSError as error:
-        # Permission denied, a wedged server, ...: not provably stale, so leave it alone.
+        if error.errno == errno.EADDRINUSE:
+            raise ListenError(
+                f"unix socket {path}: another server is already listening on it"
+            ) from None
+        # Permission denied, a wedged server, ...: not provably stale, so it was left alone.
         raise ListenError(
             f"unix socket {path}: a socket is there and cannot be probed ({error}); "
             "refusing to replace it"
         ) from None
-    finally:
-        probe.close()
-    raise ListenError(f"unix socket {path}: another server is already listening on it")
+    if removed:
+        logger.info("removed stale socket %s (nobody was listening on it)", path)
 
 
 @contextlib.contextmanager

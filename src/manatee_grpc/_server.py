@@ -17,7 +17,7 @@ import asyncio
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import _listen, _transport
+from . import _aio, _listen, _transport
 from ._bridge import BridgeConfig, CallContext, MemoryBridge
 from ._config import ServerConfig
 from ._connection import BackoffPolicy, ConnectionConfig, MmsConnection
@@ -64,11 +64,8 @@ class _HealthFollower:
         self._loop = loop
 
     def set(self, serving: bool) -> None:
-        try:
-            # The coroutine is made on the loop, so a closed loop leaves none un-awaited.
-            self._loop.call_soon_threadsafe(self._set_on_loop, serving)
-        except RuntimeError:
-            pass  # the loop is closed: the server has stopped serving health anyway
+        # The coroutine is made on the loop, so a closed loop leaves none un-awaited.
+        _aio.call_soon_from_thread(self._loop, self._set_on_loop, serving)
 
     def _set_on_loop(self, serving: bool) -> None:
         status = (
@@ -154,7 +151,7 @@ class ManateeServer:
             lambda vm_ids: self.bridge.get_balloon_stats(
                 vm_ids, CallContext.with_timeout(WATCH_POLL_TIMEOUT_S)
             ),
-            dispatch=lambda work: _call_soon(loop, work),
+            dispatch=lambda work: _aio.call_soon_from_thread(loop, work),
         )
         self.bridge.books.add_session_listener(self._session_changed)
         self.health = health.aio.HealthServicer()
@@ -315,21 +312,10 @@ async def _finish_tasks() -> None:
     await asyncio.get_running_loop().shutdown_asyncgens()
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, work: Callable[[], None]) -> None:
-    try:
-        loop.call_soon_threadsafe(work)
-    except RuntimeError:
-        pass  # the loop is closed: the server stopped and no watcher is left to serve
-
-
 def create_server(config: ServerConfig) -> tuple[ManateeServer, int]:
     """Start a server; returns it and the TCP port it bound (0 for a unix socket)."""
     server = ManateeServer(config).start()
     return server, server.port
-
-
-def _grpc_target(listen: str) -> str:
-    return listen
 
 
 def _client_target(listen: str, port: int) -> str:

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc import aio
 
+from . import _aio
 from . import _validation as validate
 from ._books import VmRecord, VmState
 from ._bridge import CallContext, MemoryBridge
@@ -414,21 +415,11 @@ def _drive_launch(
     ended = _RunEnded()
     try:
         for event in run.events():
-            _hand_to_loop(loop, events, event)
+            _aio.call_soon_from_thread(loop, events.put_nowait, event)
     except Exception as error:  # ManateeErrors become the status; anything else INTERNAL
         ended = _RunEnded(error)
-    _hand_to_loop(loop, events, ended)
-
-
-def _hand_to_loop(
-    loop: asyncio.AbstractEventLoop,
-    events: asyncio.Queue[LaunchEvent | _RunEnded],
-    item: LaunchEvent | _RunEnded,
-) -> None:
-    try:
-        loop.call_soon_threadsafe(events.put_nowait, item)
-    except RuntimeError:
-        pass  # the server's loop is closed: nobody is reading, the run still cleans up
+    # With the loop closed nobody reads this; the run has cleaned up all the same.
+    _aio.call_soon_from_thread(loop, events.put_nowait, ended)
 
 
 async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox) -> None:

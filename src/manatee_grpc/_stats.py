@@ -7,7 +7,6 @@ stats is served by one GetBalloonStats for the union of their ids, sent after th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from concurrent.futures import Future
@@ -85,11 +84,11 @@ class StatsReader:
             by_id = {entry.vm_id: entry for entry in response.all_stats}
             return _pick(vm_ids, session, time.time(), by_id)
         loop = asyncio.get_running_loop()
-        batch = self._join_batch_async(vm_ids, loop)
+        batch = self._join_batch(vm_ids, loop)
         waiter = loop.create_future()
         if self._add_loop_waiter(batch, loop, waiter):
             # The batch is shared: this caller's deadline ends only its own wait, never the read.
-            expiry = None if timeout_s is None else loop.call_later(timeout_s, _wake, waiter)
+            expiry = None if timeout_s is None else loop.call_later(timeout_s, _aio.wake, waiter)
             try:
                 await waiter
             finally:
@@ -99,19 +98,6 @@ class StatsReader:
             raise _stats_deadline()
         session, read_time_unix_s, by_id = batch.done.result()
         return _pick(vm_ids, session, read_time_unix_s, by_id)
-
-    def _join_batch_async(self, vm_ids: tuple[int, ...], loop: asyncio.AbstractEventLoop) -> _Batch:
-        """Join the next read; it is sent at the end of this loop pass, not at once, so the
-        callers whose requests arrived together (a burst delivered in one pass) share it."""
-        with self._lock:
-            if self._next is None:
-                self._next = _Batch()
-            batch = self._next
-            batch.vm_ids.update(vm_ids)
-            if not self._in_flight and not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush)
-        return batch
 
     def _flush(self) -> None:
         with self._lock:
@@ -137,17 +123,26 @@ class StatsReader:
         with self._lock:
             waiters, batch.loop_waiters = batch.loop_waiters, None
         if waiters and batch.loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-                batch.loop.call_soon_threadsafe(_wake_all, waiters)
+            _aio.call_soon_from_thread(batch.loop, _aio.wake_all, waiters)
 
-    def _join_batch(self, vm_ids: tuple[int, ...]) -> _Batch:
+    def _join_batch(
+        self, vm_ids: tuple[int, ...], loop: asyncio.AbstractEventLoop | None = None
+    ) -> _Batch:
+        """Join the next read. From a thread it is sent at once if mms is idle; from the event
+        loop it is sent at the end of this loop pass, so the callers whose requests arrived
+        together (a burst delivered in one pass) share it."""
         with self._lock:
             if self._next is None:
                 self._next = _Batch()
             batch = self._next
             batch.vm_ids.update(vm_ids)
-            if not self._in_flight:
+            if self._in_flight:
+                pass  # the in-flight read's answer sends this batch
+            elif loop is None:
                 self._send_next_locked()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
         return batch
 
     def _read_direct(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
@@ -185,16 +180,6 @@ class StatsReader:
             batch.done.set_result((session, time.time(), by_id))
 
         mms_future.add_done_callback(finished)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        _wake(waiter)
 
 
 def _stats_deadline() -> DeadlineExceededError:

@@ -252,7 +252,7 @@ def listen(address: MmsAddress, backlog: int = 8) -> socket.socket:
             (address.host, address.port), family=tcp_family, backlog=backlog
         )
     if address.scheme == "unix":
-        _remove_stale_unix_socket(address.path)
+        remove_stale_unix_socket(address.path)
     family, target = _family_and_target(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -264,24 +264,34 @@ def listen(address: MmsAddress, backlog: int = 8) -> socket.socket:
     return sock
 
 
-def _remove_stale_unix_socket(path: str) -> None:
-    """Remove a socket file left by a dead server; refuse a live server's socket or any file."""
+# A live server answers a unix connect at once; a wedged one must not hang start-up.
+_STALE_PROBE_TIMEOUT_S = 2.0
+
+
+def remove_stale_unix_socket(path: str) -> bool:
+    """Remove a socket file left by a dead server (True if one was removed).
+
+    Refuses a live server's socket (OSError EADDRINUSE) or any other file (FileExistsError);
+    a socket that cannot be probed (permission, a wedged server) raises the probe's OSError,
+    since it is not provably stale.
+    """
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(
             errno.EEXIST, "exists and is not a socket, refusing to replace it", path
         )
     # Probing costs a live server one connection that hangs up at once; a stale file refuses it.
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_STALE_PROBE_TIMEOUT_S)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
         # Nobody listens: the file outlived its server.
         os.unlink(path)
-        return
+        return True
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, "a server is already listening on this unix socket", path)
