@@ -1,6 +1,10 @@
-"""Reading rich error details off a failed call, the way a client would."""
+"""Reading rich error details off a failed call, the way a client would; and the one
+polling wait every test package uses."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import grpc
 from google.rpc import error_details_pb2
@@ -52,3 +56,14 @@ def health_status(channel: grpc.Channel, service: str = "") -> int:
         health_pb2.HealthCheckRequest(service=service), timeout=5
     )
     return int(response.status)
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str = "the condition", timeout_s: float = 10.0
+) -> None:
+    """Poll ``predicate`` quickly until it holds; a condition wait with a deadline, not a sleep."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout_s} s: {what}")
+        time.sleep(0.002)

@@ -7,7 +7,7 @@ its request arrived; N concurrent callers must cost far fewer than N round trips
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,18 +19,10 @@ from manatee_grpc._messages import GetBalloonStatsRequest, MessageType
 from manatee_grpc.sim import Simulator
 
 from .conftest import start_server
+from .helpers import wait_until as _wait_until
 
 MIB = 1 << 20
 CALL_TIMEOUT_S = 10.0
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` until true; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
 
 
 def _sim(server: ManateeServer) -> Simulator:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,17 +18,7 @@ from manatee_grpc._memory_math import MIB
 from manatee_grpc._messages import MessageType
 
 from .conftest import start_server
-from .helpers import error_info, health_status, retry_delay_s
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll a condition quickly until it holds; a bounded condition wait, not a sleep."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
+from .helpers import error_info, health_status, retry_delay_s, wait_until
 
 
 @pytest.fixture
@@ -75,7 +64,7 @@ def test_vm_from_an_earlier_session_is_session_reset(
     stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=15)
     assert server.simulator is not None and server.connection is not None
     assert server.simulator.drop_connection()
-    assert wait_until(lambda: server.connection is not None and server.connection.session == 2)
+    wait_until(lambda: server.connection is not None and server.connection.session == 2)
     assert server.connection.wait_connected(10)
     assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as caught:
@@ -102,9 +91,7 @@ def test_mms_breaking_the_protocol_is_internal() -> None:
                 assert error_info(caught.value).reason == "MMS_PROTOCOL_ERROR"
                 # The stream was reset and the next call works on a new session.
                 assert server.connection.wait_connected(10)
-                assert wait_until(
-                    lambda: server.connection is not None and server.connection.session == 2
-                )
+                wait_until(lambda: server.connection is not None and server.connection.session == 2)
                 response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
                 assert response.session == 2
         finally:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -26,7 +25,7 @@ from manatee_grpc._messages import FinishAddVmRequest, MessageType, PrepareVmReq
 from manatee_grpc.sim import Simulator, StartState
 
 from .conftest import start_server
-from .helpers import bad_request_fields, error_info, retry_delay_s
+from .helpers import bad_request_fields, error_info, retry_delay_s, wait_until
 
 # 2 GiB starts with concierge's default of 1000 MiB; the rest begins inside the VM's balloon.
 MEM_BYTES = 2048 * MIB
@@ -41,15 +40,6 @@ LAUNCH_TIMEOUT_S = 30.0
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` quickly until it holds; a condition wait with a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout_s} s: {what}")
-        time.sleep(0.005)
 
 
 def simulator(server: ManateeServer) -> Simulator:

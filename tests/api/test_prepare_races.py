@@ -9,8 +9,7 @@ what mms ended up holding, and that the next LaunchVm still gets the one pending
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +24,7 @@ from manatee_grpc._messages import MessageType
 from manatee_grpc.sim import MmsModel, Simulator, StartState
 
 from .conftest import start_server
-from .helpers import error_info
+from .helpers import error_info, wait_until
 
 A_MEM_BYTES, A_INIT_BYTES = 512 * MIB, 256 * MIB
 B_MEM_BYTES, B_INIT_BYTES = 256 * MIB, 128 * MIB
@@ -34,15 +33,6 @@ SHORT_LEASE_S = 0.3
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds; a condition wait with a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout_s} s: {what}")
-        time.sleep(0.005)
 
 
 def simulator(server: ManateeServer) -> Simulator:

@@ -6,8 +6,6 @@ Also: interval validation, and a cancelled watch leaving no watcher or polling t
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -23,20 +21,12 @@ from manatee_grpc._watch import SessionChanged, Watcher, WatchHub
 from manatee_grpc.sim import Simulator
 
 from .helpers import bad_request_fields
+from .helpers import wait_until as _wait_until
 
 if TYPE_CHECKING:
     WatchStream = grpc._CallIterator[pb.WatchBalloonStatsResponse]
 
 CALL_TIMEOUT_S = 10.0
-
-
-def _wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` until true; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.002)
 
 
 def _sim(server: ManateeServer) -> Simulator:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,15 +46,6 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         check=False,
         cwd=REPO_ROOT,
     )
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` quickly until it holds; a condition wait with a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout_s} s: {what}")
-        time.sleep(0.005)
 
 
 def vm_ids(client: Client) -> list[int]:

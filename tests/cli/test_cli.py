@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from api.conftest import start_server
+from api.helpers import wait_until
 
 from manatee_grpc import Client, ManateeServer
 
-from .conftest import run_cli, vm_ids, wait_until
+from .conftest import run_cli, vm_ids
 
 MIB = 1024 * 1024
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from api.helpers import wait_until
 
 import manatee_grpc
 from manatee_grpc import Client, FieldViolation, ManateeRpcError, ManateeServer
@@ -14,7 +15,7 @@ from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc._errors import ServerShuttingDownError
 from manatee_grpc._status import to_status
 
-from .conftest import simulator, vm_ids, wait_until
+from .conftest import simulator, vm_ids
 
 MIB = 1024 * 1024
 HUGE_BYTES = 7 * 1024 * MIB  # more than the simulated CrOS guest can ever give

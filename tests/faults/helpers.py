@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from api.helpers import error_info, retry_delay_s
+from api.helpers import error_info, retry_delay_s, wait_until
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
@@ -38,15 +38,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAME = "manatee.memory.v1.MemoryService"
 VM_MEM_BYTES = 512 * MIB
 VM_INIT_BYTES = 256 * MIB
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll ``predicate`` quickly until it holds; a condition wait with a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout_s} s: {what}")
-        time.sleep(0.002)
 
 
 def expect_rpc_error(call: Callable[[], object]) -> grpc.RpcError:

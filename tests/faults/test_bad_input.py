@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from api.conftest import start_server
-from api.helpers import bad_request_fields, error_info
+from api.helpers import bad_request_fields, error_info, wait_until
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
@@ -52,7 +52,7 @@ from manatee_grpc._messages import (
 )
 from manatee_grpc.sim import Scenario, Simulator
 
-from .helpers import CALL_TIMEOUT_S, LaunchStream, expect_rpc_error, start_vm, wait_until
+from .helpers import CALL_TIMEOUT_S, LaunchStream, expect_rpc_error, start_vm
 
 PAGE_BYTES = 4096
 GIB = 1024 * MIB

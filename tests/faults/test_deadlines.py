@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from api.conftest import start_server
+from api.helpers import wait_until
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
@@ -33,7 +34,6 @@ from .helpers import (
     run_launch,
     simulator,
     start_vm,
-    wait_until,
 )
 
 SLOW_S = 0.8  # how long mms takes over the request everything else queues behind

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from api.conftest import start_server
+from api.helpers import wait_until
 from google.protobuf import duration_pb2
 from peers import Behaviour, HugeLen, RawBody, ScriptedMms, Truncated, WrongType
 
@@ -37,7 +38,6 @@ from .helpers import (
     assert_unavailable,
     expect_rpc_error,
     session,
-    wait_until,
 )
 
 # A broken answer is noticed at once, far inside the caller's deadline.

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from api.conftest import start_server
+from api.helpers import wait_until
 from peers import Behaviour, Hang, ScriptedMms, Trickle
 
 from manatee_grpc import ManateeServer
@@ -40,7 +41,6 @@ from .helpers import (
     health,
     session,
     wait_health,
-    wait_until,
 )
 
 WATCHDOG_S = 0.6

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from api.helpers import error_info
+from api.helpers import error_info, wait_until
 from google.protobuf import duration_pb2
 
 from manatee_grpc import ManateeServer
@@ -49,7 +49,6 @@ from .helpers import (
     session,
     start_vm,
     wait_health,
-    wait_until,
 )
 
 # An answer this far away has certainly not come when mms is killed.

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from api.conftest import start_server
+from api.helpers import wait_until
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
@@ -40,7 +41,6 @@ from .helpers import (
     listed_vm_ids,
     run_launch,
     simulator,
-    wait_until,
 )
 
 CHILD = Path(__file__).with_name("launch_child.py")

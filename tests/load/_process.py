@@ -15,13 +15,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
+from api.helpers import wait_until
 from grpc_health.v1 import health_pb2
 
 # Fast reservation retries: under load a launch that cannot fit must give the start slot back
@@ -35,15 +36,6 @@ HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 if TYPE_CHECKING:
     HealthStream = grpc._CallIterator[health_pb2.HealthCheckResponse]
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds; a condition wait with a deadline, not a sleep."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout_s} s: {what}")
-        time.sleep(0.01)
 
 
 def health_check(channel: grpc.Channel, timeout_s: float = 5.0) -> int:

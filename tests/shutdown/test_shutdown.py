@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from api.helpers import wait_until
 from grpc_health.v1 import health_pb2
-from load._process import ServerProcess, health_watch, wait_until
+from load._process import ServerProcess, health_watch
 
 from manatee_grpc import ManateeRpcError
 from manatee_grpc import memory_service_pb2 as pb
