@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+M = TypeVar("M", pb.GetBalloonStatsResponse, pb.BalloonStatsSnapshot)
 
 DEADLINE_MARGIN_S = 0.05
 
@@ -168,14 +169,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self._shutting_down = threading.Event()
         # Called with (method, final code, seconds) once per RPC: the metrics hook.
         self.observe_rpc = observe_rpc
-        # The last snapshot converted for watchers of every VM, and its message: one tick's
-        # snapshot is shared by all of them, so it is converted once, not once per watcher.
-        self._watch_cache: tuple[StatsSnapshot, pb.BalloonStatsSnapshot] | None = None
-        # The last GetBalloonStats answer: (the mms read it came from, its VM ids, message).
-        self._stats_cache: (
-            tuple[object, tuple[tuple[int, ...], tuple[int, ...]], pb.GetBalloonStatsResponse]
-            | None
-        ) = None
+        # Callers served by one mms read and asking for the same VMs (coalesced GetBalloonStats
+        # callers, the watchers of one tick) get one message built once, not once per caller.
+        self._stats_responses = _LastConversion(pb.GetBalloonStatsResponse)
+        self._watch_snapshots = _LastConversion(pb.BalloonStatsSnapshot)
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
@@ -215,20 +212,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         vm_ids = validate.vm_ids(request.vm_ids)
         self._check_open()
         snapshot = await self.bridge.get_balloon_stats_async(vm_ids, _timeout_s(context))
-        return self._stats_response(snapshot)
-
-    def _stats_response(self, snapshot: StatsSnapshot) -> pb.GetBalloonStatsResponse:
-        # Callers served by one coalesced read and asking for the same VMs get the same answer:
-        # build it once and hand every one of them the same (read-only) message.
-        key = (tuple(entry.vm_id for entry in snapshot.stats), snapshot.missing_vm_ids)
-        cached = self._stats_cache
-        if cached is not None and cached[0] is snapshot.source and cached[1] == key:
-            return cached[2]
-        response = pb.GetBalloonStatsResponse()
-        _fill_snapshot(response, snapshot)
-        if snapshot.source is not None:
-            self._stats_cache = (snapshot.source, key, response)
-        return response
+        return self._stats_responses.of(snapshot)
 
     @_guard_async_stream
     async def WatchBalloonStats(
@@ -251,22 +235,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     message.session_reset.previous_session = update.reset.previous_session
                     message.session_reset.session = update.reset.session
                 elif update.snapshot is not None:
-                    message.snapshot.CopyFrom(self._watch_snapshot(update.snapshot))
+                    message.snapshot.CopyFrom(self._watch_snapshots.of(update.snapshot))
                 else:
                     # A failed poll is not the end of the watch: the next tick may succeed.
                     continue
                 yield message
         finally:
             self._watch_hub.unsubscribe(watcher)
-
-    def _watch_snapshot(self, snapshot: StatsSnapshot) -> pb.BalloonStatsSnapshot:
-        cached = self._watch_cache
-        if cached is not None and cached[0] is snapshot:
-            return cached[1]
-        message = pb.BalloonStatsSnapshot()
-        _fill_snapshot(message, snapshot)
-        self._watch_cache = (snapshot, message)
-        return message
 
     # --- rebalance -----------------------------------------------------------------------------
 
@@ -446,6 +421,28 @@ def _client_event(request: pb.LaunchVmRequest) -> InboxItem:
 
 
 # --- conversions ---------------------------------------------------------------------------------
+
+
+class _LastConversion(Generic[M]):
+    """The message for the last snapshot converted, reused while the same read and VMs come.
+
+    The message is handed to every such caller as is: gRPC only reads it to serialize it.
+    """
+
+    def __init__(self, factory: Callable[[], M]) -> None:
+        self._factory: Callable[[], M] = factory
+        self._last: tuple[object, tuple[tuple[int, ...], tuple[int, ...]], M] | None = None
+
+    def of(self, snapshot: StatsSnapshot) -> M:
+        source = snapshot if snapshot.source is None else snapshot.source
+        key = (tuple(entry.vm_id for entry in snapshot.stats), snapshot.missing_vm_ids)
+        last = self._last
+        if last is not None and last[0] is source and last[1] == key:
+            return last[2]
+        message = self._factory()
+        _fill_snapshot(message, snapshot)
+        self._last = (source, key, message)
+        return message
 
 
 def _fill_snapshot(

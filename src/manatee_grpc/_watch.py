@@ -186,6 +186,7 @@ def _filter(snapshot: StatsSnapshot, vm_ids: tuple[int, ...]) -> StatsSnapshot:
         snapshot.read_time_unix_s,
         tuple(by_id[i] for i in vm_ids if i in by_id),
         tuple(i for i in vm_ids if i not in by_id),
+        snapshot.source,  # same read: watchers of the same VMs share one converted message
     )
 
 
