@@ -33,6 +33,15 @@ def call_soon_from_thread(
         loop.call_soon_threadsafe(callback, *args)
 
 
+def has_ready_work(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` has callbacks queued to run besides the one asking (a busy loop).
+
+    asyncio has no public API for this; its event loops keep the queue in ``_ready``. A loop
+    without one (another implementation) counts as idle, which only means no waiting.
+    """
+    return bool(getattr(loop, "_ready", None))
+
+
 def wake(waiter: asyncio.Future[None]) -> None:
     """Complete a wake-up future (on its loop); a second wake is a no-op."""
     if not waiter.done():

@@ -2,6 +2,13 @@
 
 mms serves one request at a time, so throughput comes from doing less: every caller waiting for
 stats is served by one GetBalloonStats for the union of their ids, sent after they all arrived.
+
+Under load a read is also *gathered*: with mms idle, a read for callers on the event loop is
+sent once the loop has nothing else ready to run (at most ``gather_window_s`` later). Work still
+queued on the loop is mostly more requests arriving, which then share the read; without this a
+busy server sends a read per two or three callers, and on a server bound by one interpreter lock
+every read (its thread hand-offs, decode and response build) is time taken from the callers. A
+lone caller never waits: an idle loop sends at once.
 """
 
 from __future__ import annotations
@@ -36,9 +43,18 @@ class StatsSnapshot:
     source: object = field(default=None, compare=False, repr=False)
 
 
+# The longest a read waits for a busy loop (callers still arriving) while mms is idle: a few
+# mms round trips, so a loop that never goes idle still sends a read this often.
+DEFAULT_GATHER_WINDOW_S = 0.002
+
+
 @dataclass(slots=True)
 class _Batch:
     vm_ids: set[int] = field(default_factory=set)
+    # A caller on a plain thread (a watch ticker) joined: send as soon as mms is idle.
+    urgent: bool = False
+    # loop.time() after which the batch is sent however busy the loop (set when it first waits).
+    gather_until: float | None = None
     done: Future[tuple[int, float, dict[int, VmBalloonStats]]] = field(default_factory=Future)
     # Coroutines waiting on this batch, woken together by one hand-off to their loop (so a
     # batch of N callers costs the connection thread one wake-up, not N); None once woken.
@@ -49,13 +65,19 @@ class _Batch:
 class StatsReader:
     """Reads balloon stats through the connection, coalescing concurrent callers if enabled."""
 
-    def __init__(self, connection: MmsConnection, coalesce: bool = True) -> None:
+    def __init__(
+        self,
+        connection: MmsConnection,
+        coalesce: bool = True,
+        gather_window_s: float = DEFAULT_GATHER_WINDOW_S,
+    ) -> None:
         self._connection = connection
         self._coalesce = coalesce
+        self._gather_window_s = gather_window_s
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
         self._in_flight = False
-        self._flush_scheduled = False  # a loop callback will send the next batch
+        self._flush_scheduled = False  # a loop callback will send the next batch soon
         self._next: _Batch | None = None
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
 
@@ -86,7 +108,7 @@ class StatsReader:
         loop = asyncio.get_running_loop()
         batch = self._join_batch(vm_ids, loop)
         waiter = loop.create_future()
-        if self._add_loop_waiter(batch, loop, waiter):
+        if self._add_loop_waiter(batch, waiter):
             # The batch is shared: this caller's deadline ends only its own wait, never the read.
             expiry = None if timeout_s is None else loop.call_later(timeout_s, _aio.wake, waiter)
             try:
@@ -100,44 +122,53 @@ class StatsReader:
         return _pick(vm_ids, session, read_time_unix_s, by_id)
 
     def _flush(self) -> None:
+        """On the loop: send the next batch once mms is idle and the loop has no other work
+        (callers still arriving in this burst join it), or once it has waited its window."""
         with self._lock:
             self._flush_scheduled = False
-            if not self._in_flight and self._next is not None:
+            batch = self._next
+            if self._in_flight or batch is None:
+                return
+            assert batch.loop is not None
+            now = batch.loop.time()
+            if batch.gather_until is None:
+                batch.gather_until = now + self._gather_window_s
+            if batch.urgent or now >= batch.gather_until or not _aio.has_ready_work(batch.loop):
                 self._send_next_locked()
+            else:
+                self._flush_scheduled = True
+                batch.loop.call_soon(self._flush)
 
-    def _add_loop_waiter(
-        self, batch: _Batch, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]
-    ) -> bool:
+    def _add_loop_waiter(self, batch: _Batch, waiter: asyncio.Future[None]) -> bool:
         """Park ``waiter`` on ``batch``; False if the batch is already answered (no wait)."""
         with self._lock:
             if batch.loop_waiters is None:
                 return False
-            if batch.loop is None:
-                batch.loop = loop
-                batch.done.add_done_callback(lambda _: self._wake_loop_waiters(batch))
             batch.loop_waiters.append(waiter)
             return True
 
-    def _wake_loop_waiters(self, batch: _Batch) -> None:
-        # On the connection thread (or inline): one hand-off wakes every parked caller.
-        with self._lock:
-            waiters, batch.loop_waiters = batch.loop_waiters, None
-        if waiters and batch.loop is not None:
-            _aio.call_soon_from_thread(batch.loop, _aio.wake_all, waiters)
+    def _answered_on_loop(self, waiters: list[asyncio.Future[None]], flush: bool) -> None:
+        # One hand-off per answered read: wake its callers, then maybe send the next read.
+        _aio.wake_all(waiters)
+        if flush:
+            self._flush()
 
     def _join_batch(
         self, vm_ids: tuple[int, ...], loop: asyncio.AbstractEventLoop | None = None
     ) -> _Batch:
         """Join the next read. From a thread it is sent at once if mms is idle; from the event
-        loop it is sent at the end of this loop pass, so the callers whose requests arrived
-        together (a burst delivered in one pass) share it."""
+        loop it is sent once the loop has no other work ready (see the module docstring)."""
         with self._lock:
             if self._next is None:
-                self._next = _Batch()
+                self._next = _Batch(loop=loop)
             batch = self._next
             batch.vm_ids.update(vm_ids)
+            if loop is None:
+                batch.urgent = True
+            elif batch.loop is None:
+                batch.loop = loop
             if self._in_flight:
-                pass  # the in-flight read's answer sends this batch
+                pass  # the in-flight read's answer sends this batch, or hands it to the loop
             elif loop is None:
                 self._send_next_locked()
             elif not self._flush_scheduled:
@@ -164,20 +195,32 @@ class StatsReader:
 
         def finished(done: Future[GetBalloonStatsResponse]) -> None:
             # Runs on the connection thread (or inline if submit failed at once).
+            flush_on_loop = False
             with self._lock:
                 self._in_flight = False
-                if self._next is not None:
-                    self._send_next_locked()
+                following = self._next
+                if following is not None:
+                    if following.urgent or following.loop is None:
+                        self._send_next_locked()
+                    elif not self._flush_scheduled:
+                        # The loop sends it once its own callers have gathered.
+                        self._flush_scheduled = flush_on_loop = True
             if done.cancelled():
                 batch.done.cancel()
-                return
-            error = done.exception()
-            if error is not None:
+            elif (error := done.exception()) is not None:
                 batch.done.set_exception(error)
-                return
-            response = done.result()
-            by_id = {entry.vm_id: entry for entry in response.all_stats}
-            batch.done.set_result((session, time.time(), by_id))
+            else:
+                by_id = {entry.vm_id: entry for entry in done.result().all_stats}
+                batch.done.set_result((session, time.time(), by_id))
+            with self._lock:  # after the answer is set: a caller parking later need not wait
+                waiters, batch.loop_waiters = batch.loop_waiters, None
+            if batch.loop is not None and (waiters or flush_on_loop):
+                _aio.call_soon_from_thread(
+                    batch.loop, self._answered_on_loop, waiters or [], flush_on_loop
+                )
+            elif flush_on_loop:
+                assert following is not None and following.loop is not None
+                _aio.call_soon_from_thread(following.loop, self._flush)
 
         mms_future.add_done_callback(finished)
 
