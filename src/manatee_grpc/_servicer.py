@@ -42,7 +42,7 @@ from ._launch import (
     VmStartFailed,
     VmStopped,
 )
-from ._messages import CROS_GUEST_VM_ID, BalloonDelta, VmBalloonStats
+from ._messages import BALLOON_STAT_FIELDS, CROS_GUEST_VM_ID, BalloonDelta, VmBalloonStats
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from ._stats import StatsSnapshot
@@ -75,6 +75,8 @@ _STAT_FIELD_NAMES: dict[str, str] = {
     "shared_memory": "shared_memory_bytes",
     "unevictable_memory": "unevictable_memory_bytes",
 }
+# The API names in BalloonStats order, to zip with a BalloonStats (a NamedTuple).
+_STAT_API_NAMES = tuple(_STAT_FIELD_NAMES[name] for name in BALLOON_STAT_FIELDS)
 
 
 RpcObserver = Callable[[str, grpc.StatusCode, float], None]
@@ -429,39 +431,36 @@ class _LastConversion(Generic[M]):
     The message is handed to every such caller as is: gRPC only reads it to serialize it.
     """
 
-    def __init__(self, factory: Callable[[], M]) -> None:
-        self._factory: Callable[[], M] = factory
+    def __init__(self, message_type: type[M]) -> None:
+        self._message_type: type[M] = message_type
+        self._last_snapshot: StatsSnapshot | None = None
         self._last: tuple[object, tuple[tuple[int, ...], tuple[int, ...]], M] | None = None
 
     def of(self, snapshot: StatsSnapshot) -> M:
+        last = self._last
+        if last is not None and snapshot is self._last_snapshot:
+            return last[2]  # the usual case: callers of one read share its snapshot object
         source = snapshot if snapshot.source is None else snapshot.source
         key = (tuple(entry.vm_id for entry in snapshot.stats), snapshot.missing_vm_ids)
-        last = self._last
-        if last is not None and last[0] is source and last[1] == key:
-            return last[2]
-        message = self._factory()
-        _fill_snapshot(message, snapshot)
-        self._last = (source, key, message)
-        return message
-
-
-def _fill_snapshot(
-    message: pb.GetBalloonStatsResponse | pb.BalloonStatsSnapshot, snapshot: StatsSnapshot
-) -> None:
-    message.stats.extend(_vm_stats(entry) for entry in snapshot.stats)
-    message.missing_vm_ids.extend(snapshot.missing_vm_ids)
-    message.read_time.CopyFrom(_timestamp(snapshot.read_time_unix_s))
-    message.session = snapshot.session
+        if last is None or last[0] is not source or last[1] != key:
+            message = self._message_type(
+                stats=[_vm_stats(entry) for entry in snapshot.stats],
+                missing_vm_ids=snapshot.missing_vm_ids,
+                read_time=_timestamp(snapshot.read_time_unix_s),
+                session=snapshot.session,
+            )
+            last = self._last = (source, key, message)
+        self._last_snapshot = snapshot
+        return last[2]
 
 
 def _vm_stats(entry: VmBalloonStats) -> pb.VmBalloonStats:
-    stats = entry.stats
     # Absent stays absent (proto3 optional keeps the difference); one constructor call, since
     # this runs for every VM of every stats answer.
     present = {
         api_name: value
-        for name, api_name in _STAT_FIELD_NAMES.items()
-        if (value := getattr(stats, name)) is not None
+        for api_name, value in zip(_STAT_API_NAMES, entry.stats, strict=True)
+        if value is not None
     }
     return pb.VmBalloonStats(
         vm_id=entry.vm_id, balloon_actual_bytes=entry.balloon_actual_bytes, **present
@@ -491,9 +490,9 @@ def _vm_info(record: VmRecord) -> pb.VmInfo:
 
 
 def _timestamp(unix_s: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(unix_s * 1e9))
-    return stamp
+    # One constructor call (FromNanoseconds costs more): a stats answer builds one per read.
+    seconds, nanos = divmod(int(unix_s * 1e9), 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

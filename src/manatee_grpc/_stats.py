@@ -60,6 +60,7 @@ class _Batch:
     # batch of N callers costs the connection thread one wake-up, not N); None once woken.
     loop_waiters: list[asyncio.Future[None]] | None = field(default_factory=list)
     loop: asyncio.AbstractEventLoop | None = None
+    picks: dict[tuple[int, ...], StatsSnapshot] = field(default_factory=dict)
 
 
 class StatsReader:
@@ -118,8 +119,12 @@ class StatsReader:
                     expiry.cancel()
         if not batch.done.done():
             raise _stats_deadline()
-        session, read_time_unix_s, by_id = batch.done.result()
-        return _pick(vm_ids, session, read_time_unix_s, by_id)
+        # Callers of one read asking for the same VMs get the same snapshot (only the loop
+        # touches ``picks``), so the servicer converts it once for all of them.
+        snapshot = batch.picks.get(vm_ids)
+        if snapshot is None:
+            snapshot = batch.picks[vm_ids] = _pick(vm_ids, *batch.done.result())
+        return snapshot
 
     def _flush(self) -> None:
         """On the loop: send the next batch once mms is idle and the loop has no other work
