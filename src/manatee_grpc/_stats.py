@@ -174,8 +174,8 @@ class StatsReader:
                 batch.loop = loop
             if self._in_flight:
                 pass  # the in-flight read's answer sends this batch, or hands it to the loop
-            elif loop is None:
-                self._send_next_locked()
+            elif loop is None or (not self._flush_scheduled and not _aio.has_ready_work(loop)):
+                self._send_next_locked()  # nobody else is about to join: no loop pass to wait
             elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 loop.call_soon(self._flush)
