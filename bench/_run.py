@@ -36,8 +36,15 @@ RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"
 VM_COUNT = 8
 CONCURRENCIES = (1, 8, 32, 128)
 WINDOW_S = 2.0
+# Each compared pair (floor and bridge, coalescing on and off) is measured in turn, ROUNDS
+# times, in windows of ROUND_WINDOW_S; a row reports the median round. This machine's speed
+# drifts by tens of percent within a minute, so a single window each gives ratios that swing.
+ROUNDS = 3
+ROUND_WINDOW_S = 1.2
 WARMUP_S = 0.7
 COALESCE_LATENCY_S = 0.002
+ON_ROW = "bridge, 2 ms mms, coalescing on"
+OFF_ROW = "bridge, 2 ms mms, coalescing off"
 HOL_CONCURRENCIES = (1, 8)
 HOL_BACKOFF = "HOL: stats during LaunchVm backoff"
 HOL_CLIENT_WAIT = "HOL: stats during LaunchVm client wait"
@@ -199,6 +206,46 @@ def _unary(
         row.notes["srv_cpu_ms_per_call"] = round(1000 * cpu_used_s / calls_total, 3)
     if errors:
         row.notes["errors"] = errors
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One side of a comparison: which measurement, against which server and simulator."""
+
+    rig: _Rig
+    measurement: str
+    transport: str
+    target: str
+    method: str
+    server_pid: int
+
+
+def _side_by_side(runs: list[_Run], concurrency: int) -> list[Row]:
+    """Measure ``runs`` in turn, ROUNDS times over; one row each, from its median round."""
+    rounds: list[list[Row]] = [[] for _ in runs]
+    for _ in range(ROUNDS):
+        for run, results in zip(runs, rounds, strict=True):
+            results.append(
+                _unary(
+                    run.rig,
+                    run.measurement,
+                    run.transport,
+                    run.target,
+                    method=run.method,
+                    concurrency=concurrency,
+                    server_pid=run.server_pid,
+                    window_s=ROUND_WINDOW_S,
+                )
+            )
+    return [_median_round(results) for results in rounds]
+
+
+def _median_round(results: list[Row]) -> Row:
+    """The round with the median calls/s, its spread across rounds noted."""
+    ordered = sorted(results, key=lambda row: row.calls_per_s or 0.0)
+    row = ordered[len(ordered) // 2]
+    row.notes["rounds_calls_per_s"] = "/".join(f"{r.calls_per_s or 0.0:.0f}" for r in results)
     return row
 
 
@@ -397,6 +444,31 @@ def _watchers(sim: Simulator, server: ServerProcess, watchers: int) -> Row:
     return row
 
 
+def _coalescing(rig: _Rig, spare_sim: Simulator) -> list[Row]:
+    """Coalescing on and off, side by side: two servers, each on its own simulator (mms takes
+    one client), both simulators answering after COALESCE_LATENCY_S."""
+    on = ServerProcess("127.0.0.1:0", str(rig.sim.address))
+    off = ServerProcess("127.0.0.1:0", str(spare_sim.address), "--no-coalesce-stats")
+    try:
+        _start_vms(on.address, VM_COUNT)
+        _start_vms(off.address, VM_COUNT)
+        for sim in (rig.sim, spare_sim):
+            sim.set_latency(COALESCE_LATENCY_S)
+        off_rig = _Rig(rig.pool, spare_sim)
+        return _side_by_side(
+            [
+                _Run(rig, ON_ROW, "tcp", on.address, "stats", on.pid),
+                _Run(off_rig, OFF_ROW, "tcp", off.address, "stats", off.pid),
+            ],
+            32,
+        )
+    finally:
+        for sim in (rig.sim, spare_sim):
+            sim.set_latency(0.0)
+        on.stop()
+        off.stop()
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -478,8 +550,8 @@ def _targets(rows: list[Row], start_s: list[float]) -> list[Target]:
             f"<= floor p50 + 1.5 x direct p50 ({limit:.3f})",
             at_most=limit,
         )
-    on = _find(rows, "bridge, 2 ms mms, coalescing on", "tcp", 32)
-    off = _find(rows, "bridge, 2 ms mms, coalescing off", "tcp", 32)
+    on = _find(rows, ON_ROW, "tcp", 32)
+    off = _find(rows, OFF_ROW, "tcp", 32)
     check("2 ms mms @32: round trips/RPC", on.mms_round_trips_per_rpc, "<= 0.25", at_most=0.25)
     ratio = (on.calls_per_s or 0.0) / off.calls_per_s if off.calls_per_s else None
     check("2 ms mms @32: calls/s on / off", ratio, ">= 4", at_least=4.0)
@@ -541,67 +613,36 @@ def main() -> int:
                 try:
                     _start_vms(server.address, VM_COUNT)
                     for concurrency in CONCURRENCIES:
-                        rows.append(
-                            _unary(
-                                rig,
-                                "gRPC floor (no-op)",
-                                transport,
-                                server.floor,
-                                method="floor",
-                                concurrency=concurrency,
-                                server_pid=server.pid,
-                            )
-                        )
-                        rows.append(
-                            _unary(
-                                rig,
-                                "bridge GetBalloonStats",
-                                transport,
-                                server.address,
-                                method="stats",
-                                concurrency=concurrency,
-                                server_pid=server.pid,
+                        rows.extend(
+                            _side_by_side(
+                                [
+                                    _Run(
+                                        rig,
+                                        "gRPC floor (no-op)",
+                                        transport,
+                                        server.floor,
+                                        "floor",
+                                        server.pid,
+                                    ),
+                                    _Run(
+                                        rig,
+                                        "bridge GetBalloonStats",
+                                        transport,
+                                        server.address,
+                                        "stats",
+                                        server.pid,
+                                    ),
+                                ],
+                                concurrency,
                             )
                         )
                     if transport == "tcp":
                         print("bench: head-of-line ...", file=sys.stderr, flush=True)
                         rows.extend(_head_of_line(rig, server))
-                        print("bench: coalescing ...", file=sys.stderr, flush=True)
-                        sim.set_latency(COALESCE_LATENCY_S)
-                        rows.append(
-                            _unary(
-                                rig,
-                                "bridge, 2 ms mms, coalescing on",
-                                "tcp",
-                                server.address,
-                                method="stats",
-                                concurrency=32,
-                                server_pid=server.pid,
-                                window_s=3.0,
-                            )
-                        )
-                        sim.set_latency(0.0)
                 finally:
                     server.stop()
-            server = ServerProcess("127.0.0.1:0", str(sim.address), "--no-coalesce-stats")
-            try:
-                _start_vms(server.address, VM_COUNT)
-                sim.set_latency(COALESCE_LATENCY_S)
-                rows.append(
-                    _unary(
-                        rig,
-                        "bridge, 2 ms mms, coalescing off",
-                        "tcp",
-                        server.address,
-                        method="stats",
-                        concurrency=32,
-                        server_pid=server.pid,
-                        window_s=3.0,
-                    )
-                )
-                sim.set_latency(0.0)
-            finally:
-                server.stop()
+            print("bench: coalescing ...", file=sys.stderr, flush=True)
+            rows.extend(_coalescing(rig, spare_sim))
             print("bench: watchers ...", file=sys.stderr, flush=True)
             workers = max(WATCHER_COUNTS) + 100
             server = ServerProcess(
