@@ -145,7 +145,10 @@ class ManateeServer:
                 balloon_control_dir=config.balloon_control_dir,
             ),
         )
-        attach_metrics(self.metrics, self.connection, self.bridge)
+        # Metrics cost every RPC and every mms answer a few microseconds: only when served.
+        metrics = self.metrics if self.metrics_address is not None else None
+        if metrics is not None:
+            attach_metrics(metrics, self.connection, self.bridge)
         loop = self._loop = asyncio.new_event_loop()
         self.watch_hub = WatchHub(
             lambda vm_ids: self.bridge.get_balloon_stats(
@@ -167,7 +170,7 @@ class ManateeServer:
             LaunchPolicy(config.launch_attempt_delays_s, config.launch_stop_timeout_s),
             self.watch_hub,
             self._pool,
-            observe_rpc=self.metrics.observe_rpc,
+            observe_rpc=None if metrics is None else metrics.observe_rpc,
         )
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
         self._loop_thread.start()
