@@ -219,13 +219,16 @@ class StatsReader:
                 batch.done.set_result((session, time.time(), by_id))
             with self._lock:  # after the answer is set: a caller parking later need not wait
                 waiters, batch.loop_waiters = batch.loop_waiters, None
-            if batch.loop is not None and (waiters or flush_on_loop):
+            flush_loop = following.loop if flush_on_loop and following is not None else None
+            if waiters and batch.loop is not None and flush_loop in (None, batch.loop):
                 _aio.call_soon_from_thread(
-                    batch.loop, self._answered_on_loop, waiters or [], flush_on_loop
+                    batch.loop, self._answered_on_loop, waiters, flush_loop is not None
                 )
-            elif flush_on_loop:
-                assert following is not None and following.loop is not None
-                _aio.call_soon_from_thread(following.loop, self._flush)
+                return
+            if waiters and batch.loop is not None:
+                _aio.call_soon_from_thread(batch.loop, _aio.wake_all, waiters)
+            if flush_loop is not None:
+                _aio.call_soon_from_thread(flush_loop, self._flush)
 
         mms_future.add_done_callback(finished)
 
