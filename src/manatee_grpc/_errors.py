@@ -4,7 +4,7 @@
     ├── InvalidArgumentError ........ INVALID_ARGUMENT     INVALID_ARGUMENT (+ BadRequest)
     ├── VmNotFoundError ............. NOT_FOUND            VM_NOT_FOUND
     ├── SessionResetError ........... NOT_FOUND            SESSION_RESET
-    ├── StartInProgressError ........ FAILED_PRECONDITION  START_IN_PROGRESS
+    ├── StartInProgressError ........ FAILED_PRECONDITION  START_IN_PROGRESS (+ RetryInfo)
     ├── VmStartFailedError .......... FAILED_PRECONDITION  VM_START_FAILED
     ├── LaunchAbortedError .......... ABORTED              LAUNCH_ABORTED
     ├── DeadlineExceededError ....... DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
@@ -79,8 +79,11 @@ class SessionResetError(ManateeError):
 
 
 class StartInProgressError(ManateeError):
+    """Another start is pending in mms (it allows one): worth retrying once that one settles."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "START_IN_PROGRESS"
+    retry_delay_s = 1.0
 
 
 class VmStartFailedError(ManateeError):

@@ -206,8 +206,7 @@ class LaunchRun:
         finish = self._bridge.connection.submit(FinishAddVmRequest(vm_id))
         finish_response = self._await(finish, "FinishAddVm")
         if finish_response.res == RES_OK:
-            self._settled = True
-            self._bridge.slot.finished(vm_id)
+            self._settled = True  # the slot is freed by the answer itself (it follows the wire)
             yield Launched(vm_id)
             return
         error = MmsRefusedError(

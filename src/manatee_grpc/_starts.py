@@ -167,12 +167,6 @@ class StartSlot:
             if self._claim is not None:
                 self._drop_claim()
 
-    def finished(self, vm_id: int) -> None:
-        """The pending VM ``vm_id`` started or was removed: the start slot is free again."""
-        with self._cond:
-            if self._claim is not None and self._claim.vm_id == vm_id:
-                self._drop_claim()
-
     # --- bare calls ----------------------------------------------------------------------------
 
     def submit_prepare(self, request: PrepareVmRequest) -> BarePrepare:

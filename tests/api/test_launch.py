@@ -563,6 +563,7 @@ def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
         info = error_info(caught.value)
         assert info.reason == "START_IN_PROGRESS"
         assert info.metadata["vmId"] == str(reserved.vm_id)
+        assert retry_delay_s(caught.value) == 1.0  # worth retrying once that start settles
         assert count(server, MessageType.PREPARE_VM) == prepares_before
 
         # Nor may anyone else finish or remove the VM the launch is starting.

@@ -45,8 +45,8 @@ class MemoryServiceStub:
     new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start, or a PrepareVm
     came while that start's FinishAddVm/RemoveVm was on its way to mms
-    (START_IN_PROGRESS; retry once it is answered); or the LaunchVm
-    client sent `vm_start_failed` (VM_START_FAILED). A launch's
+    (START_IN_PROGRESS, with RetryInfo: retry once it settles); or the
+    LaunchVm client sent `vm_start_failed` (VM_START_FAILED). A launch's
     reservation is always released.
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
     ABORTED              the LaunchVm client closed its side of the stream before the launch
@@ -141,8 +141,8 @@ class MemoryServiceServicer:
     new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start, or a PrepareVm
     came while that start's FinishAddVm/RemoveVm was on its way to mms
-    (START_IN_PROGRESS; retry once it is answered); or the LaunchVm
-    client sent `vm_start_failed` (VM_START_FAILED). A launch's
+    (START_IN_PROGRESS, with RetryInfo: retry once it settles); or the
+    LaunchVm client sent `vm_start_failed` (VM_START_FAILED). A launch's
     reservation is always released.
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
     ABORTED              the LaunchVm client closed its side of the stream before the launch
@@ -324,8 +324,8 @@ class MemoryService:
     new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start, or a PrepareVm
     came while that start's FinishAddVm/RemoveVm was on its way to mms
-    (START_IN_PROGRESS; retry once it is answered); or the LaunchVm
-    client sent `vm_start_failed` (VM_START_FAILED). A launch's
+    (START_IN_PROGRESS, with RetryInfo: retry once it settles); or the
+    LaunchVm client sent `vm_start_failed` (VM_START_FAILED). A launch's
     reservation is always released.
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
     ABORTED              the LaunchVm client closed its side of the stream before the launch
