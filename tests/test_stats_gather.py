@@ -9,6 +9,7 @@ for real with callbacks that keep rescheduling themselves, never with sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -49,6 +50,23 @@ def _keep_busy(loop: asyncio.AbstractEventLoop, passes: int, each_pass: list[obj
             loop.call_soon(step, left - 1)
 
     loop.call_soon(step, passes)
+
+
+@contextlib.contextmanager
+def _busy_loop() -> Iterator[None]:
+    """Keep the running loop busy (a callback that reschedules itself) until the block ends."""
+    loop = asyncio.get_running_loop()
+    busy = True
+
+    def spin() -> None:
+        if busy:
+            loop.call_soon(spin)
+
+    loop.call_soon(spin)
+    try:
+        yield
+    finally:
+        busy = False
 
 
 def test_callers_arriving_over_a_busy_loop_share_one_read(
@@ -98,18 +116,8 @@ def test_a_loop_that_never_goes_idle_still_reads_within_the_window(
     reader = StatsReader(conn, gather_window_s=0.05)
 
     async def read_while_busy() -> StatsSnapshot:
-        loop = asyncio.get_running_loop()
-        busy = True
-
-        def spin() -> None:
-            if busy:
-                loop.call_soon(spin)
-
-        loop.call_soon(spin)
-        try:
+        with _busy_loop():
             return await asyncio.wait_for(reader.read_async((CROS_GUEST_VM_ID,), WAIT_S), WAIT_S)
-        finally:
-            busy = False
 
     snapshot = asyncio.run(read_while_busy())
     assert [entry.vm_id for entry in snapshot.stats] == [CROS_GUEST_VM_ID]
@@ -124,21 +132,11 @@ def test_a_thread_caller_is_sent_at_once_even_with_loop_callers_gathering(
     reader = StatsReader(conn, gather_window_s=3600.0)
 
     async def scenario() -> tuple[StatsSnapshot, StatsSnapshot]:
-        loop = asyncio.get_running_loop()
-        busy = True
-
-        def spin() -> None:
-            if busy:
-                loop.call_soon(spin)
-
-        loop.call_soon(spin)
-        try:
+        with _busy_loop():
             on_loop = asyncio.create_task(reader.read_async((CROS_GUEST_VM_ID,), WAIT_S))
             await asyncio.sleep(0)  # the loop caller has joined and is gathering
             from_thread = await asyncio.to_thread(reader.read, (CROS_GUEST_VM_ID,), WAIT_S)
             return await asyncio.wait_for(on_loop, WAIT_S), from_thread
-        finally:
-            busy = False
 
     on_loop, from_thread = asyncio.run(scenario())
     assert on_loop.read_time_unix_s == from_thread.read_time_unix_s  # the same read

@@ -433,25 +433,28 @@ class _LastConversion(Generic[M]):
 
     def __init__(self, message_type: type[M]) -> None:
         self._message_type: type[M] = message_type
-        self._last_snapshot: StatsSnapshot | None = None
-        self._last: tuple[object, tuple[tuple[int, ...], tuple[int, ...]], M] | None = None
+        # (snapshot, its read, its VMs and missing ids, message) of the last conversion.
+        self._last: (
+            tuple[StatsSnapshot, object, tuple[tuple[int, ...], tuple[int, ...]], M] | None
+        ) = None
 
     def of(self, snapshot: StatsSnapshot) -> M:
         last = self._last
-        if last is not None and snapshot is self._last_snapshot:
-            return last[2]  # the usual case: callers of one read share its snapshot object
+        if last is not None and snapshot is last[0]:
+            return last[3]  # the usual case: callers of one read share its snapshot object
         source = snapshot if snapshot.source is None else snapshot.source
         key = (tuple(entry.vm_id for entry in snapshot.stats), snapshot.missing_vm_ids)
-        if last is None or last[0] is not source or last[1] != key:
+        if last is None or last[1] is not source or last[2] != key:
             message = self._message_type(
                 stats=[_vm_stats(entry) for entry in snapshot.stats],
                 missing_vm_ids=snapshot.missing_vm_ids,
                 read_time=_timestamp(snapshot.read_time_unix_s),
                 session=snapshot.session,
             )
-            last = self._last = (source, key, message)
-        self._last_snapshot = snapshot
-        return last[2]
+        else:
+            message = last[3]
+        self._last = (snapshot, source, key, message)
+        return message
 
 
 def _vm_stats(entry: VmBalloonStats) -> pb.VmBalloonStats:

@@ -1,5 +1,5 @@
-"""Reading rich error details off a failed call, the way a client would; and the one
-polling wait every test package uses."""
+"""Reading rich error details off a failed call, the way a client would; the one polling wait
+every test package uses; and what the embedded simulator received."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
+
+from manatee_grpc import ManateeServer
+from manatee_grpc._messages import MessageType
+from manatee_grpc.sim import Simulator
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
@@ -56,6 +60,16 @@ def health_status(channel: grpc.Channel, service: str = "") -> int:
         health_pb2.HealthCheckRequest(service=service), timeout=5
     )
     return int(response.status)
+
+
+def simulator(server: ManateeServer) -> Simulator:
+    assert server.simulator is not None, "these tests need the embedded simulator"
+    return server.simulator
+
+
+def request_count(server: ManateeServer, msg_type: MessageType) -> int:
+    """How many ``msg_type`` requests mms (the embedded simulator) has received."""
+    return simulator(server).request_counts[msg_type]
 
 
 def wait_until(

@@ -22,10 +22,17 @@ from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._memory_math import MIB, extra_bytes
 from manatee_grpc._messages import FinishAddVmRequest, MessageType, PrepareVmRequest
-from manatee_grpc.sim import Simulator, StartState
+from manatee_grpc.sim import StartState
 
 from .conftest import start_server
-from .helpers import bad_request_fields, error_info, retry_delay_s, wait_until
+from .helpers import (
+    bad_request_fields,
+    error_info,
+    request_count,
+    retry_delay_s,
+    simulator,
+    wait_until,
+)
 
 # 2 GiB starts with concierge's default of 1000 MiB; the rest begins inside the VM's balloon.
 MEM_BYTES = 2048 * MIB
@@ -40,15 +47,6 @@ LAUNCH_TIMEOUT_S = 30.0
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def simulator(server: ManateeServer) -> Simulator:
-    assert server.simulator is not None, "these tests need the embedded simulator"
-    return server.simulator
-
-
-def count(server: ManateeServer, msg_type: MessageType) -> int:
-    return simulator(server).request_counts[msg_type]
 
 
 def cros_balloon_bytes(stub: pb_grpc.MemoryServiceStub) -> int:
@@ -191,7 +189,7 @@ def test_launch_reserves_then_launches_once_the_client_started_the_vm(
             (0, pb.VM_STATE_RUNNING),
             (1, pb.VM_STATE_STARTING),
         ]
-        assert count(server, MessageType.FINISH_ADD_VM) == 0  # waits for the client
+        assert request_count(server, MessageType.FINISH_ADD_VM) == 0  # waits for the client
 
         client.vm_started()
         launched = client.expect("launched").launched
@@ -241,9 +239,9 @@ def test_launch_that_cannot_reserve_is_resource_exhausted_and_leaves_nothing(
     assert info.metadata["shortfallBytes"] == str(expected_shortfall_bytes)
     assert info.metadata["vmId"] == "1"
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.PREPARE_VM) == 5
-    assert count(server, MessageType.REMOVE_VM) == 1
-    assert count(server, MessageType.FINISH_ADD_VM) == 0
+    assert request_count(server, MessageType.PREPARE_VM) == 5
+    assert request_count(server, MessageType.REMOVE_VM) == 1
+    assert request_count(server, MessageType.FINISH_ADD_VM) == 0
 
     # The pending start is free again: a launch that fits succeeds (ids are never reused).
     assert run_launch(stub) == 2
@@ -270,8 +268,8 @@ def test_vm_start_failed_is_failed_precondition_and_releases(
     assert info.metadata["vmId"] == str(reserved.vm_id)
     assert "crosvm: no kernel" in (error.details() or "")
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.FINISH_ADD_VM) == 0
-    assert count(server, MessageType.REMOVE_VM) == 1
+    assert request_count(server, MessageType.FINISH_ADD_VM) == 0
+    assert request_count(server, MessageType.REMOVE_VM) == 1
     assert run_launch(stub) == reserved.vm_id + 1
 
 
@@ -290,7 +288,7 @@ def test_finish_add_vm_failure_asks_the_client_to_stop_then_removes_the_vm(
         assert stop.vm_id == reserved.vm_id
         assert "FinishAddVm" in stop.reason
         # The client's crosvm may still run: nothing is removed before it says it stopped.
-        assert count(server, MessageType.REMOVE_VM) == 0
+        assert request_count(server, MessageType.REMOVE_VM) == 0
         assert listed_vm_ids(stub) == [0, reserved.vm_id]
         client.send(pb.LaunchVmRequest(vm_stopped=pb.LaunchVmRequest.VmStopped()))
         error = client.expect_error()
@@ -301,7 +299,7 @@ def test_finish_add_vm_failure_asks_the_client_to_stop_then_removes_the_vm(
     assert info.metadata["errno"] == "-5"
     assert info.metadata["vmId"] == str(reserved.vm_id)
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.REMOVE_VM) == 1
+    assert request_count(server, MessageType.REMOVE_VM) == 1
     assert run_launch(stub) == reserved.vm_id + 1
 
 
@@ -325,8 +323,8 @@ def test_cancel_while_retrying_releases_the_partial_reservation(
     assert error.code() == grpc.StatusCode.CANCELLED
 
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.PREPARE_VM) == 1  # no attempt after the client left
-    assert count(server, MessageType.REMOVE_VM) == 1
+    assert request_count(server, MessageType.PREPARE_VM) == 1  # no attempt after the client left
+    assert request_count(server, MessageType.REMOVE_VM) == 1
     assert run_launch(stub) == 2
 
 
@@ -343,8 +341,8 @@ def test_cancel_after_reserved_releases_the_reservation(
     assert error.code() == grpc.StatusCode.CANCELLED
 
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.FINISH_ADD_VM) == 0
-    assert count(server, MessageType.REMOVE_VM) == 1
+    assert request_count(server, MessageType.FINISH_ADD_VM) == 0
+    assert request_count(server, MessageType.REMOVE_VM) == 1
     assert run_launch(stub) == reserved.vm_id + 1
 
 
@@ -366,7 +364,7 @@ def test_cancel_after_vm_started_removes_the_vm(
 
     # FinishAddVm cannot be taken back: it completes, then the server removes the VM.
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.REMOVE_VM) == 1
+    assert request_count(server, MessageType.REMOVE_VM) == 1
     finish_then_remove = [
         type(r).__name__
         for r in sim.requests
@@ -383,7 +381,7 @@ def test_cancel_while_queued_behind_another_launch_reserves_nothing(
     with launch(stub) as first:
         first.start(MEM_BYTES)
         first_vm_id = first.expect_reserved().vm_id
-        prepares_before = count(server, MessageType.PREPARE_VM)
+        prepares_before = request_count(server, MessageType.PREPARE_VM)
         with launch(stub) as queued:
             queued.start(SMALL_MEM_BYTES)
             wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "the launch queues")
@@ -393,7 +391,7 @@ def test_cancel_while_queued_behind_another_launch_reserves_nothing(
         first.vm_started()
         first.expect("launched")
         first.expect_ok_end()
-    assert count(server, MessageType.PREPARE_VM) == prepares_before  # it never reached mms
+    assert request_count(server, MessageType.PREPARE_VM) == prepares_before  # it never reached mms
     assert listed_vm_ids(stub) == [0, first_vm_id]
     assert run_launch(stub) == first_vm_id + 1
 
@@ -439,7 +437,7 @@ def test_message_out_of_turn_is_invalid_argument_and_releases(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(error).reason == "INVALID_ARGUMENT"
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.FINISH_ADD_VM) == 0
+    assert request_count(server, MessageType.FINISH_ADD_VM) == 0
 
 
 # --- sharing the device --------------------------------------------------------------------------
@@ -534,8 +532,8 @@ def test_stats_and_rebalance_are_served_while_a_launch_waits_for_its_client(
             (0, 16 * MIB),
         ]
         # Both went to mms while the launch still held its start, its VM not yet finished.
-        assert count(server, MessageType.FINISH_ADD_VM) == 1  # the first VM's only
-        assert count(server, MessageType.REBALANCE_MEMORY) == 1
+        assert request_count(server, MessageType.FINISH_ADD_VM) == 1  # the first VM's only
+        assert request_count(server, MessageType.REBALANCE_MEMORY) == 1
         assert server.bridge.slot.claim is not None
         assert server.bridge.slot.claim.vm_id == launching_vm_id
 
@@ -554,7 +552,7 @@ def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
     with launch(stub) as client:
         client.start(MEM_BYTES)
         reserved = client.expect_reserved()
-        prepares_before = count(server, MessageType.PREPARE_VM)
+        prepares_before = request_count(server, MessageType.PREPARE_VM)
 
         with pytest.raises(grpc.RpcError) as caught:
             # The same sizes: mms itself would happily top up (and hand over) the launch's start.
@@ -564,7 +562,7 @@ def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
         assert info.reason == "START_IN_PROGRESS"
         assert info.metadata["vmId"] == str(reserved.vm_id)
         assert retry_delay_s(caught.value) == 1.0  # worth retrying once that start settles
-        assert count(server, MessageType.PREPARE_VM) == prepares_before
+        assert request_count(server, MessageType.PREPARE_VM) == prepares_before
 
         # Nor may anyone else finish or remove the VM the launch is starting.
         for call in (
@@ -577,8 +575,8 @@ def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
                 call()
             assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert error_info(caught.value).reason == "START_IN_PROGRESS"
-        assert count(server, MessageType.FINISH_ADD_VM) == 0
-        assert count(server, MessageType.REMOVE_VM) == 0
+        assert request_count(server, MessageType.FINISH_ADD_VM) == 0
+        assert request_count(server, MessageType.REMOVE_VM) == 0
 
         client.vm_started()
         assert client.expect("launched").launched.vm_id == reserved.vm_id
@@ -683,5 +681,5 @@ def test_session_reset_during_a_launch_stops_the_vm_and_ends_unavailable(
         assert info.reason == "SESSION_RESET"
         assert info.metadata["vmSession"] == "1"
     wait_released(server, stub, cros_before)
-    assert count(server, MessageType.REMOVE_VM) == 0  # mms forgot the VM by itself
+    assert request_count(server, MessageType.REMOVE_VM) == 0  # mms forgot the VM by itself
     assert run_launch(stub) == reserved.vm_id + 1

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from api.helpers import error_info, retry_delay_s, wait_until
+from api.helpers import error_info, health_status, retry_delay_s, wait_until
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
@@ -131,23 +131,11 @@ class KillableMms:
 # --- health as a caller sees it -------------------------------------------------------------------
 
 
-def health(channel: grpc.Channel, service: str = "") -> int:
-    check = channel.unary_unary(
-        "/grpc.health.v1.Health/Check",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    response: health_pb2.HealthCheckResponse = check(
-        health_pb2.HealthCheckRequest(service=service), timeout=CALL_TIMEOUT_S
-    )
-    return int(response.status)
-
-
 def wait_health(channel: grpc.Channel, status: int) -> None:
     """Both the server ("") and the memory service reach ``status``."""
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
     wait_until(
-        lambda: health(channel) == status and health(channel, SERVICE_NAME) == status,
+        lambda: health_status(channel) == status and health_status(channel, SERVICE_NAME) == status,
         f"health is {name}",
     )
 
@@ -341,8 +329,3 @@ def run_launch(stub: pb_grpc.MemoryServiceStub, mem_bytes: int = VM_MEM_BYTES) -
     finally:
         stream.close()
     return vm_id
-
-
-def simulator(server: ManateeServer) -> Simulator:
-    assert server.simulator is not None, "this test needs the embedded simulator"
-    return server.simulator

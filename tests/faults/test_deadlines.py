@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from api.conftest import start_server
-from api.helpers import wait_until
+from api.helpers import request_count, simulator, wait_until
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
@@ -32,7 +32,6 @@ from .helpers import (
     expect_rpc_error,
     listed_vm_ids,
     run_launch,
-    simulator,
     start_vm,
 )
 
@@ -48,16 +47,12 @@ def server() -> Iterator[ManateeServer]:
     server.stop(grace_s=1.0)
 
 
-def _count(server: ManateeServer, msg_type: MessageType) -> int:
-    return simulator(server).request_counts[msg_type]
-
-
 def test_requests_whose_deadline_passed_in_the_queue_are_never_sent(
     server: ManateeServer, stub: pb_grpc.MemoryServiceStub
 ) -> None:
     sim = simulator(server)
     vm_id = start_vm(stub)
-    sent_before = {msg_type: _count(server, msg_type) for msg_type in MessageType}
+    sent_before = {msg_type: request_count(server, msg_type) for msg_type in MessageType}
     sim.set_message_delay(MessageType.GET_BALLOON_STATS, SLOW_S)
     queued: list[Callable[[], object]] = [
         lambda: stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=DEADLINE_S),
@@ -75,7 +70,7 @@ def test_requests_whose_deadline_passed_in_the_queue_are_never_sent(
         )
         wait_until(
             lambda: (
-                _count(server, MessageType.GET_BALLOON_STATS)
+                request_count(server, MessageType.GET_BALLOON_STATS)
                 > sent_before[MessageType.GET_BALLOON_STATS]
             ),
             "the slow request is on the wire",
@@ -93,7 +88,7 @@ def test_requests_whose_deadline_passed_in_the_queue_are_never_sent(
     assert listed_vm_ids(stub) == [0, vm_id]
     cros_balloon_bytes(stub)
     for msg_type in (MessageType.REMOVE_VM, MessageType.PREPARE_VM, MessageType.REBALANCE_MEMORY):
-        assert _count(server, msg_type) == sent_before[msg_type], msg_type.name
+        assert request_count(server, msg_type) == sent_before[msg_type], msg_type.name
     assert_conserved(stub)
     # The pending start they would have opened is free for the next caller.
     assert start_vm(stub) == vm_id + 1
@@ -106,8 +101,8 @@ def test_a_prepare_whose_caller_left_is_rolled_back_when_its_reservation_comes(
     sim = simulator(server)
     cros_before = cros_balloon_bytes(stub)
     prepares, removes = (
-        _count(server, MessageType.PREPARE_VM),
-        _count(server, MessageType.REMOVE_VM),
+        request_count(server, MessageType.PREPARE_VM),
+        request_count(server, MessageType.REMOVE_VM),
     )
     sim.set_message_delay(MessageType.PREPARE_VM, RESERVE_S)
     request = pb.PrepareVmRequest(mem_size_bytes=VM_MEM_BYTES, init_mem_size_bytes=VM_INIT_BYTES)
@@ -117,11 +112,13 @@ def test_a_prepare_whose_caller_left_is_rolled_back_when_its_reservation_comes(
         )
     else:
         call = stub.PrepareVm.future(request, timeout=CALL_TIMEOUT_S)
-        wait_until(lambda: _count(server, MessageType.PREPARE_VM) > prepares, "PrepareVm sent")
+        wait_until(
+            lambda: request_count(server, MessageType.PREPARE_VM) > prepares, "PrepareVm sent"
+        )
         assert call.cancel()
-    assert _count(server, MessageType.PREPARE_VM) == prepares + 1
+    assert request_count(server, MessageType.PREPARE_VM) == prepares + 1
     # mms reserves after the caller left; the server removes exactly that VM.
-    wait_until(lambda: _count(server, MessageType.REMOVE_VM) == removes + 1, "the rollback")
+    wait_until(lambda: request_count(server, MessageType.REMOVE_VM) == removes + 1, "the rollback")
     prepared, removed = [
         r for r in sim.requests if isinstance(r, PrepareVmRequest | RemoveVmRequest)
     ][-2:]
@@ -141,14 +138,16 @@ def test_a_launch_whose_caller_left_while_reserving_is_rolled_back(
     sim = simulator(server)
     cros_before = cros_balloon_bytes(stub)
     prepares, removes = (
-        _count(server, MessageType.PREPARE_VM),
-        _count(server, MessageType.REMOVE_VM),
+        request_count(server, MessageType.PREPARE_VM),
+        request_count(server, MessageType.REMOVE_VM),
     )
     sim.set_message_delay(MessageType.PREPARE_VM, RESERVE_S)
     stream = LaunchStream(stub, timeout_s=DEADLINE_S if departure == "deadline" else None)
     try:
         stream.start()
-        wait_until(lambda: _count(server, MessageType.PREPARE_VM) > prepares, "PrepareVm sent")
+        wait_until(
+            lambda: request_count(server, MessageType.PREPARE_VM) > prepares, "PrepareVm sent"
+        )
         if departure == "cancel":
             stream.close()
         events, error = stream.events_until_error()
@@ -159,8 +158,8 @@ def test_a_launch_whose_caller_left_while_reserving_is_rolled_back(
         grpc.StatusCode.DEADLINE_EXCEEDED if departure == "deadline" else grpc.StatusCode.CANCELLED
     )
     assert isinstance(error, grpc.Call) and error.code() == expected
-    wait_until(lambda: _count(server, MessageType.REMOVE_VM) == removes + 1, "the rollback")
-    assert _count(server, MessageType.PREPARE_VM) == prepares + 1
+    wait_until(lambda: request_count(server, MessageType.REMOVE_VM) == removes + 1, "the rollback")
+    assert request_count(server, MessageType.PREPARE_VM) == prepares + 1
     sim.set_message_delay(MessageType.PREPARE_VM, 0.0)
     wait_until(lambda: listed_vm_ids(stub) == [0], "the reservation is gone from the books")
     assert cros_balloon_bytes(stub) == cros_before

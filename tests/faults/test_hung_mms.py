@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from api.conftest import start_server
-from api.helpers import wait_until
+from api.helpers import health_status, wait_until
 from peers import Behaviour, Hang, ScriptedMms, Trickle
 
 from manatee_grpc import ManateeServer
@@ -38,7 +38,6 @@ from .helpers import (
     LaunchStream,
     assert_deadline_exceeded,
     expect_rpc_error,
-    health,
     session,
     wait_health,
 )
@@ -141,7 +140,7 @@ def test_deadline_first_then_the_watchdog_resets_and_the_server_recovers(
         assert_deadline_exceeded(error)
         # ... and the stream is untouched while the watchdog has not fired.
         assert (session(stub), peer.connections) == (old_session, connections)
-        assert health(channel) == SERVING
+        assert health_status(channel) == SERVING
         assert time.monotonic() - sent_at < WATCHDOG_S, "too slow to check before the watchdog"
         assert not any("RESETTING" in record.getMessage() for record in caplog.records)
 

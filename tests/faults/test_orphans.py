@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from api.conftest import start_server
-from api.helpers import wait_until
+from api.helpers import request_count, simulator, wait_until
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
@@ -40,7 +40,6 @@ from .helpers import (
     launches_waiting,
     listed_vm_ids,
     run_launch,
-    simulator,
 )
 
 CHILD = Path(__file__).with_name("launch_child.py")
@@ -101,10 +100,6 @@ def server() -> Iterator[ManateeServer]:
     server.stop(grace_s=1.0)
 
 
-def _count(server: ManateeServer, msg_type: MessageType) -> int:
-    return simulator(server).request_counts[msg_type]
-
-
 @pytest.mark.parametrize("step", STEPS)
 def test_a_client_killed_at_any_step_of_a_launch_leaves_no_reservation(
     server: ManateeServer, stub: pb_grpc.MemoryServiceStub, step: str
@@ -112,10 +107,10 @@ def test_a_client_killed_at_any_step_of_a_launch_leaves_no_reservation(
     sim = simulator(server)
     cros_before = cros_balloon_bytes(stub)
     prepares, removes = (
-        _count(server, MessageType.PREPARE_VM),
-        _count(server, MessageType.REMOVE_VM),
+        request_count(server, MessageType.PREPARE_VM),
+        request_count(server, MessageType.REMOVE_VM),
     )
-    finishes = _count(server, MessageType.FINISH_ADD_VM)
+    finishes = request_count(server, MessageType.FINISH_ADD_VM)
     holder: LaunchStream | None = None
     if step == "queued":
         # The test's own launch holds mms's one pending start; the child queues behind it.
@@ -134,7 +129,9 @@ def test_a_client_killed_at_any_step_of_a_launch_leaves_no_reservation(
         if step == "queued":
             wait_until(lambda: launches_waiting(server) == 1, "the child's launch is queued")
         elif step == "reserving":
-            wait_until(lambda: _count(server, MessageType.PREPARE_VM) > prepares, "reserving")
+            wait_until(
+                lambda: request_count(server, MessageType.PREPARE_VM) > prepares, "reserving"
+            )
         elif step == "backing-off":
             attempt, shortfall_bytes = map(int, child.expect("progress"))
             assert attempt == 1 and shortfall_bytes > 0
@@ -142,7 +139,9 @@ def test_a_client_killed_at_any_step_of_a_launch_leaves_no_reservation(
             child.expect("reserved")
         else:
             child.expect("vm-started")
-            wait_until(lambda: _count(server, MessageType.FINISH_ADD_VM) > finishes, "finishing")
+            wait_until(
+                lambda: request_count(server, MessageType.FINISH_ADD_VM) > finishes, "finishing"
+            )
     finally:
         child.kill()
 
@@ -156,10 +155,12 @@ def test_a_client_killed_at_any_step_of_a_launch_leaves_no_reservation(
         stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=CALL_TIMEOUT_S)
         removes += 1
         # A launch killed while queued never reached mms at all.
-        assert _count(server, MessageType.PREPARE_VM) == prepares
+        assert request_count(server, MessageType.PREPARE_VM) == prepares
     else:
         # Whatever the child's launch reserved, the server removed it, exactly once.
-        wait_until(lambda: _count(server, MessageType.REMOVE_VM) == removes + 1, "the rollback")
+        wait_until(
+            lambda: request_count(server, MessageType.REMOVE_VM) == removes + 1, "the rollback"
+        )
         removes += 1
     sim.set_message_delay(MessageType.PREPARE_VM, 0.0)
     sim.set_message_delay(MessageType.FINISH_ADD_VM, 0.0)
@@ -171,7 +172,7 @@ def test_a_client_killed_at_any_step_of_a_launch_leaves_no_reservation(
     assert listed_vm_ids(stub) == [0, vm_id]
     assert_conserved(stub)
     stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=CALL_TIMEOUT_S)
-    assert _count(server, MessageType.REMOVE_VM) == removes + 1
+    assert request_count(server, MessageType.REMOVE_VM) == removes + 1
     assert_conserved(stub)
 
 
