@@ -8,7 +8,6 @@ import fcntl
 import os
 import pty
 import re
-import select
 import signal
 import struct
 import subprocess
@@ -45,7 +44,9 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 NOW_S = 1_800_000_000.0
 SERVER = "unix:///run/manatee.sock"
-SCREEN_TIMEOUT_S = 20.0
+# Bounds that only a broken build waits out (a loaded 2-core machine may be slow, never this slow).
+SCREEN_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 30.0
 
 
 # --- constructed messages ----------------------------------------------------------------------
@@ -377,46 +378,51 @@ _TAKE_TERMINAL = (
 
 
 class Terminal:
-    """``manatee-grpc ARGS`` on a pseudo-terminal; pyte keeps the screen it draws."""
+    """``manatee-grpc ARGS`` on a pseudo-terminal; pyte keeps the screen it draws.
+
+    Only the program holds the terminal's far end (the test closes its copy once the program
+    has it), so reading the near end ends (EIO) exactly when the program has exited and every
+    byte it wrote has been read: ``wait_exit`` waits for that, and what the screen shows after
+    it is final. No step here depends on how fast a thread gets scheduled.
+    """
 
     def __init__(self, args: list[str], columns: int = 140, lines: int = 30) -> None:
-        self._master, self._slave = pty.openpty()
-        fcntl.ioctl(self._slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
-        self.initial_modes = termios.tcgetattr(self._slave)
+        self._master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+        self.initial_modes = termios.tcgetattr(slave)
         env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES"}}
         env.update(TERM="xterm", LANG="C.UTF-8", LC_ALL="C.UTF-8")
         self.screen = pyte.Screen(columns, lines)
         self._stream = pyte.ByteStream(self.screen)
         self._changed = threading.Condition()
         self._screens: list[str] = []  # the screen after every chunk of output
-        self._closed = False
-        self._drained = False
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _TAKE_TERMINAL, *args],
-            stdin=self._slave,
-            stdout=self._slave,
-            stderr=self._slave,
-            start_new_session=True,
-            env=env,
-            cwd=REPO_ROOT,
-        )
+        self._ended = False  # the program exited and all its output is on the screen
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _TAKE_TERMINAL, *args],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                env=env,
+                cwd=REPO_ROOT,
+            )
+        finally:
+            os.close(slave)  # the program has its own copies now
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        while not self._closed:
-            ready, _, _ = select.select([self._master], [], [], 0.05)
-            if not ready:
-                # Nothing left to read once the program has ended: its last screen is in.
-                with self._changed:
-                    self._drained = self.process.poll() is not None
-                    self._changed.notify_all()
-                continue
+        while True:
             try:
                 data = os.read(self._master, 65536)
-            except OSError:
-                return
+            except OSError:  # EIO: the program has exited and everything it wrote was read
+                data = b""
             with self._changed:
+                if not data:
+                    self._ended = True
+                    self._changed.notify_all()
+                    return
                 self._stream.feed(data)
                 self._screens.append("\n".join(line.rstrip() for line in self.screen.display))
                 self._changed.notify_all()
@@ -440,25 +446,36 @@ class Terminal:
                         return self._screens[index]
                     index += 1
                 remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0 or self._drained:
+                if remaining_s <= 0 or self._ended:
                     last = self._screens[-1] if self._screens else "(nothing drawn)"
                     raise AssertionError(f"no screen with {what}; the last one:\n{last}")
                 self._changed.wait(remaining_s)
+
+    def wait_exit(self) -> int:
+        """The program's exit code, once it has exited and its last output is on the screen."""
+        code = self.process.wait(EXIT_TIMEOUT_S)
+        with self._changed:
+            ended = self._changed.wait_for(lambda: self._ended, EXIT_TIMEOUT_S)
+        assert ended, "the program exited but its terminal output never ended"
+        return code
+
+    def cursor_hidden(self) -> bool:
+        with self._changed:
+            return bool(self.screen.cursor.hidden)
 
     def send(self, data: bytes) -> None:
         os.write(self._master, data)
 
     def modes(self) -> list[object]:
-        return termios.tcgetattr(self._slave)
+        # On Linux the near end reports the far end's modes, even once the program has exited.
+        return termios.tcgetattr(self._master)
 
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait(10)
-        self._closed = True
-        self._reader.join(5)
+        self.process.wait(EXIT_TIMEOUT_S)
+        self._reader.join(EXIT_TIMEOUT_S)
         os.close(self._master)
-        os.close(self._slave)
 
 
 @pytest.fixture
@@ -504,7 +521,7 @@ def test_live_view_in_a_terminal_through_a_reset_and_a_server_restart(
             f"VM {first_vm}'s statistics in session 1",
         )
         assert _has_row(screen, 0, "cros")
-        assert terminal.screen.cursor.hidden
+        assert terminal.cursor_hidden()
 
         # What moved since the last tick, on the VM's own row.
         mark = terminal.mark()
@@ -555,9 +572,9 @@ def test_live_view_in_a_terminal_through_a_reset_and_a_server_restart(
         print("\n" + screen)  # shown with -s: the screen quoted in the docs
 
         terminal.send(b"q")
-        assert terminal.process.wait(10) == 0
+        assert terminal.wait_exit() == 0
         assert terminal.modes() == terminal.initial_modes  # echo and line mode are back
-        assert not terminal.screen.cursor.hidden
+        assert not terminal.cursor_hidden()
     finally:
         terminal.close()
 
@@ -570,9 +587,9 @@ def test_ctrl_c_quits_and_restores_the_terminal(server: ManateeServer) -> None:
 
         terminal.send(b"\x03")  # ^C, typed on the terminal: the line discipline sends SIGINT
 
-        assert terminal.process.wait(10) == 0
+        assert terminal.wait_exit() == 0
         assert terminal.modes() == terminal.initial_modes
-        assert not terminal.screen.cursor.hidden
+        assert not terminal.cursor_hidden()
     finally:
         terminal.close()
 
@@ -584,8 +601,9 @@ def test_sigterm_also_restores_the_terminal(server: ManateeServer) -> None:
 
         terminal.process.send_signal(signal.SIGTERM)
 
-        assert terminal.process.wait(10) == 128 + signal.SIGTERM
+        assert terminal.wait_exit() == 128 + signal.SIGTERM
         assert terminal.modes() == terminal.initial_modes
+        assert not terminal.cursor_hidden()
     finally:
         terminal.close()
 
@@ -597,7 +615,7 @@ def test_a_server_without_the_service_ends_top_with_its_error() -> None:
     bare.start()
     terminal = Terminal(["top", "--server", f"127.0.0.1:{port}"])
     try:
-        assert terminal.process.wait(20) == 10 + grpc.StatusCode.UNIMPLEMENTED.value[0]
+        assert terminal.wait_exit() == 10 + grpc.StatusCode.UNIMPLEMENTED.value[0]
         terminal.wait_for(lambda s: "error: UNIMPLEMENTED" in s, "the error, after curses")
         assert terminal.modes() == terminal.initial_modes
     finally:
