@@ -34,6 +34,8 @@ from manatee_grpc._messages import (
     RemoveVmResponse,
     Request,
     Response,
+    UnreadableReason,
+    UnreadableVm,
     VmBalloonStats,
 )
 from manatee_grpc._wire import (
@@ -290,14 +292,19 @@ def test_decode_request_refuses_what_mms_refused(msg_type: int, body: bytes) -> 
 # --- responses: round trips and every rejection rule -----------------------------------------
 
 u64s = st.integers(0, U64_MAX)
-stats_values = st.one_of(st.none(), u64s)
+# A byte amount or count a guest can really have: the bridge reads anything above 2^53 as
+# impossible (see the unreadable tests below).
+byte_counts = st.integers(0, JSON_SAFE)
+stats_values = st.one_of(st.none(), byte_counts)
 balloon_stats = st.builds(BalloonStats, **{name: stats_values for name in BALLOON_STAT_FIELDS})
 responses_for_requests: st.SearchStrategy[tuple[MmsRequest[Any], Response]] = st.one_of(
     st.tuples(
         st.just(ALL_REQUESTS[0]),
         st.builds(
             GetBalloonStatsResponse,
-            all_stats=st.lists(st.builds(VmBalloonStats, vm_ids, balloon_stats, u64s)).map(tuple),
+            all_stats=st.lists(st.builds(VmBalloonStats, vm_ids, balloon_stats, byte_counts)).map(
+                tuple
+            ),
         ),
     ),
     st.tuples(
@@ -428,20 +435,12 @@ BAD_RESPONSES: list[tuple[int, bytes, str]] = [
     (0, b'{"all_stats": [[]]}', "expected a JSON object"),
     (0, body_of(_entry(id=None)), "expected an integer"),
     (0, body_of(_entry(id=-1)), "outside"),
-    (0, body_of(_entry(stats=None)), "expected a JSON object"),
-    (0, body_of(_entry(stats=[])), "expected a JSON object"),
-    (0, body_of(_entry(balloon_actual=-1)), "outside"),
-    (0, body_of(_entry(balloon_actual=1.0)), "expected an integer"),
-    (0, body_of(_entry(stats={"free_memory": -1})), "outside"),
-    (0, body_of(_entry(stats={"swap_in": 1.5})), "expected an integer"),
-    (0, body_of(_entry(stats={"swap_in": True})), "expected an integer"),
-    (0, body_of(_entry(stats={"swap_in": "1"})), "expected an integer"),
-    (0, body_of(_entry(stats={"swap_in": [1]})), "expected an integer"),
+    (0, body_of(_entry(id=4294967296)), "outside"),
+    (0, body_of(_entry(id=1.0)), "expected an integer"),
+    (0, body_of({"all_stats": [{"stats": {}, "balloon_actual": 0}]}), "missing key 'id'"),
+    # An entry that names no VM spoils the answer even next to a good one.
+    (0, body_of({"all_stats": [{"id": 1, "stats": {}, "balloon_actual": 0}, 7]}), "JSON object"),
 ]
-for missing_key in ("id", "stats", "balloon_actual"):
-    entry = {"id": 1, "stats": {}, "balloon_actual": 0}
-    del entry[missing_key]
-    BAD_RESPONSES.append((0, body_of({"all_stats": [entry]}), f"missing key '{missing_key}'"))
 
 
 @pytest.mark.parametrize(("request_index", "body", "reason"), BAD_RESPONSES)
@@ -571,3 +570,174 @@ def test_fuzz_decode_request_on_structured_json(msg_type: MessageType, value: ob
     except CodecError:
         return
     assert msg_type == request.TYPE
+
+
+# --- one VM's impossible numbers: that VM is unreadable, the rest of the answer stands ----------
+
+WRAPPED_CROS_BALLOON = 18446744073675997184  # 2^64 - 32 MiB: what real mms reports for VM 0
+ABSENT = object()
+
+# (what VM 1's entry gets, its reason, the mms field named, the value as mms sent it)
+UNREADABLE_CASES: dict[str, tuple[dict[str, object], UnreadableReason, str, str]] = {
+    "wrapped-balloon": (
+        {"balloon_actual": WRAPPED_CROS_BALLOON},
+        UnreadableReason.WRAPPED,
+        "balloon_actual",
+        "18446744073675997184",
+    ),
+    "balloon-2^63": (
+        {"balloon_actual": 2**63},
+        UnreadableReason.WRAPPED,
+        "balloon_actual",
+        str(2**63),
+    ),
+    "balloon-u64-max": (
+        {"balloon_actual": U64_MAX},
+        UnreadableReason.WRAPPED,
+        "balloon_actual",
+        str(U64_MAX),
+    ),
+    "balloon-over-2^53": (
+        {"balloon_actual": JSON_SAFE + 1},
+        UnreadableReason.TOO_LARGE,
+        "balloon_actual",
+        str(JSON_SAFE + 1),
+    ),
+    "balloon-over-u64": (
+        {"balloon_actual": 2**64},
+        UnreadableReason.TOO_LARGE,
+        "balloon_actual",
+        str(2**64),
+    ),
+    "negative-balloon": ({"balloon_actual": -1}, UnreadableReason.NEGATIVE, "balloon_actual", "-1"),
+    "float-balloon": (
+        {"balloon_actual": 4096.0},
+        UnreadableReason.NOT_AN_INTEGER,
+        "balloon_actual",
+        "4096.0",
+    ),
+    "string-balloon": (
+        {"balloon_actual": "4096"},
+        UnreadableReason.NOT_AN_INTEGER,
+        "balloon_actual",
+        '"4096"',
+    ),
+    "bool-balloon": (
+        {"balloon_actual": True},
+        UnreadableReason.NOT_AN_INTEGER,
+        "balloon_actual",
+        "true",
+    ),
+    "null-balloon": ({"balloon_actual": None}, UnreadableReason.MISSING, "balloon_actual", "null"),
+    "absent-balloon": (
+        {"balloon_actual": ABSENT},
+        UnreadableReason.MISSING,
+        "balloon_actual",
+        "(absent)",
+    ),
+    "null-stats": ({"stats": None}, UnreadableReason.MISSING, "stats", "null"),
+    "absent-stats": ({"stats": ABSENT}, UnreadableReason.MISSING, "stats", "(absent)"),
+    "array-stats": ({"stats": []}, UnreadableReason.NOT_AN_OBJECT, "stats", "a JSON array"),
+    "number-stats": ({"stats": 7}, UnreadableReason.NOT_AN_OBJECT, "stats", "7"),
+    "negative-free-memory": (
+        {"stats": {"free_memory": -1}},
+        UnreadableReason.NEGATIVE,
+        "stats.free_memory",
+        "-1",
+    ),
+    "wrapped-stat": (
+        {"stats": {"total_memory": WRAPPED_CROS_BALLOON}},
+        UnreadableReason.WRAPPED,
+        "stats.total_memory",
+        "18446744073675997184",
+    ),
+    "stat-over-2^53": (
+        {"stats": {"available_memory": JSON_SAFE + 1}},
+        UnreadableReason.TOO_LARGE,
+        "stats.available_memory",
+        str(JSON_SAFE + 1),
+    ),
+    "float-stat": (
+        {"stats": {"swap_in": 1.5}},
+        UnreadableReason.NOT_AN_INTEGER,
+        "stats.swap_in",
+        "1.5",
+    ),
+    "string-stat": (
+        {"stats": {"free_memory": "4096"}},
+        UnreadableReason.NOT_AN_INTEGER,
+        "stats.free_memory",
+        '"4096"',
+    ),
+    "bool-stat": (
+        {"stats": {"swap_in": True}},
+        UnreadableReason.NOT_AN_INTEGER,
+        "stats.swap_in",
+        "true",
+    ),
+    "array-stat": (
+        {"stats": {"swap_in": [1]}},
+        UnreadableReason.NOT_AN_INTEGER,
+        "stats.swap_in",
+        "a JSON array",
+    ),
+}
+
+GOOD_CROS = {"id": 0, "stats": {"free_memory": 1 << 30}, "balloon_actual": 4096}
+GOOD_SIBLING = {"id": 2, "stats": {"free_memory": 1 << 29}, "balloon_actual": 0}
+
+
+@pytest.mark.parametrize("case", UNREADABLE_CASES)
+def test_an_impossible_value_makes_only_its_vm_unreadable(case: str) -> None:
+    overrides, reason, mms_field, mms_value = UNREADABLE_CASES[case]
+    bad: dict[str, object] = {"id": 1, "stats": {"free_memory": 4096}, "balloon_actual": 0}
+    bad.update(overrides)
+    bad = {key: value for key, value in bad.items() if value is not ABSENT}
+    body = body_of({"all_stats": [GOOD_CROS, bad, GOOD_SIBLING]})
+
+    response = decode_response(GetBalloonStatsRequest(vm_ids=(0, 1, 2)), body)
+
+    assert response.unreadable == (UnreadableVm(1, reason, mms_field, mms_value),)
+    assert [entry.vm_id for entry in response.all_stats] == [0, 2]
+    assert response.all_stats[0].balloon_actual_bytes == 4096
+    assert response.all_stats[1].stats.free_memory == 1 << 29
+
+
+def test_2_to_the_53_is_still_a_number() -> None:
+    entry = {"id": 0, "stats": {"total_memory": JSON_SAFE}, "balloon_actual": JSON_SAFE}
+    response = decode_response(ALL_REQUESTS[0], body_of({"all_stats": [entry]}))
+    assert response.unreadable == ()
+    assert response.all_stats[0].balloon_actual_bytes == JSON_SAFE
+    assert response.all_stats[0].stats.total_memory == JSON_SAFE
+
+
+def test_a_long_impossible_value_is_cut_for_the_log() -> None:
+    entry = {"id": 3, "stats": {"swap_out": "x" * 100}, "balloon_actual": 0}
+    (unreadable,) = decode_response(ALL_REQUESTS[0], body_of({"all_stats": [entry]})).unreadable
+    assert unreadable.mms_value == '"' + "x" * 36 + "..."
+
+
+@settings(deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {"id": st.integers(0, U32_MAX)},
+            optional={
+                "stats": st.one_of(
+                    json_values,
+                    st.dictionaries(st.sampled_from(BALLOON_STAT_FIELDS), json_values),
+                ),
+                "balloon_actual": json_values,
+            },
+        ),
+        max_size=4,
+    )
+)
+def test_every_entry_with_an_id_is_either_served_or_unreadable(
+    entries: list[dict[str, object]],
+) -> None:
+    response = decode_response(ALL_REQUESTS[0], body_of({"all_stats": entries}))
+    assert len(response.all_stats) + len(response.unreadable) == len(entries)
+    for entry in response.all_stats:
+        values = [entry.balloon_actual_bytes, *entry.stats]
+        assert all(v is None or (type(v) is int and 0 <= v <= JSON_SAFE) for v in values)

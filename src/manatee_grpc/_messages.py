@@ -63,6 +63,32 @@ class VmBalloonStats:
     balloon_actual_bytes: int
 
 
+class UnreadableReason(enum.Enum):
+    """Why one VM's entry in a GetBalloonStats answer cannot be believed.
+
+    mms passes crosvm's numbers through unchecked and computes the CrOS guest's balloon with an
+    unsigned subtraction, so one VM's entry can hold a value no memory size can have; the
+    other entries of the same answer are still good.
+    """
+
+    WRAPPED = "wrapped"  # in [2^63, 2^64): a u64 that went below 0 (2^64 - x)
+    TOO_LARGE = "too_large"  # above 2^53 (and not wrapped): more bytes than any machine has
+    NEGATIVE = "negative"
+    NOT_AN_INTEGER = "not_an_integer"  # a float, string, bool, array or object
+    MISSING = "missing"  # balloon_actual or stats absent or null
+    NOT_AN_OBJECT = "not_an_object"  # stats is not a JSON object
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableVm:
+    """A VM mms answered for with an impossible value; its statistics are left out."""
+
+    vm_id: int
+    reason: UnreadableReason
+    mms_field: str  # where, as mms names it: "balloon_actual", "stats", "stats.free_memory"
+    mms_value: str  # the value as mms sent it, shortened, for logs
+
+
 @dataclass(frozen=True, slots=True)
 class BalloonDelta:
     """A balloon delta: positive inflates (takes memory from the VM), negative deflates."""
@@ -77,6 +103,8 @@ class BalloonDelta:
 @dataclass(frozen=True, slots=True)
 class GetBalloonStatsResponse:
     all_stats: tuple[VmBalloonStats, ...]
+    # Entries whose numbers are impossible: not in ``all_stats``, the rest of the answer stands.
+    unreadable: tuple[UnreadableVm, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ from ._messages import (
     RemoveVmRequest,
     RemoveVmResponse,
     Response,
+    UnreadableReason,
+    UnreadableVm,
     VmBalloonStats,
 )
 
@@ -94,6 +96,15 @@ class Metrics:
         # (on the connection thread), so each series' child is looked up once and kept.
         self._rpc_children: dict[tuple[str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
         self._mms_children = {t: self._mms_seconds.labels(t.name) for t in MessageType}
+        # Every reason's series exists from the start (at 0), so a rate() over it is defined.
+        unreadable = Counter(
+            "manatee_mms_unreadable_vm_stats",
+            "VM entries left out of mms GetBalloonStats answers because a value was impossible "
+            "(wrapped, over 2^53, negative, not an integer, missing), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._unreadable_children = {r: unreadable.labels(r.value) for r in UnreadableReason}
         self.vm_memory = VmMemory()
         self._http: _HttpServer | None = None
         self._http_thread: threading.Thread | None = None
@@ -113,6 +124,10 @@ class Metrics:
 
     def observe_mms_round_trip(self, message_type: MessageType, round_trip_s: float) -> None:
         self._mms_children[message_type].observe(round_trip_s)
+
+    def count_unreadable(self, entries: Iterable[UnreadableVm]) -> None:
+        for entry in entries:
+            self._unreadable_children[entry.reason].inc()
 
     def serve(self, listen: str) -> str:
         """Serve ``/metrics`` over HTTP on ``listen`` (HOST:PORT); returns the bound HOST:PORT."""
@@ -210,6 +225,8 @@ class _MmsObserver:
             response, GetBalloonStatsResponse
         ):
             self._metrics.vm_memory.update(request, response)
+            if response.unreadable:
+                self._metrics.count_unreadable(response.unreadable)
         elif (
             isinstance(request, RemoveVmRequest)
             and isinstance(response, RemoveVmResponse)

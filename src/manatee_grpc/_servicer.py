@@ -42,7 +42,14 @@ from ._launch import (
     VmStartFailed,
     VmStopped,
 )
-from ._messages import BALLOON_STAT_FIELDS, CROS_GUEST_VM_ID, BalloonDelta, VmBalloonStats
+from ._messages import (
+    BALLOON_STAT_FIELDS,
+    CROS_GUEST_VM_ID,
+    BalloonDelta,
+    UnreadableReason,
+    UnreadableVm,
+    VmBalloonStats,
+)
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from ._stats import StatsSnapshot
@@ -443,6 +450,7 @@ class _LastConversion(Generic[M]):
         if last is not None and snapshot is last[0]:
             return last[3]  # the usual case: callers of one read share its snapshot object
         source = snapshot if snapshot.source is None else snapshot.source
+        # Unreadable ids are also missing ones, so the two id lists say which VMs it covers.
         key = (tuple(entry.vm_id for entry in snapshot.stats), snapshot.missing_vm_ids)
         if last is None or last[1] is not source or last[2] != key:
             message = self._message_type(
@@ -450,6 +458,7 @@ class _LastConversion(Generic[M]):
                 missing_vm_ids=snapshot.missing_vm_ids,
                 read_time=_timestamp(snapshot.read_time_unix_s),
                 session=snapshot.session,
+                unreadable_vms=[_unreadable_vm(entry) for entry in snapshot.unreadable],
             )
         else:
             message = last[3]
@@ -467,6 +476,25 @@ def _vm_stats(entry: VmBalloonStats) -> pb.VmBalloonStats:
     }
     return pb.VmBalloonStats(
         vm_id=entry.vm_id, balloon_actual_bytes=entry.balloon_actual_bytes, **present
+    )
+
+
+_UNREADABLE_REASONS = {
+    UnreadableReason.WRAPPED: pb.UNREADABLE_REASON_WRAPPED,
+    UnreadableReason.TOO_LARGE: pb.UNREADABLE_REASON_TOO_LARGE,
+    UnreadableReason.NEGATIVE: pb.UNREADABLE_REASON_NEGATIVE,
+    UnreadableReason.NOT_AN_INTEGER: pb.UNREADABLE_REASON_NOT_AN_INTEGER,
+    UnreadableReason.MISSING: pb.UNREADABLE_REASON_MISSING,
+    UnreadableReason.NOT_AN_OBJECT: pb.UNREADABLE_REASON_NOT_AN_OBJECT,
+}
+
+
+def _unreadable_vm(entry: UnreadableVm) -> pb.UnreadableVm:
+    return pb.UnreadableVm(
+        vm_id=entry.vm_id,
+        reason=_UNREADABLE_REASONS[entry.reason],
+        mms_field=entry.mms_field,
+        mms_value=entry.mms_value,
     )
 
 

@@ -14,20 +14,29 @@ lone caller never waits: an idle loop sends at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import _aio
 from ._connection import MmsConnection
-from ._errors import DeadlineExceededError
+from ._errors import DeadlineExceededError, MmsConnectionError
 from ._messages import (
     GetBalloonStatsRequest,
     GetBalloonStatsResponse,
     MessageType,
+    MmsRequest,
+    Response,
+    UnreadableReason,
+    UnreadableVm,
     VmBalloonStats,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +46,10 @@ class StatsSnapshot:
     session: int
     read_time_unix_s: float
     stats: tuple[VmBalloonStats, ...]
+    # Every asked-for id without statistics here: unknown to mms, left out by it, or unreadable.
     missing_vm_ids: tuple[int, ...]
+    # The ids of ``missing_vm_ids`` that mms did answer for, with impossible values, and why.
+    unreadable: tuple[UnreadableVm, ...] = ()
     # The mms answer this was picked from: callers served by the same read share it, so the
     # servicer can build one response for all of them.
     source: object = field(default=None, compare=False, repr=False)
@@ -48,6 +60,25 @@ class StatsSnapshot:
 DEFAULT_GATHER_WINDOW_S = 0.002
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One mms stats answer, indexed by VM id, with the session it was read in."""
+
+    session: int
+    read_time_unix_s: float
+    by_id: dict[int, VmBalloonStats]
+    unreadable_by_id: dict[int, UnreadableVm]
+
+    @classmethod
+    def of(cls, session: int, response: GetBalloonStatsResponse) -> _Answer:
+        return cls(
+            session,
+            time.time(),
+            {entry.vm_id: entry for entry in response.all_stats},
+            {entry.vm_id: entry for entry in response.unreadable},
+        )
+
+
 @dataclass(slots=True)
 class _Batch:
     vm_ids: set[int] = field(default_factory=set)
@@ -55,7 +86,7 @@ class _Batch:
     urgent: bool = False
     # loop.time() after which the batch is sent however busy the loop (set when it first waits).
     gather_until: float | None = None
-    done: Future[tuple[int, float, dict[int, VmBalloonStats]]] = field(default_factory=Future)
+    done: Future[_Answer] = field(default_factory=Future)
     # Coroutines waiting on this batch, woken together by one hand-off to their loop (so a
     # batch of N callers costs the connection thread one wake-up, not N); None once woken.
     loop_waiters: list[asyncio.Future[None]] | None = field(default_factory=list)
@@ -81,6 +112,7 @@ class StatsReader:
         self._flush_scheduled = False  # a loop callback will send the next batch soon
         self._next: _Batch | None = None
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
+        connection.add_observer(UnreadableVmLog())
 
     def read(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
         """Blocking read, for callers on plain threads (the watch tickers)."""
@@ -89,10 +121,10 @@ class StatsReader:
         batch = self._join_batch(vm_ids)
         try:
             # Not wait_for(): the batch is shared, so one caller's deadline must not cancel it.
-            session, read_time_unix_s, by_id = batch.done.result(timeout=timeout_s)
+            answer = batch.done.result(timeout=timeout_s)
         except TimeoutError:
             raise _stats_deadline() from None
-        return _pick(vm_ids, session, read_time_unix_s, by_id)
+        return _pick(vm_ids, answer)
 
     async def read_async(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
         """The same read for a coroutine on the gRPC event loop."""
@@ -104,8 +136,7 @@ class StatsReader:
             response: GetBalloonStatsResponse = await _aio.await_mms(
                 future, timeout_s, MessageType.GET_BALLOON_STATS
             )
-            by_id = {entry.vm_id: entry for entry in response.all_stats}
-            return _pick(vm_ids, session, time.time(), by_id)
+            return _pick(vm_ids, _Answer.of(session, response))
         loop = asyncio.get_running_loop()
         batch = self._join_batch(vm_ids, loop)
         waiter = loop.create_future()
@@ -123,7 +154,7 @@ class StatsReader:
         # touches ``picks``), so the servicer converts it once for all of them.
         snapshot = batch.picks.get(vm_ids)
         if snapshot is None:
-            snapshot = batch.picks[vm_ids] = _pick(vm_ids, *batch.done.result())
+            snapshot = batch.picks[vm_ids] = _pick(vm_ids, batch.done.result())
         return snapshot
 
     def _flush(self) -> None:
@@ -186,8 +217,7 @@ class StatsReader:
             self.mms_reads += 1
         session = self._connection.session
         response = self._connection.call(GetBalloonStatsRequest(vm_ids), timeout_s)
-        by_id = {entry.vm_id: entry for entry in response.all_stats}
-        return _pick(vm_ids, session, time.time(), by_id)
+        return _pick(vm_ids, _Answer.of(session, response))
 
     def _send_next_locked(self) -> None:
         batch = self._next
@@ -215,8 +245,7 @@ class StatsReader:
             elif (error := done.exception()) is not None:
                 batch.done.set_exception(error)
             else:
-                by_id = {entry.vm_id: entry for entry in done.result().all_stats}
-                batch.done.set_result((session, time.time(), by_id))
+                batch.done.set_result(_Answer.of(session, done.result()))
             with self._lock:  # after the answer is set: a caller parking later need not wait
                 waiters, batch.loop_waiters = batch.loop_waiters, None
             flush_loop = following.loop if flush_on_loop and following is not None else None
@@ -240,12 +269,81 @@ def _stats_deadline() -> DeadlineExceededError:
     )
 
 
-def _pick(
-    vm_ids: tuple[int, ...],
-    session: int,
-    read_time_unix_s: float,
-    by_id: dict[int, VmBalloonStats],
-) -> StatsSnapshot:
+def _pick(vm_ids: tuple[int, ...], answer: _Answer) -> StatsSnapshot:
+    by_id, unreadable_by_id = answer.by_id, answer.unreadable_by_id
     stats = tuple(by_id[vm_id] for vm_id in vm_ids if vm_id in by_id)
     missing = tuple(vm_id for vm_id in vm_ids if vm_id not in by_id)
-    return StatsSnapshot(session, read_time_unix_s, stats, missing, by_id)
+    unreadable = (
+        tuple(unreadable_by_id[vm_id] for vm_id in missing if vm_id in unreadable_by_id)
+        if unreadable_by_id
+        else ()
+    )
+    return StatsSnapshot(
+        answer.session, answer.read_time_unix_s, stats, missing, unreadable, answer
+    )
+
+
+# How often one VM's same fault is logged again while it lasts (with a count of the reads).
+UNREADABLE_LOG_INTERVAL_S = 300.0
+
+
+class UnreadableVmLog:
+    """Logs a VM whose stats mms answered with impossible values: once when it starts, then at
+    most every ``interval_s`` while it lasts (a watch would otherwise log it on every tick).
+
+    A ConnectionObserver, so every read is seen, whoever asked and whether or not they stayed.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = UNREADABLE_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (vm_id, reason) -> (when last logged, reads seen unreadable since then)
+        self._seen: dict[tuple[int, UnreadableReason], tuple[float, int]] = {}
+
+    def on_connected(self, session: int) -> None:
+        with self._lock:
+            self._seen.clear()  # a new session's VM 0 (or id 1) is a new story
+
+    def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
+        pass
+
+    def on_response(
+        self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
+    ) -> None:
+        if not isinstance(response, GetBalloonStatsResponse):
+            return
+        if not response.unreadable and not self._seen:
+            return  # the usual case, and the hot path
+        now = self._clock()
+        with self._lock:
+            current = {(entry.vm_id, entry.reason) for entry in response.unreadable}
+            for key in [key for key in self._seen if key not in current]:
+                if key[0] in _asked(request):
+                    del self._seen[key]  # read again and readable (or another fault): over
+            for entry in response.unreadable:
+                key = (entry.vm_id, entry.reason)
+                last = self._seen.get(key)
+                if last is not None and now - last[0] < self._interval_s:
+                    self._seen[key] = (last[0], last[1] + 1)
+                    continue
+                repeats = 0 if last is None else last[1]
+                self._seen[key] = (now, 0)
+                logger.warning(
+                    "mms session %d: VM %d's stats are unreadable (%s: %s = %s)%s; "
+                    "reported in unreadable_vms, the other VMs are served",
+                    session,
+                    entry.vm_id,
+                    entry.reason.value,
+                    entry.mms_field,
+                    entry.mms_value,
+                    f" ({repeats} more unreadable reads since the last report)" if repeats else "",
+                )
+
+
+def _asked(request: MmsRequest[Any]) -> tuple[int, ...]:
+    return request.vm_ids if isinstance(request, GetBalloonStatsRequest) else ()

@@ -181,12 +181,15 @@ def _offer_snapshot(watchers: list[Watcher], source: StatsSnapshot) -> None:
 
 def _filter(snapshot: StatsSnapshot, vm_ids: tuple[int, ...]) -> StatsSnapshot:
     by_id = {entry.vm_id: entry for entry in snapshot.stats}
+    unreadable_by_id = {entry.vm_id: entry for entry in snapshot.unreadable}
+    missing = tuple(i for i in vm_ids if i not in by_id)
     return StatsSnapshot(
         snapshot.session,
         snapshot.read_time_unix_s,
         tuple(by_id[i] for i in vm_ids if i in by_id),
-        tuple(i for i in vm_ids if i not in by_id),
-        snapshot.source,  # same read: watchers of the same VMs share one converted message
+        missing,
+        tuple(unreadable_by_id[i] for i in missing if i in unreadable_by_id),
+        source=snapshot.source,  # same read: watchers of the same VMs share one message
     )
 
 

@@ -32,6 +32,8 @@ from manatee_grpc._messages import (
     RemoveVmResponse,
     Request,
     Response,
+    UnreadableReason,
+    UnreadableVm,
     VmBalloonStats,
 )
 
@@ -389,7 +391,8 @@ _ALL_STATS = operator.itemgetter(*BALLOON_STAT_FIELDS)
 
 def _decode_balloon_stats_response(root: dict[str, object], where: str) -> GetBalloonStatsResponse:
     entries = _list(_key(root, "all_stats", where), f"{where}: all_stats")
-    all_stats = []
+    all_stats: list[VmBalloonStats] = []
+    unreadable: list[UnreadableVm] = []
     for index, entry in enumerate(entries):
         # The hot path of every stats read (on the connection thread, under the GIL): check
         # values in bulk and build the "where" text of an error only when there is one.
@@ -403,34 +406,83 @@ def _decode_balloon_stats_response(root: dict[str, object], where: str) -> GetBa
             if (
                 # Exactly int: no bools (an int subclass), no floats such as 1.0.
                 all(type(value) is int for value in present)
-                and (not present or (min(present) >= 0 and max(present) <= _U64_MAX))  # type: ignore[type-var,operator]
+                and (not present or (min(present) >= 0 and max(present) <= MAX_JSON_SAFE_INT))  # type: ignore[type-var,operator]
                 and type(vm_id) is int
                 and 0 <= vm_id <= U32_MAX
                 and type(actual) is int
-                and 0 <= actual <= _U64_MAX
+                and 0 <= actual <= MAX_JSON_SAFE_INT
             ):
                 stats = BalloonStats._make(cast(tuple[int | None, ...], values))
                 all_stats.append(VmBalloonStats(vm_id, stats, actual))
                 continue
-        all_stats.append(_checked_stats_entry(entry, f"{where}: all_stats[{index}]"))
-    return GetBalloonStatsResponse(all_stats=tuple(all_stats))
+        decoded = _checked_stats_entry(entry, f"{where}: all_stats[{index}]")
+        if isinstance(decoded, UnreadableVm):
+            unreadable.append(decoded)
+        else:
+            all_stats.append(decoded)
+    return GetBalloonStatsResponse(all_stats=tuple(all_stats), unreadable=tuple(unreadable))
 
 
-def _checked_stats_entry(entry: object, entry_where: str) -> VmBalloonStats:
-    """The slow path: decode one entry field by field, raising CodecError at the first fault."""
+_ABSENT = object()
+
+
+def _checked_stats_entry(entry: object, entry_where: str) -> VmBalloonStats | UnreadableVm:
+    """The slow path: decode one entry field by field.
+
+    An entry that names no VM (not an object, no valid id) breaks the whole answer: CodecError.
+    One that names its VM but holds an impossible value makes only that VM unreadable: mms
+    passes crosvm's figures through unchecked and wraps its own CrOS balloon arithmetic, so the
+    other VMs' entries are still good.
+    """
     fields = _object(entry, entry_where)
-    stats_where = f"{entry_where}.stats"
-    raw_stats = _object(_key(fields, "stats", entry_where), stats_where)
+    vm_id = _int_field(fields, "id", 0, U32_MAX, entry_where)
+    actual = fields.get("balloon_actual", _ABSENT)
+    if (reason := _byte_count_problem(actual)) is not None:
+        return UnreadableVm(vm_id, reason, "balloon_actual", _json_brief(actual))
+    raw_stats = fields.get("stats", _ABSENT)
+    if raw_stats is None or raw_stats is _ABSENT:
+        return UnreadableVm(vm_id, UnreadableReason.MISSING, "stats", _json_brief(raw_stats))
+    if type(raw_stats) is not dict:
+        return UnreadableVm(vm_id, UnreadableReason.NOT_AN_OBJECT, "stats", _json_brief(raw_stats))
     stats: dict[str, int | None] = {}
     for name in BALLOON_STAT_FIELDS:
         raw = raw_stats.get(name)
         # Not reported is not zero: a guest that never sent free_memory has not run out.
-        stats[name] = None if raw is None else _int_in(raw, 0, _U64_MAX, f"{stats_where}.{name}")
+        if raw is not None and (reason := _byte_count_problem(raw)) is not None:
+            return UnreadableVm(vm_id, reason, f"stats.{name}", _json_brief(raw))
+        stats[name] = cast(int | None, raw)
     return VmBalloonStats(
-        vm_id=_int_field(fields, "id", 0, U32_MAX, entry_where),
-        stats=BalloonStats(**stats),
-        balloon_actual_bytes=_int_field(fields, "balloon_actual", 0, _U64_MAX, entry_where),
+        vm_id=vm_id, stats=BalloonStats(**stats), balloon_actual_bytes=cast(int, actual)
     )
+
+
+def _byte_count_problem(value: object) -> UnreadableReason | None:
+    """Why ``value`` cannot be a byte amount or a count, or None if it can.
+
+    Above 2^53 is impossible (no machine has 8 PiB) and would not survive a JSON double; a
+    value in [2^63, 2^64) is what a u64 subtraction that went below 0 leaves (2^64 - x).
+    """
+    if value is None or value is _ABSENT:
+        return UnreadableReason.MISSING
+    if type(value) is not int:
+        return UnreadableReason.NOT_AN_INTEGER
+    if value < 0:
+        return UnreadableReason.NEGATIVE
+    if _I64_MAX < value <= _U64_MAX:
+        return UnreadableReason.WRAPPED
+    if value > MAX_JSON_SAFE_INT:
+        return UnreadableReason.TOO_LARGE
+    return None
+
+
+def _json_brief(value: object) -> str:
+    """``value`` as mms wrote it, short enough for a log line and an API field."""
+    if value is _ABSENT:
+        return "(absent)"
+    if isinstance(value, dict | list):
+        return _brief(value)
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _decode_delta(entry: object, where: str) -> BalloonDelta:

@@ -51,6 +51,59 @@ VM_STATE_RUNNING: VmState.ValueType  # 2
 """The VM runs and mms controls its balloon. The CrOS guest is always running."""
 Global___VmState: _TypeAlias = VmState  # noqa: Y015
 
+class _UnreadableReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UnreadableReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnreadableReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UNREADABLE_REASON_UNSPECIFIED: _UnreadableReason.ValueType  # 0
+    """Never sent by the server; the proto3 default."""
+    UNREADABLE_REASON_WRAPPED: _UnreadableReason.ValueType  # 1
+    """A value in [2^63, 2^64): an unsigned subtraction in mms went below 0 and wrapped (2^64 - x).
+    Real mms reports this as the CrOS guest's (VM 0) balloon once that balloon fell below the
+    memory mms holds in it for itself.
+    """
+    UNREADABLE_REASON_TOO_LARGE: _UnreadableReason.ValueType  # 2
+    """A value above 2^53 that did not wrap: no machine has that many bytes, and a JSON double
+    cannot carry it exactly.
+    """
+    UNREADABLE_REASON_NEGATIVE: _UnreadableReason.ValueType  # 3
+    """A negative byte amount or count."""
+    UNREADABLE_REASON_NOT_AN_INTEGER: _UnreadableReason.ValueType  # 4
+    """A float, string, boolean, array or object where an integer belongs."""
+    UNREADABLE_REASON_MISSING: _UnreadableReason.ValueType  # 5
+    """The balloon size or the statistics object is absent or null."""
+    UNREADABLE_REASON_NOT_AN_OBJECT: _UnreadableReason.ValueType  # 6
+    """The statistics are not a JSON object."""
+
+class UnreadableReason(_UnreadableReason, metaclass=_UnreadableReasonEnumTypeWrapper):
+    """Why a VM's statistics from mms cannot be believed. mms passes crosvm's figures through
+    unchecked and computes the CrOS guest's balloon with an unsigned subtraction, so one VM's
+    entry can hold a value no memory size can have while the others are good.
+    """
+
+UNREADABLE_REASON_UNSPECIFIED: UnreadableReason.ValueType  # 0
+"""Never sent by the server; the proto3 default."""
+UNREADABLE_REASON_WRAPPED: UnreadableReason.ValueType  # 1
+"""A value in [2^63, 2^64): an unsigned subtraction in mms went below 0 and wrapped (2^64 - x).
+Real mms reports this as the CrOS guest's (VM 0) balloon once that balloon fell below the
+memory mms holds in it for itself.
+"""
+UNREADABLE_REASON_TOO_LARGE: UnreadableReason.ValueType  # 2
+"""A value above 2^53 that did not wrap: no machine has that many bytes, and a JSON double
+cannot carry it exactly.
+"""
+UNREADABLE_REASON_NEGATIVE: UnreadableReason.ValueType  # 3
+"""A negative byte amount or count."""
+UNREADABLE_REASON_NOT_AN_INTEGER: UnreadableReason.ValueType  # 4
+"""A float, string, boolean, array or object where an integer belongs."""
+UNREADABLE_REASON_MISSING: UnreadableReason.ValueType  # 5
+"""The balloon size or the statistics object is absent or null."""
+UNREADABLE_REASON_NOT_AN_OBJECT: UnreadableReason.ValueType  # 6
+"""The statistics are not a JSON object."""
+Global___UnreadableReason: _TypeAlias = UnreadableReason  # noqa: Y015
+
 @_typing.final
 class VmInfo(_message.Message):
     """One VM of the current mms session."""
@@ -278,7 +331,9 @@ Global___GetBalloonStatsRequest: _TypeAlias = GetBalloonStatsRequest  # noqa: Y0
 
 @_typing.final
 class GetBalloonStatsResponse(_message.Message):
-    """The balloon statistics read in one mms round trip."""
+    """The balloon statistics read in one mms round trip. Every requested id is either in `stats`
+    or in `missing_vm_ids`; the ids of `unreadable_vms` are also in `missing_vm_ids`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -286,6 +341,7 @@ class GetBalloonStatsResponse(_message.Message):
     MISSING_VM_IDS_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
+    UNREADABLE_VMS_FIELD_NUMBER: _builtins.int
     session: _builtins.int
     """The mms session the statistics (and their VM ids) belong to."""
     @_builtins.property
@@ -294,11 +350,19 @@ class GetBalloonStatsResponse(_message.Message):
 
     @_builtins.property
     def missing_vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Requested ids mms gave no statistics for: unknown, or their crosvm did not answer."""
+        """Requested ids this answer has no statistics for: unknown to mms, their crosvm did not
+        answer, or mms answered with impossible values (then the id is in `unreadable_vms` too).
+        """
 
     @_builtins.property
     def read_time(self) -> _timestamp_pb2.Timestamp:
         """When the server received the statistics from mms."""
+
+    @_builtins.property
+    def unreadable_vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreadableVm]:
+        """Requested VMs mms answered for with impossible values, and why; their statistics are left
+        out and the other VMs' are served.
+        """
 
     def __init__(
         self,
@@ -307,14 +371,51 @@ class GetBalloonStatsResponse(_message.Message):
         missing_vm_ids: _abc.Iterable[_builtins.int] | None = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
         session: _builtins.int = ...,
+        unreadable_vms: _abc.Iterable[Global___UnreadableVm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_vm_ids", b"missing_vm_ids", "read_time", b"read_time", "session", b"session", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_vm_ids", b"missing_vm_ids", "read_time", b"read_time", "session", b"session", "stats", b"stats", "unreadable_vms", b"unreadable_vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBalloonStatsResponse: _TypeAlias = GetBalloonStatsResponse  # noqa: Y015
+
+@_typing.final
+class UnreadableVm(_message.Message):
+    """A VM mms answered for with an impossible value. The first impossible value found is reported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VM_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MMS_FIELD_FIELD_NUMBER: _builtins.int
+    MMS_VALUE_FIELD_NUMBER: _builtins.int
+    vm_id: _builtins.int
+    """The VM whose statistics are left out."""
+    reason: Global___UnreadableReason.ValueType
+    """What is wrong with the value."""
+    mms_field: _builtins.str
+    """Where the value is in mms's answer, as mms names it: "balloon_actual", "stats", or
+    "stats.<name>" (for example "stats.free_memory").
+    """
+    mms_value: _builtins.str
+    """The value as mms sent it (JSON text, cut to 40 characters), for logs and bug reports."""
+    def __init__(
+        self,
+        *,
+        vm_id: _builtins.int = ...,
+        reason: Global___UnreadableReason.ValueType = ...,
+        mms_field: _builtins.str = ...,
+        mms_value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mms_field", b"mms_field", "mms_value", b"mms_value", "reason", b"reason", "vm_id", b"vm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnreadableVm: _TypeAlias = UnreadableVm  # noqa: Y015
 
 @_typing.final
 class WatchBalloonStatsRequest(_message.Message):
@@ -360,6 +461,7 @@ class BalloonStatsSnapshot(_message.Message):
     MISSING_VM_IDS_FIELD_NUMBER: _builtins.int
     READ_TIME_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
+    UNREADABLE_VMS_FIELD_NUMBER: _builtins.int
     session: _builtins.int
     """The mms session the statistics (and their VM ids) belong to."""
     @_builtins.property
@@ -368,11 +470,17 @@ class BalloonStatsSnapshot(_message.Message):
 
     @_builtins.property
     def missing_vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Watched ids mms gave no statistics for: unknown, or their crosvm did not answer."""
+        """Watched ids this snapshot has no statistics for: unknown to mms, their crosvm did not
+        answer, or mms answered with impossible values (then the id is in `unreadable_vms` too).
+        """
 
     @_builtins.property
     def read_time(self) -> _timestamp_pb2.Timestamp:
         """When the server received the statistics from mms."""
+
+    @_builtins.property
+    def unreadable_vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreadableVm]:
+        """Watched VMs mms answered for with impossible values, and why; see GetBalloonStatsResponse."""
 
     def __init__(
         self,
@@ -381,10 +489,11 @@ class BalloonStatsSnapshot(_message.Message):
         missing_vm_ids: _abc.Iterable[_builtins.int] | None = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
         session: _builtins.int = ...,
+        unreadable_vms: _abc.Iterable[Global___UnreadableVm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_vm_ids", b"missing_vm_ids", "read_time", b"read_time", "session", b"session", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_vm_ids", b"missing_vm_ids", "read_time", b"read_time", "session", b"session", "stats", b"stats", "unreadable_vms", b"unreadable_vms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -173,7 +173,9 @@ class MemoryServiceServicer:
         """Reads the balloon statistics of some or all VMs in one mms round trip.
 
         Ids mms gives no statistics for (unknown ids, or VMs whose crosvm did not answer) are listed
-        in `missing_vm_ids` rather than failing the call.
+        in `missing_vm_ids` rather than failing the call. A VM mms answers for with impossible
+        values (a wrapped or negative balloon, a float or string where a byte count belongs) is
+        listed there too and in `unreadable_vms` with the reason; the other VMs are served.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -88,7 +88,9 @@ class MemoryServiceStub:
     """Reads the balloon statistics of some or all VMs in one mms round trip.
 
     Ids mms gives no statistics for (unknown ids, or VMs whose crosvm did not answer) are listed
-    in `missing_vm_ids` rather than failing the call.
+    in `missing_vm_ids` rather than failing the call. A VM mms answers for with impossible
+    values (a wrapped or negative balloon, a float or string where a byte count belongs) is
+    listed there too and in `unreadable_vms` with the reason; the other VMs are served.
     """
     WatchBalloonStats: _grpc.UnaryStreamMultiCallable[_memory_service_pb2.WatchBalloonStatsRequest, _memory_service_pb2.WatchBalloonStatsResponse]
     """Streams balloon statistics every `interval` until the caller cancels.
@@ -191,7 +193,9 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     """Reads the balloon statistics of some or all VMs in one mms round trip.
 
     Ids mms gives no statistics for (unknown ids, or VMs whose crosvm did not answer) are listed
-    in `missing_vm_ids` rather than failing the call.
+    in `missing_vm_ids` rather than failing the call. A VM mms answers for with impossible
+    values (a wrapped or negative balloon, a float or string where a byte count belongs) is
+    listed there too and in `unreadable_vms` with the reason; the other VMs are served.
     """
     WatchBalloonStats: _aio.UnaryStreamMultiCallable[_memory_service_pb2.WatchBalloonStatsRequest, _memory_service_pb2.WatchBalloonStatsResponse]  # type: ignore[assignment]
     """Streams balloon statistics every `interval` until the caller cancels.
@@ -297,7 +301,9 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reads the balloon statistics of some or all VMs in one mms round trip.
 
         Ids mms gives no statistics for (unknown ids, or VMs whose crosvm did not answer) are listed
-        in `missing_vm_ids` rather than failing the call.
+        in `missing_vm_ids` rather than failing the call. A VM mms answers for with impossible
+        values (a wrapped or negative balloon, a float or string where a byte count belongs) is
+        listed there too and in `unreadable_vms` with the reason; the other VMs are served.
         """
 
     @_abc_1.abstractmethod
