@@ -423,8 +423,16 @@ class Terminal:
                     self._ended = True
                     self._changed.notify_all()
                     return
-                self._stream.feed(data)
-                self._screens.append("\n".join(line.rstrip() for line in self.screen.display))
+                # One screen per escape sequence that changed it, not per read: a reader that
+                # lags (a loaded machine) may get two redraws in one read, and a state shown
+                # for one tick only (the change column) must still be seen.
+                for piece in _pieces(data):
+                    self._stream.feed(piece)
+                    if self.screen.dirty:
+                        self.screen.dirty.clear()
+                        self._screens.append(
+                            "\n".join(line.rstrip() for line in self.screen.display)
+                        )
                 self._changed.notify_all()
 
     def mark(self) -> int:
@@ -476,6 +484,12 @@ class Terminal:
         self.process.wait(EXIT_TIMEOUT_S)
         self._reader.join(EXIT_TIMEOUT_S)
         os.close(self._master)
+
+
+def _pieces(data: bytes) -> list[bytes]:
+    """``data`` cut before every escape sequence (pyte's parser carries a cut sequence over)."""
+    first, *rest = data.split(b"\x1b")
+    return ([first] if first else []) + [b"\x1b" + piece for piece in rest]
 
 
 @pytest.fixture
