@@ -487,10 +487,14 @@ def test_cros_stats_report_the_balloon_minus_mms_internal_allocation() -> None:
     assert model.conservation_error_bytes() == 0
 
 
-def test_cros_clamping_is_on_the_client_visible_part() -> None:
-    """The client cannot deflate the CrOS balloon into mms's internal allocation."""
-    cros = BalloonBounds(balloon_bytes=300 * MIB, mem_size_bytes=1000 * MIB, floor_bytes=256 * MIB)
-    assert cros.clamp_delta(-1000 * MIB) == -44 * MIB
+def test_cros_clamping_is_on_mms_whole_record_allocation_included() -> None:
+    """mms clamps the CrOS guest on its own record of the balloon, allocation included, at 0.
+
+    The simulator used to floor the CrOS guest at its internal allocation; upstream's
+    clamp_balloon_delta and adjust_balloon saturate every balloon at 0 (issue 11).
+    """
+    cros = BalloonBounds(balloon_bytes=300 * MIB, mem_size_bytes=1000 * MIB)
+    assert cros.clamp_delta(-1000 * MIB) == -300 * MIB
     assert cros.clamp_delta(1000 * MIB) == 700 * MIB
 
     model = MmsModel(Scenario(cros_internal_allocation_bytes=256 * MIB))
