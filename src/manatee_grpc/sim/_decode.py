@@ -14,7 +14,10 @@ what it accepted is what serde accepts, which is not what a strict JSON-object r
   target type's bounds. A number beyond the f64 range is an error, but only where it is read: an
   out-of-range number in a skipped key is fine, as serde_json only checks its syntax there.
 - NaN and Infinity are not JSON; nesting deeper than serde_json's recursion limit (127 levels) is
-  an error; the body must be UTF-8, with only JSON whitespace around the value.
+  an error; only JSON whitespace may surround the value.
+- Text must be UTF-8 where serde_json reads it as a string: a struct's keys, which may not hold a
+  lone surrogate escape either. Strings inside a skipped value are only scanned for their end, so
+  invalid UTF-8 or a lone surrogate there is accepted.
 
 Any failure is a RequestDecodeError: mms logged it, sent no answer and read the next frame.
 Where serde_json's own float parsing would round a long decimal differently from Python's
@@ -80,8 +83,9 @@ def _reject_constant(name: str) -> object:
 
 def _parse(body: bytes) -> object:
     try:
-        # Decoded by hand: json.loads(bytes) would also accept UTF-16/32 and skip a BOM.
-        text = bytes(body).decode("utf-8")
+        # Decoded by hand: json.loads(bytes) would also accept UTF-16/32 and skip a BOM. Invalid
+        # bytes become lone surrogates: a syntax error outside strings, checked in keys (_struct).
+        text = bytes(body).decode("utf-8", errors="surrogateescape")
         value = json.loads(
             text,
             parse_int=_Number,
@@ -126,8 +130,8 @@ def _struct(value: object, field_names: tuple[str, ...], where: str) -> list[obj
         raise RequestDecodeError(f"{where}: expected an object or an array")
     found: dict[str, object] = {}
     for key, field_value in value.pairs:
-        # serde_json parses a struct's keys as strings, and a string may not hold a lone
-        # surrogate escape (a skipped value's strings may: those are only scanned).
+        # serde_json parses a struct's keys as strings: no invalid UTF-8, no lone surrogate
+        # escape (a skipped value's strings may hold either: those are only scanned).
         if any("\ud800" <= char <= "\udfff" for char in key):
             raise RequestDecodeError(f"{where}: a key holds a lone surrogate")
         if key in field_names:

@@ -282,7 +282,8 @@ class MmsModel:
     Introspection reads mms's own bookkeeping: ``conservation_error_bytes()`` compares the CrOS
     balloon the client sees with what the siblings and the pending start hold, and always equals
     ``unbalanced_bytes``, the memory mms itself lost track of (0 unless a documented mms corner
-    case was hit, see ``unbalanced_bytes``).
+    case was hit, see ``unbalanced_bytes``). After a loss the CrOS balloon the client sees can be
+    negative (mms's record is below its own allocation): ``balloon_actual`` then wraps.
     """
 
     def __init__(self, scenario: Scenario | None = None) -> None:
@@ -587,7 +588,11 @@ class MmsModel:
 
     @property
     def cros_balloon_bytes(self) -> int:
-        """The CrOS balloon as the client sees it (mms's bookkeeping, without its allocation)."""
+        """The CrOS balloon as the client sees it (mms's bookkeeping, without its allocation).
+
+        Signed: it goes below 0 where mms's record falls below the allocation, which mms then
+        reports as a wrapped u64 ``balloon_actual``.
+        """
         return self._cros.balloon_bytes - self._cros.internal_allocation_bytes
 
     @property
@@ -608,7 +613,7 @@ class MmsModel:
 
         Each path that changes it is one real mms logs as an error and moves on from: slack left
         after a rebalance (trimming turned an inflate into a deflate, then a later inflate came
-        back short), a release the CrOS balloon could not absorb (only after an earlier loss),
+        back short), a release larger than the whole CrOS balloon (only after an earlier loss),
         and a failed deflate past the bottom of a balloon. Without failed adjusts, rebalances
         that never ask a balloon below empty keep it at 0.
         """

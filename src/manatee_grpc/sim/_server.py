@@ -1,7 +1,9 @@
 """The simulator's socket shell: one control connection at a time, frames in, model answers out.
 
-A background thread accepts a connection, reads frames, asks MmsModel under one lock, applies the
-scenario's delays and writes the answers; a hangup is mms's "connection lost". Counters for tests.
+A background thread accepts a connection, reads frames, decodes them as mms did (sim._decode),
+asks MmsModel under one lock, applies the scenario's delays and writes the answers; a frame mms
+could not decode gets no answer (or a hang-up under the "close" departure); a hangup is mms's
+"connection lost". Counters for tests.
 """
 
 from __future__ import annotations
@@ -242,6 +244,7 @@ class Simulator:
             self._crosvm_connect_timeout_s = _checked_seconds(seconds)
 
     def set_malformed_request(self, policy: MalformedRequestPolicy) -> None:
+        """Policy for undecodable frames: "ignore" as mms did (default), "close" departs from it."""
         if policy not in ("close", "ignore"):
             raise ValueError(f"policy must be 'close' or 'ignore', got {policy!r}")
         with self._lock:
@@ -274,6 +277,7 @@ class Simulator:
 
     @property
     def malformed_requests(self) -> int:
+        """Frames mms could not have decoded (see sim._decode), answered or not."""
         with self._lock:
             return self._malformed_requests
 
