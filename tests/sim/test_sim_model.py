@@ -509,6 +509,27 @@ def test_cros_clamping_is_on_mms_whole_record_allocation_included() -> None:
     assert model.conservation_error_bytes() == 0
 
 
+def test_internal_allocation_change_moves_by_what_the_balloon_moved_as_upstream() -> None:
+    """on_allocation_change: adjust the CrOS balloon, move the allocation by the actual delta.
+
+    The simulator used to refuse shrinking the allocation by more than it held; upstream has no
+    such check: the balloon saturates at 0 and the allocation may end up below 0 (issue 11).
+    """
+    model = MmsModel(Scenario(cros_internal_allocation_bytes=32 * MIB))
+    vm_id = start_vm(model)
+    # Shrinking by more than the allocation takes the rest out of the client's part of the record;
+    # the allocation goes negative and the client-visible balloon is unchanged.
+    assert model.change_internal_allocation(-64 * MIB) == -64 * MIB
+    assert model.cros_internal_allocation_bytes == -32 * MIB
+    assert model.cros_balloon_bytes == REQUIRED_1G
+    assert stats(model, 0)[0].balloon_actual_bytes == REQUIRED_1G
+    # On an empty balloon a deflate saturates at 0 and the allocation moves only that much.
+    assert remove(model, vm_id) == RES_OK
+    assert model.balloon_bytes(0) == 0
+    assert model.change_internal_allocation(-16 * MIB) == 0
+    assert model.cros_internal_allocation_bytes == -32 * MIB
+
+
 # --- failed balloon adjusts are pessimistic ------------------------------------------------------
 
 
