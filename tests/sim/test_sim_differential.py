@@ -15,6 +15,7 @@ model, 25 of up to 30 over the socket, about 3 s); for a manual run of 5000 + 40
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import upstream_mms
@@ -296,12 +297,31 @@ class ModelAgainstUpstream(_Differential):
 
 
 class SimulatorAgainstUpstream(_Differential):
-    """A real Simulator over its socket; requests and answers are raw JSON."""
+    """A real Simulator over its socket; requests and answers are raw JSON.
+
+    Each request is written in one of the forms serde_json read the same way (an object, an
+    object with its keys reversed and an unknown key, an array of the fields; sizes and deltas as
+    integers or as doubles), so the answers also check the simulator's request decoding.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.sim = Simulator(SCENARIO).start()
         self.mms = RawMms(self.sim)
+        # Fixed seed: a sequence replays with the same encodings, which never change an answer.
+        self.encodings = random.Random(0)
+
+    def _struct(self, fields: list[tuple[str, str]]) -> str:
+        form = self.encodings.randrange(3)
+        if form == 0:
+            return "{" + ", ".join(f'"{key}": {value}' for key, value in fields) + "}"
+        if form == 1:
+            members = [f'"{key}": {value}' for key, value in reversed(fields)]
+            return "{" + ", ".join([*members, '"x": [1e999, {"id": -0, "id": 1.5}]']) + "}"
+        return "[" + ", ".join(value for _, value in fields) + "]"
+
+    def _f64(self, value: int) -> str:
+        return [str(value), f"{value}.0", f"{value}e0"][self.encodings.randrange(3)]
 
     def teardown(self) -> None:
         self.mms.close()
@@ -311,24 +331,30 @@ class SimulatorAgainstUpstream(_Differential):
         return self.sim
 
     def sim_prepare(self, mem: int, init: int) -> tuple[int, int, int]:
-        answer = self.mms.call(PREPARE_VM, {"mem_size": mem, "init_mem_size": init})
+        body = self._struct([("mem_size", self._f64(mem)), ("init_mem_size", self._f64(init))])
+        answer = self.mms.call(PREPARE_VM, body)
         return (answer["res"], answer["id"], answer["shortfall"])
 
     def sim_finish(self, vm_id: int) -> int:
-        res: int = self.mms.call(FINISH_ADD_VM, {"id": vm_id})["res"]
+        res: int = self.mms.call(FINISH_ADD_VM, self._struct([("id", str(vm_id))]))["res"]
         return res
 
     def sim_remove(self, vm_id: int) -> int:
-        res: int = self.mms.call(REMOVE_VM, {"id": vm_id})["res"]
+        res: int = self.mms.call(REMOVE_VM, self._struct([("id", str(vm_id))]))["res"]
         return res
 
     def sim_rebalance(self, deltas: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        body = {"deltas": [{"id": vm_id, "delta": delta} for vm_id, delta in deltas]}
+        entries = [
+            self._struct([("id", str(vm_id)), ("delta", self._f64(delta))])
+            for vm_id, delta in deltas
+        ]
+        body = self._struct([("deltas", "[" + ", ".join(entries) + "]")])
         answer: dict[str, Any] = self.mms.call(REBALANCE_MEMORY, body)
         return [(entry["id"], entry["delta"]) for entry in answer["actual_deltas"]]
 
     def sim_stats(self, ids: list[int]) -> list[tuple[int, int, int]]:
-        answer: dict[str, Any] = self.mms.call(GET_BALLOON_STATS, {"ids": ids})
+        body = self._struct([("ids", "[" + ", ".join(map(str, ids)) + "]")])
+        answer: dict[str, Any] = self.mms.call(GET_BALLOON_STATS, body)
         return [
             (entry["id"], entry["balloon_actual"], entry["stats"]["total_memory"])
             for entry in answer["all_stats"]
