@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc._memory_math import MIB, PAGE_SIZE_BYTES, extra_bytes
 from manatee_grpc._messages import (
     RES_EINVAL,
     RES_EIO,
@@ -496,6 +496,11 @@ def test_cros_clamping_is_on_mms_whole_record_allocation_included() -> None:
     cros = BalloonBounds(balloon_bytes=300 * MIB, mem_size_bytes=1000 * MIB)
     assert cros.clamp_delta(-1000 * MIB) == -300 * MIB
     assert cros.clamp_delta(1000 * MIB) == 700 * MIB
+    # On a fresh device the client's part is 0, yet the deflate clamps to a non-zero delta (into
+    # the allocation), so id 0 is in the deflate list, trimmed to 0 and answered.
+    fresh = MmsModel(Scenario(cros_internal_allocation_bytes=256 * MIB))
+    assert rebalance(fresh, (0, -PAGE_SIZE_BYTES)) == [(0, 0)]
+    assert fresh.balloon_bytes(0) == 256 * MIB
 
     model = MmsModel(Scenario(cros_internal_allocation_bytes=256 * MIB))
     vm_id = start_vm(model)
