@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc._memory_math import MIB, PAGE_SIZE_BYTES, extra_bytes
 from manatee_grpc._messages import (
     RES_EINVAL,
     RES_EIO,
@@ -487,11 +487,20 @@ def test_cros_stats_report_the_balloon_minus_mms_internal_allocation() -> None:
     assert model.conservation_error_bytes() == 0
 
 
-def test_cros_clamping_is_on_the_client_visible_part() -> None:
-    """The client cannot deflate the CrOS balloon into mms's internal allocation."""
-    cros = BalloonBounds(balloon_bytes=300 * MIB, mem_size_bytes=1000 * MIB, floor_bytes=256 * MIB)
-    assert cros.clamp_delta(-1000 * MIB) == -44 * MIB
+def test_cros_clamping_is_on_mms_whole_record_allocation_included() -> None:
+    """mms clamps the CrOS guest on its own record of the balloon, allocation included, at 0.
+
+    The simulator used to floor the CrOS guest at its internal allocation; upstream's
+    clamp_balloon_delta and adjust_balloon saturate every balloon at 0 (issue 11).
+    """
+    cros = BalloonBounds(balloon_bytes=300 * MIB, mem_size_bytes=1000 * MIB)
+    assert cros.clamp_delta(-1000 * MIB) == -300 * MIB
     assert cros.clamp_delta(1000 * MIB) == 700 * MIB
+    # On a fresh device the client's part is 0, yet the deflate clamps to a non-zero delta (into
+    # the allocation), so id 0 is in the deflate list, trimmed to 0 and answered.
+    fresh = MmsModel(Scenario(cros_internal_allocation_bytes=256 * MIB))
+    assert rebalance(fresh, (0, -PAGE_SIZE_BYTES)) == [(0, 0)]
+    assert fresh.balloon_bytes(0) == 256 * MIB
 
     model = MmsModel(Scenario(cros_internal_allocation_bytes=256 * MIB))
     vm_id = start_vm(model)
@@ -503,6 +512,27 @@ def test_cros_clamping_is_on_the_client_visible_part() -> None:
     assert 0 < model.cros_balloon_bytes < visible
     assert model.balloon_bytes(0) == 256 * MIB + model.cros_balloon_bytes
     assert model.conservation_error_bytes() == 0
+
+
+def test_internal_allocation_change_moves_by_what_the_balloon_moved_as_upstream() -> None:
+    """on_allocation_change: adjust the CrOS balloon, move the allocation by the actual delta.
+
+    The simulator used to refuse shrinking the allocation by more than it held; upstream has no
+    such check: the balloon saturates at 0 and the allocation may end up below 0 (issue 11).
+    """
+    model = MmsModel(Scenario(cros_internal_allocation_bytes=32 * MIB))
+    vm_id = start_vm(model)
+    # Shrinking by more than the allocation takes the rest out of the client's part of the record;
+    # the allocation goes negative and the client-visible balloon is unchanged.
+    assert model.change_internal_allocation(-64 * MIB) == -64 * MIB
+    assert model.cros_internal_allocation_bytes == -32 * MIB
+    assert model.cros_balloon_bytes == REQUIRED_1G
+    assert stats(model, 0)[0].balloon_actual_bytes == REQUIRED_1G
+    # On an empty balloon a deflate saturates at 0 and the allocation moves only that much.
+    assert remove(model, vm_id) == RES_OK
+    assert model.balloon_bytes(0) == 0
+    assert model.change_internal_allocation(-16 * MIB) == 0
+    assert model.cros_internal_allocation_bytes == -32 * MIB
 
 
 # --- failed balloon adjusts are pessimistic ------------------------------------------------------

@@ -27,7 +27,7 @@ stats_fail_vm_ids = [3]
 balloon_adjust_fail_vm_ids = [4]
 latency_s = 0.01
 remove_vm_delay_s = 2
-malformed_request = "ignore"
+malformed_request = "close"
 
 [vm_used_bytes]
 0 = "2GiB"
@@ -59,7 +59,7 @@ FULL_SCENARIO = Scenario(
         MessageType.PREPARE_VM: 0.5,
     },
     remove_vm_delay_s=2.0,
-    malformed_request="ignore",
+    malformed_request="close",
 )
 
 
@@ -69,7 +69,8 @@ def test_defaults_describe_an_8_gib_device_with_a_small_sibling_footprint() -> N
     assert scenario.extra_bytes_formula == "current"
     assert scenario.sibling_used_bytes == 64 * MIB
     assert scenario.crosvm_connect_timeout_s == 10.0
-    assert scenario.malformed_request == "close"
+    # Like mms: an undecodable frame is ignored without an answer ("close" is a departure).
+    assert scenario.malformed_request == "ignore"
     assert scenario.used_bytes_for(0) == scenario.cros_used_bytes
     assert scenario.used_bytes_for(1) == 64 * MIB
 
@@ -101,7 +102,7 @@ def test_json_file_reads_the_same_keys(tmp_path: Path) -> None:
         "latency_s": 0.01,
         "message_delay_s": {"GET_BALLOON_STATS": 0.25, "RemoveVm": 1, "3": 0.5},
         "remove_vm_delay_s": 2,
-        "malformed_request": "ignore",
+        "malformed_request": "close",
     }
     path = tmp_path / "scenario.json"
     path.write_text(json.dumps(data))

@@ -230,31 +230,37 @@ def test_drop_connection_hangs_up_on_the_client(unix_sim: Simulator, dial: Dial)
     assert unix_sim.with_model(lambda model: model.cros_balloon_bytes) == 0
 
 
-def test_malformed_request_closes_the_connection_by_default(
-    unix_sim: Simulator, dial: Dial
+def test_malformed_request_closes_the_connection_when_the_scenario_departs_from_mms(
+    socket_dir: Path, dial: Dial
 ) -> None:
-    client = dial(unix_sim.address)
-    client.start_vm()
-    client.sock.sendall(encode_frame(MessageType.PREPARE_VM, b'{"mem_size": "big"}'))
-
-    assert client.hung_up()
-    assert unix_sim.wait_until(lambda: unix_sim.connections_closed == 1)
-    assert unix_sim.malformed_requests == 1
-    assert unix_sim.with_model(lambda model: model.siblings()) == {}
-
-
-def test_malformed_request_is_ignored_unanswered_like_mms(socket_dir: Path, dial: Dial) -> None:
-    scenario = Scenario(malformed_request="ignore")
+    scenario = Scenario(malformed_request="close")
     with Simulator(scenario, listen=f"unix://{socket_dir}/mms.sock") as sim:
         client = dial(sim.address)
-        client.sock.sendall(encode_frame(9, b"{}"))
-        client.sock.sendall(encode_frame(MessageType.REMOVE_VM, b""))
+        client.start_vm()
+        client.sock.sendall(encode_frame(MessageType.PREPARE_VM, b'{"mem_size": "big"}'))
 
-        assert sim.wait_until(lambda: sim.malformed_requests == 2)
-        assert not client.has_data()
-        # The stream carries on: the next request gets the next answer.
-        assert client.stats_ids(0) == [0]
-        assert sim.connections_closed == 0
+        assert client.hung_up()
+        assert sim.wait_until(lambda: sim.connections_closed == 1)
+        assert sim.malformed_requests == 1
+        assert sim.with_model(lambda model: model.siblings()) == {}
+
+
+def test_malformed_request_is_ignored_unanswered_like_mms_by_default(
+    unix_sim: Simulator, dial: Dial
+) -> None:
+    """mms's handle_message fails, on_event logs it, and the next frame is read (issue 11)."""
+    client = dial(unix_sim.address)
+    client.start_vm()
+    client.sock.sendall(encode_frame(9, b"{}"))
+    client.sock.sendall(encode_frame(MessageType.REMOVE_VM, b""))
+    client.sock.sendall(encode_frame(MessageType.REMOVE_VM, b'{"id": 1, "id": 1}'))
+    client.sock.sendall(encode_frame(MessageType.PREPARE_VM, b'{"mem_size": "big"}'))
+
+    assert unix_sim.wait_until(lambda: unix_sim.malformed_requests == 4)
+    assert not client.has_data()
+    # The stream carries on: the next request gets the next answer, and the VM is still there.
+    assert client.stats_ids(0, 1) == [0, 1]
+    assert unix_sim.connections_closed == 0
 
 
 def test_runtime_settings_change_the_answers(unix_sim: Simulator, dial: Dial) -> None:

@@ -1,7 +1,9 @@
 """The mms simulator: a pure model of the ManaTEE memory service and a socket server around it.
 
 The real mms is gone, so this is what the bridge runs against by default and what every test
-uses. It reproduces sirenia's manatee_memory_service.rs number for number.
+uses. It reproduces sirenia's manatee_memory_service.rs number for number, its bugs on the wire
+included (a wrapped u64 balloon_actual, serde_json's reading of requests, no answer to a frame it
+cannot decode). Any knowing departure is a Scenario option, off by default (README lists them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """A pure model of mms: the VM start state machine, the balloon arithmetic and the guests behind it.
 
 It follows sirenia's ``manatee_memory_service.rs`` (the last version before removal) step by step,
-so every answer matches mms number for number. No sockets, threads or clocks: Simulator wraps it.
+so every answer matches mms number for number, its bugs included: the CrOS guest's balloon record
+holds mms's internal allocation and may be deflated into it (down to 0), memory trimming loses
+track of is only logged, and ``balloon_actual`` is a u64 subtraction that wraps as it did in a
+release build. Where a value is a Rust u64 or i64, the arithmetic wraps or casts as Rust's does.
+No sockets, threads or clocks: Simulator wraps it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ __all__ = [
 ]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+_U64_MODULUS = 2**64
 
 _R = TypeVar("_R", bound=Response)
 
@@ -94,21 +99,39 @@ class PendingStartView:
     crosvm_connected: bool
 
 
+def _as_u64(value: int) -> int:
+    """Rust's ``as u64`` (and u64 arithmetic in a release build): wrap modulo 2^64."""
+    return value % _U64_MODULUS
+
+
+def _as_i64(value: int) -> int:
+    """Rust's ``as i64`` of a u64 (or i64 arithmetic in a release build): two's complement."""
+    value %= _U64_MODULUS
+    return value - _U64_MODULUS if value > _I64_MAX else value
+
+
 @dataclass(frozen=True, slots=True)
 class BalloonBounds:
-    """What the rebalance plan needs of one VM: its balloon and the range it may move in."""
+    """What the rebalance plan needs of one VM: mms's record of its balloon, and its memory.
+
+    For the CrOS guest the record includes mms's internal allocation, and the floor is still 0.
+    """
 
     balloon_bytes: int
     mem_size_bytes: int
-    floor_bytes: int = 0
 
     def clamp_delta(self, delta_bytes: int) -> int:
-        """mms's ``clamp_balloon_delta``: the part of the delta that keeps the balloon in range."""
+        """mms's ``clamp_balloon_delta``: the part of the delta that keeps the balloon in range.
+
+        The range is ``[0, mem_size]`` for every VM (a saturating add capped at mem_size, or a
+        saturating subtract of ``|delta|`` at 0), the result an i64 difference of the two sizes.
+        """
         if delta_bytes > 0:
             new_size_bytes = min(self.balloon_bytes + delta_bytes, self.mem_size_bytes)
         else:
-            new_size_bytes = max(self.balloon_bytes + delta_bytes, self.floor_bytes)
-        return new_size_bytes - self.balloon_bytes
+            # i64::saturating_abs: |i64::MIN| stops at i64::MAX.
+            new_size_bytes = max(self.balloon_bytes - min(-delta_bytes, _I64_MAX), 0)
+        return _as_i64(new_size_bytes) - _as_i64(self.balloon_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +194,8 @@ class _Guest:
     balloon_bytes: int = 0
     # crosvm's balloon; differs from balloon_bytes only after a failed adjust.
     guest_balloon_bytes: int = 0
+    # mms's internal_balloon_allocation (CrOS guest only), kept signed here: a release build
+    # would hold it modulo 2^64, and it is reported that way (see _get_balloon_stats).
     internal_allocation_bytes: int = 0
     minor_faults: int = 0
     major_faults: int = 0
@@ -178,10 +203,8 @@ class _Guest:
     swap_out_bytes: int = 0
 
     def bounds(self) -> BalloonBounds:
-        # The CrOS floor is the internal allocation, so the client can only move its own part.
-        return BalloonBounds(
-            self.balloon_bytes, self.mem_size_bytes, floor_bytes=self.internal_allocation_bytes
-        )
+        # mms clamps on its own record, allocation included: the client can deflate into it.
+        return BalloonBounds(self.balloon_bytes, self.mem_size_bytes)
 
     def crosvm_set_balloon(self, target_bytes: int) -> int:
         """crosvm's Adjust: the guest gives up at most ``mem - used``; deflating always works."""
@@ -259,7 +282,8 @@ class MmsModel:
     Introspection reads mms's own bookkeeping: ``conservation_error_bytes()`` compares the CrOS
     balloon the client sees with what the siblings and the pending start hold, and always equals
     ``unbalanced_bytes``, the memory mms itself lost track of (0 unless a documented mms corner
-    case was hit, see ``unbalanced_bytes``).
+    case was hit, see ``unbalanced_bytes``). After a loss the CrOS balloon the client sees can be
+    negative (mms's record is below its own allocation): ``balloon_actual`` then wraps.
     """
 
     def __init__(self, scenario: Scenario | None = None) -> None:
@@ -282,9 +306,9 @@ class MmsModel:
         self._start: _PendingStart | None = None
         self._next_vm_id = CROS_GUEST_VM_ID + 1
         self._unbalanced_bytes = 0
-        # mms's first act: put its internal allocation in the CrOS balloon (it exits if short).
+        # mms's first act (main): put its internal allocation in the CrOS balloon; exits if short.
         internal_bytes = scenario.cros_internal_allocation_bytes
-        if self._adjust_balloon(self._cros, internal_bytes, floor_bytes=0) != internal_bytes:
+        if self._adjust_balloon(self._cros, internal_bytes) != internal_bytes:
             raise ValueError("the CrOS guest cannot hold mms's internal allocation")
         self._cros.internal_allocation_bytes = internal_bytes
 
@@ -309,13 +333,16 @@ class MmsModel:
         return cast(_R, response)
 
     def connection_lost(self) -> None:
-        """The client hung up: drop every sibling and any pending start, all memory to CrOS."""
-        released_bytes = sum(self._sibling_footprint_bytes(g) for g in self._siblings.values())
+        """mms's ``on_hangup``: drop every sibling and any pending start, one release to CrOS."""
+        # An i64 sum of the siblings' footprints and the reservation, each cast from u64.
+        released_bytes = sum(
+            _as_i64(self._sibling_footprint_bytes(g)) for g in self._siblings.values()
+        )
         self._siblings.clear()
         if self._start is not None:
-            released_bytes += self._start.reserved_bytes
+            released_bytes += _as_i64(self._start.reserved_bytes)
             self._start = None
-        self._release_to_cros(released_bytes)
+        self._release_to_cros(_as_i64(released_bytes))
 
     def _get_balloon_stats(self, request: GetBalloonStatsRequest) -> GetBalloonStatsResponse:
         all_stats = []
@@ -325,9 +352,10 @@ class MmsModel:
             if guest is None or vm_id in self._faults.stats_fail_vm_ids:
                 continue
             stats = guest.read_stats()
-            # crosvm's balloon, minus what mms holds in it for itself (CrOS guest only).
-            balloon_actual_bytes = max(
-                0, guest.guest_balloon_bytes - guest.internal_allocation_bytes
+            # handle_balloon_stats: crosvm's balloon minus what mms holds in it for itself, a
+            # u64 subtraction that wraps (2^64 - x) once the balloon is below the allocation.
+            balloon_actual_bytes = _as_u64(
+                guest.guest_balloon_bytes - guest.internal_allocation_bytes
             )
             all_stats.append(VmBalloonStats(vm_id, stats, balloon_actual_bytes))
         return GetBalloonStatsResponse(all_stats=tuple(all_stats))
@@ -347,12 +375,13 @@ class MmsModel:
             slack_bytes += actual_bytes
             actual_deltas.append(BalloonDelta(delta.vm_id, actual_bytes))
         for delta in plan.deflates:
-            # With a negative slack (see plan_rebalance) this "deflate" is an inflate, as in mms.
+            # A trimmed "deflate" may be positive, and with a negative slack this asks for an
+            # inflate: both as in mms.
             wanted_bytes = -min(abs(delta.delta_bytes), slack_bytes)
             actual_bytes = self._adjust_client_balloon(delta.vm_id, wanted_bytes)
             slack_bytes += actual_bytes
             actual_deltas.append(BalloonDelta(delta.vm_id, actual_bytes))
-        # mms logs "non-zero slack remaining" and moves on: that memory is now unaccounted for.
+        # mms only logs "non-zero slack remaining": that memory is now unaccounted for.
         self._unbalanced_bytes += slack_bytes
         return RebalanceMemoryResponse(actual_deltas=tuple(actual_deltas))
 
@@ -391,14 +420,15 @@ class MmsModel:
             )
             self._start = start
         # Reservations accumulate: each call asks the CrOS balloon only for what is missing.
-        start.reserved_bytes += self._adjust_client_balloon(
-            CROS_GUEST_VM_ID, start.required_bytes - start.reserved_bytes
-        )
-        shortfall_bytes = start.required_bytes - start.reserved_bytes
+        # All three are u64 in mms (the ask cast to i64, the answer back to u64), so a
+        # reservation that ever passed what is required wraps instead of going negative.
+        missing_bytes = _as_i64(start.required_bytes - start.reserved_bytes)
+        reserved_now_bytes = self._adjust_balloon(self._cros, missing_bytes)
+        start.reserved_bytes = _as_u64(start.reserved_bytes + reserved_now_bytes)
         return PrepareVmResponse(
-            res=RES_OK if shortfall_bytes == 0 else RES_ENOMEM,
+            res=RES_OK if start.reserved_bytes == start.required_bytes else RES_ENOMEM,
             vm_id=start.vm_id,
-            shortfall_bytes=shortfall_bytes,
+            shortfall_bytes=_as_u64(start.required_bytes - start.reserved_bytes),
         )
 
     def _finish_add_vm(self, request: FinishAddVmRequest) -> FinishAddVmResponse:
@@ -418,7 +448,7 @@ class MmsModel:
             used_bytes=self._used_bytes_for(start.vm_id),
         )
         balloon_bytes = start.mem_size_bytes - start.init_mem_size_bytes
-        if self._adjust_balloon(guest, balloon_bytes, floor_bytes=0) != balloon_bytes:
+        if self._adjust_balloon(guest, balloon_bytes) != balloon_bytes:
             start.failed = True
             return FinishAddVmResponse(res=RES_ENOMEM)
         self._siblings[start.vm_id] = guest
@@ -437,40 +467,40 @@ class MmsModel:
             self._start = None
         else:
             return RemoveVmResponse(res=RES_EINVAL)
-        self._release_to_cros(released_bytes)
+        # The release is `-(released as i64)`.
+        self._release_to_cros(_as_i64(released_bytes))
         return RemoveVmResponse(res=RES_OK)
 
     # --- balloon mechanics ------------------------------------------------------------------
 
     def _adjust_client_balloon(self, vm_id: int, delta_bytes: int) -> int:
-        guest = self._all_guests()[vm_id]
-        return self._adjust_balloon(guest, delta_bytes, floor_bytes=guest.internal_allocation_bytes)
+        return self._adjust_balloon(self._all_guests()[vm_id], delta_bytes)
 
-    def _adjust_balloon(self, guest: _Guest, delta_bytes: int, floor_bytes: int) -> int:
+    def _adjust_balloon(self, guest: _Guest, delta_bytes: int) -> int:
         """mms's ``adjust_balloon``: ask crosvm for a size, learn the size reached.
 
-        mms saturates a deflate at 0; for the CrOS guest this model saturates at the internal
-        allocation instead (``floor_bytes``), so the balloon the client sees never goes negative.
+        A deflate saturates at 0 for every VM: the CrOS guest's record, allocation included, can
+        go below the allocation (and its reported balloon_actual then wraps).
         """
         if delta_bytes > 0:
-            target_bytes = guest.balloon_bytes + delta_bytes
+            target_bytes = _as_u64(guest.balloon_bytes + delta_bytes)
         else:
-            target_bytes = max(guest.balloon_bytes + delta_bytes, floor_bytes)
+            target_bytes = max(guest.balloon_bytes - abs(delta_bytes), 0)
         if guest.vm_id in self._faults.balloon_adjust_fail_vm_ids:
             # Pessimistic: an inflate gained nothing, a deflate released everything it asked.
             if delta_bytes > 0:
                 return 0
-            # A deflate past the floor reports more than the balloon moved: mms loses the rest.
+            # A deflate past 0 reports more than the balloon moved: mms loses the rest.
             self._unbalanced_bytes += (target_bytes - guest.balloon_bytes) - delta_bytes
             guest.balloon_bytes = target_bytes
             return delta_bytes
         actual_size_bytes = guest.crosvm_set_balloon(target_bytes)
-        actual_delta_bytes = actual_size_bytes - guest.balloon_bytes
+        actual_delta_bytes = _as_i64(actual_size_bytes) - _as_i64(guest.balloon_bytes)
         guest.balloon_bytes = actual_size_bytes
         return actual_delta_bytes
 
     def _release_to_cros(self, released_bytes: int) -> None:
-        actual_bytes = self._adjust_client_balloon(CROS_GUEST_VM_ID, -released_bytes)
+        actual_bytes = self._adjust_balloon(self._cros, -released_bytes)
         # mms logs "Failed to release sibling memory back to CrOS guest" and moves on.
         self._unbalanced_bytes += actual_bytes + released_bytes
 
@@ -534,13 +564,15 @@ class MmsModel:
         _toggle(self._faults.balloon_adjust_fail_vm_ids, vm_id, failing)
 
     def change_internal_allocation(self, delta_bytes: int) -> int:
-        """mms's memcg watcher: move its own part of the CrOS balloon; returns the actual delta."""
-        if delta_bytes < -self._cros.internal_allocation_bytes:
-            raise ValueError(
-                f"cannot shrink the internal allocation of {self._cros.internal_allocation_bytes} "
-                f"bytes by {-delta_bytes}"
-            )
-        actual_bytes = self._adjust_balloon(self._cros, delta_bytes, floor_bytes=0)
+        """mms's ``on_allocation_change`` (memcg watcher): returns the actual delta.
+
+        It adjusts the CrOS balloon by ``delta_bytes`` and moves the allocation by what the
+        balloon really moved: an inflate that came back short grows it by less, and a deflate
+        saturates at an empty balloon. The allocation may end up below 0 (a wrapped u64 in mms).
+        """
+        if not _I64_MIN <= delta_bytes <= _I64_MAX:
+            raise ValueError(f"delta_bytes is an i64, got {delta_bytes}")
+        actual_bytes = self._adjust_balloon(self._cros, delta_bytes)
         self._cros.internal_allocation_bytes += actual_bytes
         return actual_bytes
 
@@ -556,7 +588,11 @@ class MmsModel:
 
     @property
     def cros_balloon_bytes(self) -> int:
-        """The CrOS balloon as the client sees it (mms's bookkeeping, without its allocation)."""
+        """The CrOS balloon as the client sees it (mms's bookkeeping, without its allocation).
+
+        Signed: it goes below 0 where mms's record falls below the allocation, which mms then
+        reports as a wrapped u64 ``balloon_actual``.
+        """
         return self._cros.balloon_bytes - self._cros.internal_allocation_bytes
 
     @property
@@ -577,7 +613,7 @@ class MmsModel:
 
         Each path that changes it is one real mms logs as an error and moves on from: slack left
         after a rebalance (trimming turned an inflate into a deflate, then a later inflate came
-        back short), a release the CrOS balloon could not absorb (only after an earlier loss),
+        back short), a release larger than the whole CrOS balloon (only after an earlier loss),
         and a failed deflate past the bottom of a balloon. Without failed adjusts, rebalances
         that never ask a balloon below empty keep it at 0.
         """

@@ -1,7 +1,9 @@
 """The simulator's socket shell: one control connection at a time, frames in, model answers out.
 
-A background thread accepts a connection, reads frames, asks MmsModel under one lock, applies the
-scenario's delays and writes the answers; a hangup is mms's "connection lost". Counters for tests.
+A background thread accepts a connection, reads frames, decodes them as mms did (sim._decode),
+asks MmsModel under one lock, applies the scenario's delays and writes the answers; a frame mms
+could not decode gets no answer (or a hang-up under the "close" departure); a hangup is mms's
+"connection lost". Counters for tests.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from manatee_grpc._wire import (
     HEADER_SIZE_BYTES,
     CodecError,
     decode_header,
-    decode_request,
     encode_response,
 )
+from manatee_grpc.sim._decode import RequestDecodeError, decode_request
 from manatee_grpc.sim._model import MmsModel
 from manatee_grpc.sim._scenario import MalformedRequestPolicy, Scenario
 
@@ -49,8 +51,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "tcp://127.0.0.1:0"
 DEFAULT_REQUEST_LOG_LIMIT = 1000
-# mms allocated whatever `len` said; the simulator hangs up on an absurd body instead.
+# mms allocated whatever `len` said and read the body; the simulator reads and discards a body
+# this large without keeping it, and treats it as undecodable (no real request comes close).
 MAX_REQUEST_BODY_BYTES = 64 * MIB
+_DISCARD_CHUNK_BYTES = 1 * MIB
 
 _T = TypeVar("_T")
 
@@ -240,6 +244,7 @@ class Simulator:
             self._crosvm_connect_timeout_s = _checked_seconds(seconds)
 
     def set_malformed_request(self, policy: MalformedRequestPolicy) -> None:
+        """Policy for undecodable frames: "ignore" as mms did (default), "close" departs from it."""
         if policy not in ("close", "ignore"):
             raise ValueError(f"policy must be 'close' or 'ignore', got {policy!r}")
         with self._lock:
@@ -272,6 +277,7 @@ class Simulator:
 
     @property
     def malformed_requests(self) -> int:
+        """Frames mms could not have decoded (see sim._decode), answered or not."""
         with self._lock:
             return self._malformed_requests
 
@@ -361,15 +367,18 @@ class Simulator:
             except ConnectionError:
                 logger.info("mms simulator: client hung up")
                 return
-            if header.body_len_bytes > MAX_REQUEST_BODY_BYTES:
-                self._count_malformed()
-                raise CodecError(f"request body of {header.body_len_bytes} bytes is too large")
-            body = recv_exactly(conn, header.body_len_bytes)
             try:
+                if header.body_len_bytes > MAX_REQUEST_BODY_BYTES:
+                    _discard_exactly(conn, header.body_len_bytes)
+                    raise RequestDecodeError(
+                        f"request body of {header.body_len_bytes} bytes is too large to decode"
+                    )
+                # mms read the whole body before looking at the type, so the stream stays framed.
+                body = recv_exactly(conn, header.body_len_bytes)
                 request = decode_request(header.msg_type, body)
-            except CodecError as exc:
+            except RequestDecodeError as exc:
                 if self._count_malformed() == "close":
-                    raise
+                    raise CodecError(f"malformed request: {exc}") from exc
                 # What mms did: log, answer nothing, carry on with the next frame.
                 logger.warning("mms simulator: ignoring malformed request: %s", exc)
                 continue
@@ -426,6 +435,17 @@ class Simulator:
                     raise _StoppedError
                 if ready:
                     return
+
+
+def _discard_exactly(conn: socket.socket, size_bytes: int) -> None:
+    """Read and drop ``size_bytes`` (ConnectionError if the peer hangs up first)."""
+    buffer = bytearray(min(size_bytes, _DISCARD_CHUNK_BYTES))
+    view = memoryview(buffer)
+    while size_bytes > 0:
+        received = conn.recv_into(view, min(size_bytes, len(buffer)))
+        if received == 0:
+            raise ConnectionError("connection closed inside a request body")
+        size_bytes -= received
 
 
 def _checked_seconds(seconds: float) -> float:
