@@ -18,7 +18,7 @@ from manatee_grpc._memory_math import MIB
 from manatee_grpc._messages import MessageType
 
 from .conftest import start_server
-from .helpers import error_info, health_status, retry_delay_s, wait_until
+from .helpers import error_info, health_status, retry_delay_s, session_id, wait_until
 
 
 @pytest.fixture
@@ -72,9 +72,9 @@ def test_vm_from_an_earlier_session_is_session_reset(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     info = error_info(caught.value)
     assert info.reason == "SESSION_RESET"
-    assert info.metadata["vmSession"] == "1"
-    assert info.metadata["session"] == "2"
-    assert stub.ListVms(pb.ListVmsRequest(), timeout=5).session == 2
+    assert info.metadata["vmSession"] == session_id(server, 1)
+    assert info.metadata["session"] == session_id(server, 2)
+    assert stub.ListVms(pb.ListVmsRequest(), timeout=5).session == session_id(server, 2)
 
 
 def test_mms_breaking_the_protocol_is_internal() -> None:
@@ -93,7 +93,7 @@ def test_mms_breaking_the_protocol_is_internal() -> None:
                 assert server.connection.wait_connected(10)
                 wait_until(lambda: server.connection is not None and server.connection.session == 2)
                 response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
-                assert response.session == 2
+                assert response.session == session_id(server, 2)
         finally:
             server.stop(grace_s=0.5)
 
@@ -111,7 +111,8 @@ def test_deadline_while_mms_is_slow_is_deadline_exceeded() -> None:
             assert error_info(caught.value).reason == "DEADLINE_EXCEEDED"
             # The connection was not reset by the caller giving up.
             server.simulator.set_message_delay(MessageType.GET_BALLOON_STATS, 0.0)
-            assert stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5).session == 1
+            response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+            assert response.session == session_id(server, 1)
     finally:
         server.stop(grace_s=0.5)
 
