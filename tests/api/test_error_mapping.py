@@ -143,3 +143,28 @@ def test_crosvm_that_never_connects_is_failed_precondition_eio(
     assert info.reason == "MMS_EIO"
     assert info.metadata["errno"] == "-5"
     stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=5)
+
+
+def test_a_rebalance_the_server_refuses_itself_is_not_an_mms_refusal(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    # A reserved VM whose start is not finished: its balloon is not mms's to move yet.
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=512 * MIB), timeout=5)
+    assert server.simulator is not None
+    sent = server.simulator.request_counts[MessageType.REBALANCE_MEMORY]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RebalanceMemory(
+            pb.RebalanceMemoryRequest(
+                deltas=[pb.BalloonDelta(vm_id=prepared.vm_id, delta_bytes=-4096)]
+            ),
+            timeout=5,
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    # Its own reason, not MMS_EINVAL: mms never saw it, and says nothing about the VM.
+    assert info.reason == "VM_NOT_RUNNING"
+    assert "errno" not in info.metadata
+    assert (info.metadata["vmId"], info.metadata["state"]) == (str(prepared.vm_id), "starting")
+    assert info.metadata["field"] == "deltas[0].vm_id"
+    assert server.simulator.request_counts[MessageType.REBALANCE_MEMORY] == sent
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=15)

@@ -25,6 +25,7 @@ the CrOS guest last). The server never leaves mms session 1: bad input costs no 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -611,11 +612,10 @@ def test_bytes_that_are_not_the_message_never_crash_the_server(
     except grpc.RpcError as error:
         assert isinstance(error, grpc.Call)
         response = None
-        answer = Answer(error.code(), error_info(error).reason if parsed is not None else "")
+        answer = Answer(error.code(), error_info(error).reason, tuple(bad_request_fields(error)))
     if parsed is None:
-        # gRPC itself refuses what does not parse, before any handler runs (INTERNAL from the
-        # sync server, UNKNOWN from grpc.aio).
-        assert answer.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), answer
+        # What does not parse is bad input like any other, refused before the handler runs.
+        assert answer == Answer(INVALID, "INVALID_ARGUMENT", ("request",)), answer
     else:
         # What parses is an ordinary request: judged by the rules, never a handler's crash
         # (which would be UNKNOWN, or INTERNAL with the reason INTERNAL).
@@ -624,3 +624,34 @@ def test_bytes_that_are_not_the_message_never_crash_the_server(
         opened = pb.PrepareVmResponse.FromString(response)
         device.stub.RemoveVm(pb.RemoveVmRequest(vm_id=opened.vm_id), timeout=CALL_TIMEOUT_S)
     check_reached_mms(answer, watched, device)
+
+
+@pytest.mark.parametrize("method", ["RemoveVm", "WatchBalloonStats"])
+def test_undecodable_bytes_are_invalid_argument_with_one_log_line(
+    device: Device, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    payload = b"\x0a\xff"  # field 1, length-delimited, 255 bytes announced, none there
+    with pytest.raises(DecodeError):
+        pb.RemoveVmRequest.FromString(payload)
+    watched = Watched(device)
+    caplog.clear()
+    if method == "RemoveVm":
+        rpc = device.channel.unary_unary(f"/manatee.memory.v1.MemoryService/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(payload, timeout=CALL_TIMEOUT_S)
+        error = caught.value
+    else:
+        stream = device.channel.unary_stream(f"/manatee.memory.v1.MemoryService/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            next(iter(stream(payload, timeout=CALL_TIMEOUT_S)))
+        error = caught.value
+    answer = answer_of(error)
+    assert (answer.code, answer.reason, answer.fields) == (
+        INVALID,
+        "INVALID_ARGUMENT",
+        ("request",),
+    )
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) == 1 and records[0].exc_info is None, records
+    assert method in records[0].getMessage()
+    check_reached_mms(answer_of(error), watched, device)
