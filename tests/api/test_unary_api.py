@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -299,7 +300,7 @@ def test_an_id_from_an_earlier_session_never_acts_on_the_vm_that_has_it_now() ->
             assert new not in ("", old)
             sent = _sent(mms)
 
-            stale_calls = {
+            stale_calls: dict[str, Callable[[], object]] = {
                 "RemoveVm": lambda: stub.RemoveVm(
                     pb.RemoveVmRequest(vm_id=1, session=old), timeout=5
                 ),
@@ -346,7 +347,7 @@ def test_an_id_from_an_earlier_session_never_acts_on_the_vm_that_has_it_now() ->
 def test_session_ids_differ_across_server_restarts_on_one_mms() -> None:
     mms = KillableMms()
     try:
-        sessions = []
+        sessions: list[str] = []
         for _ in range(2):
             server = start_server(mms=mms.address)
             try:

@@ -636,12 +636,16 @@ def test_undecodable_bytes_are_invalid_argument_with_one_log_line(
     watched = Watched(device)
     caplog.clear()
     if method == "RemoveVm":
-        rpc = device.channel.unary_unary(f"/manatee.memory.v1.MemoryService/{method}")
+        rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = device.channel.unary_unary(
+            f"/manatee.memory.v1.MemoryService/{method}"
+        )
         with pytest.raises(grpc.RpcError) as caught:
             rpc(payload, timeout=CALL_TIMEOUT_S)
         error = caught.value
     else:
-        stream = device.channel.unary_stream(f"/manatee.memory.v1.MemoryService/{method}")
+        stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = device.channel.unary_stream(
+            f"/manatee.memory.v1.MemoryService/{method}"
+        )
         with pytest.raises(grpc.RpcError) as caught:
             next(iter(stream(payload, timeout=CALL_TIMEOUT_S)))
         error = caught.value
