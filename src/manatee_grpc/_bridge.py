@@ -222,9 +222,13 @@ class MemoryBridge:
         return await self.stats.read_async(self._stats_ids(vm_ids), timeout_s)
 
     def check_session(self, session_id: str, what: str) -> None:
-        """SessionResetError unless ``session_id`` is "" or the current session."""
-        with self.books.pinned(session_id, what):
-            pass
+        """SessionResetError unless ``session_id`` is "" or the current session.
+
+        For calls that queue nothing on a VM's behalf (stats): no need to hold the session.
+        """
+        if session_id and session_id != self.books.session_id:
+            with self.books.pinned(session_id, what):
+                pass  # raises SessionResetError, worded once, in the books
 
     def _stats_ids(self, vm_ids: tuple[int, ...]) -> tuple[int, ...]:
         # Unknown ids are not an error here: mms leaves them out and they come back as missing.
@@ -248,11 +252,14 @@ class MemoryBridge:
         while True:
             with self.books.pinned(session_id, "RebalanceMemory"):
                 outcome, first = self._claim_id("RebalanceMemory", request_id, fingerprint)
-                if not first:
-                    sent = None
-                else:
-                    requested = self._rebalance_deltas(deltas)
-                    sent = self.connection.submit(RebalanceMemoryRequest(requested))
+                sent = None
+                if first:
+                    try:
+                        requested = self._rebalance_deltas(deltas)
+                        sent = self.connection.submit(RebalanceMemoryRequest(requested))
+                    except BaseException:
+                        self._drop_id("RebalanceMemory", request_id, outcome)
+                        raise
             if outcome is None:
                 assert sent is not None
                 return _rebalance_result(requested, await_call(sent, ctx, "RebalanceMemory"))
@@ -297,6 +304,12 @@ class MemoryBridge:
             return None, True
         return self.request_ids.claim(self.books.session, method, request_id, fingerprint)
 
+    def _drop_id(self, method: str, request_id: str, outcome: Future[Any] | None) -> None:
+        """A first call refused before reaching mms: repeats waiting on it run it themselves."""
+        if outcome is not None:
+            self.request_ids.forget(method, request_id, outcome)
+            outcome.cancel()
+
     def _settle_id(
         self,
         method: str,
@@ -336,9 +349,7 @@ class MemoryBridge:
                         PrepareVmRequest(mem_size_bytes, init_mem_size_bytes)
                     )
                 except BaseException:
-                    if outcome is not None:  # refused before mms: a repeat may try again
-                        self.request_ids.forget("PrepareVm", request_id, outcome)
-                        outcome.cancel()
+                    self._drop_id("PrepareVm", request_id, outcome)
                     raise
             if outcome is None:
                 assert prepare is not None

@@ -497,3 +497,20 @@ def test_a_request_id_longer_than_64_characters_is_invalid_argument(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(caught.value) == ["request_id"]
     assert sum(simulator(server).request_counts.values()) == sent
+
+
+def test_a_request_id_refused_before_mms_is_not_remembered(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    prepared = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES, init_mem_size_bytes=INIT_BYTES), timeout=5
+    )
+    request = _rebalance(prepared.vm_id, -4 * MIB, "too-early")  # room in its balloon
+    sent = request_count(server, MessageType.REBALANCE_MEMORY)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RebalanceMemory(request, timeout=5)
+    assert error_info(caught.value).reason == "VM_NOT_RUNNING"
+    stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=15)
+    # Nothing reached mms the first time: the retry is the first real attempt.
+    assert stub.RebalanceMemory(request, timeout=5).fully_applied
+    assert request_count(server, MessageType.REBALANCE_MEMORY) == sent + 1
