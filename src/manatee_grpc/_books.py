@@ -61,7 +61,7 @@ class Books:
         self._lock = threading.Lock()
         # Held while a request that names a VM is checked and queued, and by on_disconnected:
         # so a request checked against a session is queued in that session or not at all.
-        self._gate = threading.Lock()
+        self._gate = threading.RLock()
         self._clock = clock
         # Random per server instance: what makes session ids unique across restarts.
         self._instance = secrets.token_hex(8)
