@@ -7,9 +7,11 @@ with the google.rpc details (ErrorInfo, BadRequest, RetryInfo) already unpacked.
 VM ids repeat across mms sessions, so every answer that gives VM ids says their ``session``,
 and every method that names a VM takes the ``session`` the id came from: the server refuses
 (NOT_FOUND, SESSION_RESET) an id from another session instead of acting on the VM that has
-that id now. ``rebalance_memory`` and ``prepare_vm`` send a ``request_id`` (a new UUID per call
-unless given): pass the same one again to retry a call whose outcome you did not learn, and the
-server answers the first call's result without acting twice.
+that id now. ``rebalance_memory`` sends a ``request_id`` (a new UUID per call unless given; a
+failure carries it as ``ManateeRpcError.request_id``): pass it again to retry a call whose
+outcome you did not learn, and the server answers the first call's result without acting twice.
+``prepare_vm`` sends one only if given, because with one a reservation outlives a call the
+caller gave up on (under the server's lease) so that the retry finds it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class ManateeRpcError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
         self.retry_delay_s = retry_delay_s
+        # The request id the failed call carried (RebalanceMemory, PrepareVm): retry with it.
+        self.request_id: str | None = None
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ManateeRpcError:
@@ -112,11 +116,13 @@ class ManateeRpcError(Exception):
 
 
 @contextmanager
-def _translated() -> Iterator[None]:
+def _translated(request_id: str | None = None) -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as error:
-        raise ManateeRpcError.from_rpc_error(error) from error
+        translated = ManateeRpcError.from_rpc_error(error)
+        translated.request_id = request_id or None
+        raise translated from error
 
 
 class Client:
@@ -185,7 +191,7 @@ class Client:
             session=session,
             request_id=request_id or new_request_id(),
         )
-        with _translated():
+        with _translated(request.request_id):
             return self._stub.RebalanceMemory(request, timeout=self.timeout_s)
 
     def prepare_vm(
@@ -195,13 +201,16 @@ class Client:
         *,
         request_id: str | None = None,
     ) -> pb.PrepareVmResponse:
-        """One reservation attempt; the answer's ``session`` is the one its ``vm_id`` is in."""
-        request = pb.PrepareVmRequest(
-            mem_size_bytes=mem_size_bytes, request_id=request_id or new_request_id()
-        )
+        """One reservation attempt; the answer's ``session`` is the one its ``vm_id`` is in.
+
+        With ``request_id`` (e.g. ``new_request_id()``) the call can be retried safely, and a
+        reservation it made outlives the call if you give up on it (the server's lease bounds
+        it); without one, the server removes what a call it could not answer reserved.
+        """
+        request = pb.PrepareVmRequest(mem_size_bytes=mem_size_bytes, request_id=request_id or "")
         if init_mem_size_bytes is not None:
             request.init_mem_size_bytes = init_mem_size_bytes
-        with _translated():
+        with _translated(request_id):
             return self._stub.PrepareVm(request, timeout=self.timeout_s)
 
     def finish_add_vm(self, vm_id: int, *, session: str = "") -> pb.FinishAddVmResponse:

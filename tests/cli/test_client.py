@@ -264,6 +264,13 @@ def test_client_calls_carry_a_request_id_and_the_session_of_their_ids(
     again = client.rebalance_memory({vm.vm_id: -4 * MIB}, request_id="retry-me")
     assert again == first
     assert simulator(server).request_counts[MessageType.REBALANCE_MEMORY] == sent + 3
+    # A failure says which id to retry with.
+    with pytest.raises(ManateeRpcError) as refused:
+        client.rebalance_memory({vm.vm_id: 4 * MIB}, request_id="retry-me")  # another request
+    assert (refused.value.code, refused.value.request_id) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "retry-me",
+    )
 
     assert simulator(server).drop_connection()
     wait_until(lambda: client.list_vms().session != vm.session, "a new session")
