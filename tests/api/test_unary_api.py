@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable
 
@@ -516,3 +517,26 @@ def test_a_request_id_refused_before_mms_is_not_remembered(
     # Nothing reached mms the first time: the retry is the first real attempt.
     assert stub.RebalanceMemory(request, timeout=5).fully_applied
     assert request_count(server, MessageType.REBALANCE_MEMORY) == sent + 1
+
+
+def test_a_launch_says_the_session_of_the_vm_it_reserved_and_launched(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    current = stub.ListVms(pb.ListVmsRequest(), timeout=5).session
+    requests: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
+    requests.put(pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=MEM_BYTES)))
+    call = stub.LaunchVm(iter(requests.get, None), timeout=30)
+    try:
+        events = {}
+        for response in call:
+            kind = response.WhichOneof("event")
+            events[kind] = response
+            if kind == "reserved":
+                requests.put(pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted()))
+        assert events["reserved"].reserved.session == current
+        launched = events["launched"].launched
+        assert launched.session == launched.vm.session == current
+    finally:
+        requests.put(None)
+        call.cancel()
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=launched.vm_id, session=launched.session), timeout=15)
