@@ -23,6 +23,8 @@ from ._errors import (
     ManateeError,
     MmsConnectionError,
     MmsRefusedError,
+    MmsUnavailableError,
+    ServerShuttingDownError,
     VmNotRunningError,
 )
 from ._memory_math import align_down_page
@@ -155,6 +157,8 @@ def _settle(
         return
     error = sent.exception()
     if error is not None:
+        if isinstance(error, MmsUnavailableError | ServerShuttingDownError):
+            forget()  # refused at the door (not connected, closing): never sent, so not final
         outcome.set_exception(error)
         return
     try:
