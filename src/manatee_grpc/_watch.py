@@ -58,9 +58,12 @@ class WatchUpdate:
 class Watcher:
     """One WatchBalloonStats stream's mailbox."""
 
-    def __init__(self, vm_ids: tuple[int, ...], interval_s: float) -> None:
+    def __init__(self, vm_ids: tuple[int, ...], interval_s: float, epoch: int = 0) -> None:
         self.vm_ids = vm_ids
         self.interval_s = interval_s
+        # The hub's count of session changes when this watcher last heard of one (or joined):
+        # a read that started before it and failed belongs to a session already reported gone.
+        self._epoch = epoch
         self._cond = threading.Condition()
         # Resets and outage starts, in the order they happened; never dropped.
         self._events: list[SessionChanged | Outage] = []
@@ -80,9 +83,12 @@ class Watcher:
         if waiter is not None:
             _aio.wake_soon(waiter)
 
-    def offer(self, item: StatsSnapshot | ManateeError) -> None:
+    def offer(self, item: StatsSnapshot | ManateeError, read_epoch: int | None = None) -> None:
+        """A read's result; ``read_epoch``: the hub's session-change count when it started."""
         with self._cond:
             if isinstance(item, ManateeError):
+                if read_epoch is not None and read_epoch < self._epoch:
+                    return  # that session's end is already told (session_reset): not an outage
                 self._offer_error_locked(item)
                 return
             if item.session < self._min_session:
@@ -104,8 +110,9 @@ class Watcher:
         self._events.append(Outage(error, time.time()))
         self._wake_locked()
 
-    def offer_reset(self, reset: SessionChanged) -> None:
+    def offer_reset(self, reset: SessionChanged, epoch: int = 0) -> None:
         with self._cond:
+            self._epoch = max(self._epoch, epoch)
             self._min_session = max(self._min_session, reset.session)
             if self._latest is not None and self._latest.session < reset.session:
                 self._latest = None  # never deliver an old session's snapshot after its reset
@@ -153,9 +160,12 @@ class Watcher:
 class _Ticker:
     """Polls for every watcher of one interval, on its own thread."""
 
-    def __init__(self, interval_s: float, read: ReadStats, dispatch: Dispatch) -> None:
+    def __init__(
+        self, interval_s: float, read: ReadStats, dispatch: Dispatch, epoch: Callable[[], int]
+    ) -> None:
         self.interval_s = interval_s
         self._read = read
+        self._epoch = epoch
         self._dispatch = dispatch
         self.watchers: set[Watcher] = set()
         self.polls = 0
@@ -208,21 +218,22 @@ class _Ticker:
         wants_all = any(not w.vm_ids for w in watchers)
         ids = sorted({vm_id for w in watchers for vm_id in w.vm_ids})
         self.polls += 1
+        epoch = self._epoch()
         try:
             everything = self._read(()) if wants_all else None
             listed = self._read(tuple(ids)) if ids and not wants_all else None
         except ManateeError as error:
             # partial, not a lambda: the except variable is unbound once this block ends.
-            self._dispatch(functools.partial(_offer_error, watchers, error))
+            self._dispatch(functools.partial(_offer_error, watchers, error, epoch))
             return
         source = everything if everything is not None else listed
         assert source is not None
         self._dispatch(functools.partial(_offer_snapshot, watchers, source))
 
 
-def _offer_error(watchers: list[Watcher], error: ManateeError) -> None:
+def _offer_error(watchers: list[Watcher], error: ManateeError, read_epoch: int) -> None:
     for watcher in watchers:
-        watcher.offer(error)
+        watcher.offer(error, read_epoch)
 
 
 def _offer_snapshot(watchers: list[Watcher], source: StatsSnapshot) -> None:
@@ -252,13 +263,19 @@ class WatchHub:
         self._dispatch: Dispatch = dispatch or _call_now
         self._lock = threading.Lock()
         self._tickers: dict[float, _Ticker] = {}
+        self._epoch = 0  # session changes seen so far
+
+    def _current_epoch(self) -> int:
+        return self._epoch
 
     def subscribe(self, vm_ids: tuple[int, ...], interval_s: float) -> Watcher:
-        watcher = Watcher(vm_ids, interval_s)
         with self._lock:
+            watcher = Watcher(vm_ids, interval_s, self._epoch)
             ticker = self._tickers.get(interval_s)
             if ticker is None:
-                ticker = self._tickers[interval_s] = _Ticker(interval_s, self._read, self._dispatch)
+                ticker = self._tickers[interval_s] = _Ticker(
+                    interval_s, self._read, self._dispatch, self._current_epoch
+                )
                 # Start it with its watcher already in: its first tick then polls at once, so
                 # the first watcher of an interval is not left a whole interval without a snapshot.
                 ticker.watchers = {watcher}
@@ -281,9 +298,11 @@ class WatchHub:
 
     def session_changed(self, previous_session: int, session: int) -> None:
         with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
             watchers = [w for t in self._tickers.values() for w in t.watchers]
         for watcher in watchers:
-            watcher.offer_reset(SessionChanged(previous_session, session))
+            watcher.offer_reset(SessionChanged(previous_session, session), epoch)
 
     def watcher_count(self) -> int:
         with self._lock:

@@ -292,3 +292,18 @@ def test_an_outage_is_one_event_and_a_snapshot_read_before_it_is_not_sent_after_
     update = watcher.take(timeout_s=0)
     assert update is not None and update.outage is not None
     assert update.outage.error.reason == "MMS_HUNG"
+
+
+def test_a_read_that_failed_in_a_session_already_reported_reset_is_no_outage() -> None:
+    watcher = Watcher((), 1.0)
+    # A read starts (no session change yet), the link resets, the reset is told...
+    watcher.offer_reset(SessionChanged(previous_session=1, session=2), epoch=1)
+    # ... and only then does the read's failure arrive: it was that reset, already told.
+    watcher.offer(MmsConnectionLostError("lost the mms connection"), read_epoch=0)
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.reset == SessionChanged(1, 2)
+    assert watcher.take(timeout_s=0) is None
+    # A read of the new session that fails is an outage.
+    watcher.offer(MmsUnavailableError("cannot connect to mms"), read_epoch=1)
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.outage is not None
