@@ -2,14 +2,20 @@
 
 Updated only from the connection thread's observer events, so the books follow what really
 happened on the wire, even when the caller who asked has gone away.
+
+Sessions have two names. The connection numbers them 1, 2, ... (its own bookkeeping, and the
+metrics gauge); callers see an opaque session id that is also unique across server restarts,
+because VM ids repeat in every session and a restarted server numbers its sessions from 1 again.
 """
 
 from __future__ import annotations
 
 import enum
+import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,7 +59,12 @@ class Books:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._lock = threading.Lock()
+        # Held while a request that names a VM is checked and queued, and by on_disconnected:
+        # so a request checked against a session is queued in that session or not at all.
+        self._gate = threading.RLock()
         self._clock = clock
+        # Random per server instance: what makes session ids unique across restarts.
+        self._instance = secrets.token_hex(8)
         self._session = 0
         self._connected = False
         self._vms: dict[int, VmRecord] = {}
@@ -66,7 +77,37 @@ class Books:
 
     @property
     def session(self) -> int:
+        """The connection's number of the current (or last) mms session; 0 before the first."""
         return self._session
+
+    @property
+    def session_id(self) -> str:
+        """The current session as callers name it; "" before the first connection."""
+        return self.public_session_id(self._session)
+
+    def public_session_id(self, session: int) -> str:
+        """The opaque id of the connection's session ``session`` (0, no session: "")."""
+        return f"{self._instance}-{session}" if session else ""
+
+    @contextmanager
+    def pinned(self, session_id: str, what: str) -> Iterator[None]:
+        """Hold the current session while the body checks the books and queues its request.
+
+        ``session_id`` is the session the caller learnt its VM ids in ("" means the current
+        one); another session is refused with SessionResetError. While this is held, mms's
+        connection cannot be declared lost, so what the body queues goes to this session or
+        fails as not sent: never to a later session whose VMs reuse the ids.
+        """
+        with self._gate:
+            current = self.session_id
+            if session_id and session_id != current:
+                raise SessionResetError(
+                    f"{what} names session {session_id}, not the current mms session "
+                    f"{current or '(none)'}; mms dropped that session's VMs and ids repeat",
+                    requestSession=session_id,
+                    session=current,
+                )
+            yield
 
     @property
     def connected(self) -> bool:
@@ -97,14 +138,18 @@ class Books:
             session = self._session
         if dropped_in is not None:
             raise SessionResetError(
-                f"VM {vm_id} belonged to mms session {dropped_in}; the connection to mms was "
-                f"reset since (now session {session}) and mms dropped every sibling VM",
+                f"VM {vm_id} belonged to mms session {self.public_session_id(dropped_in)}; the "
+                f"connection to mms was reset since (now session "
+                f"{self.public_session_id(session)}) and mms dropped every sibling VM",
                 vmId=vm_id,
-                vmSession=dropped_in,
-                session=session,
+                vmSession=self.public_session_id(dropped_in),
+                session=self.public_session_id(session),
             )
         raise VmNotFoundError(
-            f"no VM {vm_id} in mms session {session}", vmId=vm_id, session=session, field=field
+            f"no VM {vm_id} in mms session {self.public_session_id(session)}",
+            vmId=vm_id,
+            session=self.public_session_id(session),
+            field=field,
         )
 
     # --- listeners ---------------------------------------------------------------------------
@@ -133,7 +178,7 @@ class Books:
             listener(previous, session)
 
     def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
-        with self._lock:
+        with self._gate, self._lock:
             self._connected = False
             for vm_id in self._vms:
                 if vm_id != CROS_GUEST_VM_ID:

@@ -6,13 +6,14 @@ waits within the caller's deadline, and turns mms's ``res`` codes into ManateeEr
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._books import Books, VmRecord, VmState
 from ._connection import MmsConnection
@@ -22,6 +23,9 @@ from ._errors import (
     ManateeError,
     MmsConnectionError,
     MmsRefusedError,
+    MmsUnavailableError,
+    ServerShuttingDownError,
+    VmNotRunningError,
 )
 from ._memory_math import align_down_page
 from ._messages import (
@@ -30,14 +34,16 @@ from ._messages import (
     RES_OK,
     BalloonDelta,
     FinishAddVmRequest,
-    MmsRequest,
     PrepareVmRequest,
+    PrepareVmResponse,
     RebalanceMemoryRequest,
+    RebalanceMemoryResponse,
     RemoveVmRequest,
     RemoveVmResponse,
     Response,
 )
-from ._starts import StartSlot
+from ._request_ids import RequestIds
+from ._starts import BarePrepare, StartSlot
 from ._stats import StatsReader, StatsSnapshot
 
 if TYPE_CHECKING:
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Response)
+T = TypeVar("T")
 
 
 class CallerGoneError(ManateeError):
@@ -111,6 +118,55 @@ def await_call(future: Future[R], ctx: CallContext, what: str) -> R:
     raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
 
 
+def _await_outcome(
+    outcome: Future[T], ctx: CallContext, what: str, sent: Future[Any] | None = None
+) -> T | None:
+    """Wait for a request id's shared outcome; None if its request was never sent (run it).
+
+    ``sent`` is the mms request of the caller that runs it: if that caller gives up while the
+    request is still queued, the request stays off the wire and repeats run it afresh. Other
+    callers (repeats) never cancel what they wait for.
+    """
+    wake = threading.Event()
+    outcome.add_done_callback(lambda _: wake.set())
+    ctx.on_gone(wake.set)
+    wake.wait(ctx.remaining_s())
+    if outcome.done():
+        return None if outcome.cancelled() else outcome.result()
+    if sent is None:
+        suffix = " (a repeat of a request_id whose first call is still in flight)"
+    elif sent.cancel():  # still queued: it stays off the wire; its callback drops the id
+        suffix = " (never sent)"
+    else:
+        suffix = " (the request was sent and will complete)"
+    if ctx.gone:
+        raise CallerGoneError(f"the caller went away waiting for mms {what}{suffix}")
+    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
+
+
+def _settle(
+    outcome: Future[T],
+    sent: Future[R],
+    convert: Callable[[R], T],
+    forget: Callable[[], None],
+) -> None:
+    """Resolve a request id's outcome from its mms call: the answer, or why it failed."""
+    if sent.cancelled():
+        forget()  # never reached mms: a repeat runs the request afresh
+        outcome.cancel()
+        return
+    error = sent.exception()
+    if error is not None:
+        if isinstance(error, MmsUnavailableError | ServerShuttingDownError):
+            forget()  # refused at the door (not connected, closing): never sent, so not final
+        outcome.set_exception(error)
+        return
+    try:
+        outcome.set_result(convert(sent.result()))
+    except Exception as refused:  # e.g. mms refused with an errno: the same for every repeat
+        outcome.set_exception(refused)
+
+
 @dataclass(frozen=True, slots=True)
 class RebalanceResult:
     requested: tuple[BalloonDelta, ...]  # page-aligned, CrOS guest delta last
@@ -124,6 +180,7 @@ class PrepareResult:
     reserved: bool
     shortfall_bytes: int
     balloon_control_path: str
+    session_id: str  # the session vm_id belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +205,7 @@ class MemoryBridge:
         connection.add_observer(self.slot)
         self.books = Books()
         connection.add_observer(self.books)
+        self.request_ids = RequestIds()
         self.stats = StatsReader(connection, coalesce=self.config.coalesce_stats)
         self.books.add_disconnect_listener(self._on_disconnected)
         self._reset_inboxes: list[Inbox] = []
@@ -155,13 +213,26 @@ class MemoryBridge:
 
     # --- stats ---------------------------------------------------------------------------------
 
-    def get_balloon_stats(self, vm_ids: tuple[int, ...], ctx: CallContext) -> StatsSnapshot:
+    def get_balloon_stats(
+        self, vm_ids: tuple[int, ...], ctx: CallContext, session_id: str = ""
+    ) -> StatsSnapshot:
+        self.check_session(session_id, "GetBalloonStats")
         return self.stats.read(self._stats_ids(vm_ids), ctx.remaining_s())
 
     async def get_balloon_stats_async(
-        self, vm_ids: tuple[int, ...], timeout_s: float | None
+        self, vm_ids: tuple[int, ...], timeout_s: float | None, session_id: str = ""
     ) -> StatsSnapshot:
+        self.check_session(session_id, "GetBalloonStats")
         return await self.stats.read_async(self._stats_ids(vm_ids), timeout_s)
+
+    def check_session(self, session_id: str, what: str) -> None:
+        """SessionResetError unless ``session_id`` is "" or the current session.
+
+        For calls that queue nothing on a VM's behalf (stats): no need to hold the session.
+        """
+        if session_id and session_id != self.books.session_id:
+            with self.books.pinned(session_id, what):
+                pass  # raises SessionResetError, worded once, in the books
 
     def _stats_ids(self, vm_ids: tuple[int, ...]) -> tuple[int, ...]:
         # Unknown ids are not an error here: mms leaves them out and they come back as missing.
@@ -169,37 +240,141 @@ class MemoryBridge:
 
     # --- rebalance -----------------------------------------------------------------------------
 
-    def rebalance(self, deltas: Mapping[int, int], ctx: CallContext) -> RebalanceResult:
-        """Move memory between siblings and the CrOS guest; the CrOS delta keeps the sum 0."""
+    def rebalance(
+        self,
+        deltas: Mapping[int, int],
+        ctx: CallContext,
+        session_id: str = "",
+        request_id: str = "",
+    ) -> RebalanceResult:
+        """Move memory between siblings and the CrOS guest; the CrOS delta keeps the sum 0.
+
+        ``session_id``: the session the VM ids were learnt in ("" = current). ``request_id``: a
+        repeat gets the first call's result and sends nothing (see _request_ids).
+        """
+        fingerprint = tuple(deltas.items())
+        while True:
+            with self.books.pinned(session_id, "RebalanceMemory"):
+                outcome, first = self._claim_id("RebalanceMemory", request_id, fingerprint)
+                sent = None
+                if first:
+                    try:
+                        requested = self._rebalance_deltas(deltas)
+                        sent = self.connection.submit(RebalanceMemoryRequest(requested))
+                    except BaseException:
+                        self._drop_id("RebalanceMemory", request_id, outcome)
+                        raise
+            if outcome is None:
+                assert sent is not None
+                return _rebalance_result(requested, await_call(sent, ctx, "RebalanceMemory"))
+            if sent is not None:
+                self._settle_id(
+                    "RebalanceMemory",
+                    request_id,
+                    outcome,
+                    sent,
+                    functools.partial(_rebalance_result, requested),
+                )
+            result: RebalanceResult | None = _await_outcome(outcome, ctx, "RebalanceMemory", sent)
+            if result is not None:
+                return result
+            # The first call with this id was never sent: run it now.
+
+    def _rebalance_deltas(self, deltas: Mapping[int, int]) -> tuple[BalloonDelta, ...]:
         requested: list[BalloonDelta] = []
         for index, (vm_id, delta_bytes) in enumerate(deltas.items()):
             record = self.books.require_vm(vm_id, f"deltas[{index}].vm_id")
             if record.state is not VmState.RUNNING:
-                raise MmsRefusedError(
-                    -22, f"VM {vm_id} is {record.state.value}, not running", vmId=vm_id
+                # Refused here, never sent: mms did not say so, so no MMS_* reason.
+                raise VmNotRunningError(
+                    f"VM {vm_id} is {record.state.value}, not running: its balloon cannot move "
+                    "(nothing was sent to mms)",
+                    vmId=vm_id,
+                    state=record.state.value,
+                    field=f"deltas[{index}].vm_id",
                 )
             requested.append(BalloonDelta(vm_id, align_down_page(delta_bytes)))
         cros_delta_bytes = -sum(delta.delta_bytes for delta in requested)
         requested.append(BalloonDelta(CROS_GUEST_VM_ID, cros_delta_bytes))
-        response = self._call(RebalanceMemoryRequest(tuple(requested)), ctx, "RebalanceMemory")
-        answered = {delta.vm_id: delta.delta_bytes for delta in response.actual_deltas}
-        # Unlike concierge, a VM mms left out of the answer moved 0 bytes, not "as asked".
-        actual = tuple(BalloonDelta(d.vm_id, answered.get(d.vm_id, 0)) for d in requested)
-        fully = all(a.delta_bytes == r.delta_bytes for a, r in zip(actual, requested, strict=True))
-        return RebalanceResult(tuple(requested), actual, fully)
+        return tuple(requested)
+
+    # --- request ids ---------------------------------------------------------------------------
+
+    def _claim_id(
+        self, method: str, request_id: str, fingerprint: Hashable
+    ) -> tuple[Future[Any] | None, bool]:
+        """(outcome, first) for a request id; (None, True) without one."""
+        if not request_id:
+            return None, True
+        return self.request_ids.claim(self.books.session, method, request_id, fingerprint)
+
+    def _drop_id(self, method: str, request_id: str, outcome: Future[Any] | None) -> None:
+        """A first call refused before reaching mms: repeats waiting on it run it themselves."""
+        if outcome is not None:
+            self.request_ids.forget(method, request_id, outcome)
+            outcome.cancel()
+
+    def _settle_id(
+        self,
+        method: str,
+        request_id: str,
+        outcome: Future[T],
+        sent: Future[R],
+        convert: Callable[[R], T],
+    ) -> None:
+        def forget() -> None:
+            self.request_ids.forget(method, request_id, outcome)
+
+        sent.add_done_callback(lambda _: _settle(outcome, sent, convert, forget))
 
     # --- one-by-one start ----------------------------------------------------------------------
 
     def prepare_vm(
-        self, mem_size_bytes: int, init_mem_size_bytes: int, ctx: CallContext
+        self,
+        mem_size_bytes: int,
+        init_mem_size_bytes: int,
+        ctx: CallContext,
+        request_id: str = "",
     ) -> PrepareResult:
-        prepare = self.slot.submit_prepare(PrepareVmRequest(mem_size_bytes, init_mem_size_bytes))
-        try:
-            response = await_call(prepare.future, ctx, "PrepareVm")
-        except (DeadlineExceededError, CallerGoneError):
-            # A start this call opens has nobody to finish it: the slot removes it.
-            self.slot.caller_left(prepare)
-            raise
+        """One PrepareVm attempt; with ``request_id``, a repeat gets the first attempt's result.
+
+        A caller who leaves before the answer loses the start it opened, unless it gave a
+        request_id: it means to retry, so the start stays, under the lease like any bare start.
+        """
+        convert = functools.partial(self._prepare_result, mem_size_bytes, init_mem_size_bytes)
+        while True:
+            outcome, first = self._claim_id(
+                "PrepareVm", request_id, (mem_size_bytes, init_mem_size_bytes)
+            )
+            prepare: BarePrepare | None = None
+            if first:
+                try:
+                    prepare = self.slot.submit_prepare(
+                        PrepareVmRequest(mem_size_bytes, init_mem_size_bytes)
+                    )
+                except BaseException:
+                    self._drop_id("PrepareVm", request_id, outcome)
+                    raise
+            if outcome is None:
+                assert prepare is not None
+                try:
+                    response = await_call(prepare.future, ctx, "PrepareVm")
+                except (DeadlineExceededError, CallerGoneError):
+                    # A start this call opens has nobody to finish it: the slot removes it.
+                    self.slot.caller_left(prepare)
+                    raise
+                return convert(response)
+            if prepare is not None:
+                self._settle_id("PrepareVm", request_id, outcome, prepare.future, convert)
+            result: PrepareResult | None = _await_outcome(
+                outcome, ctx, "PrepareVm", None if prepare is None else prepare.future
+            )
+            if result is not None:
+                return result
+
+    def _prepare_result(
+        self, mem_size_bytes: int, init_mem_size_bytes: int, response: PrepareVmResponse
+    ) -> PrepareResult:
         if response.res not in (RES_OK, RES_ENOMEM):
             raise MmsRefusedError(
                 response.res,
@@ -212,11 +387,13 @@ class MemoryBridge:
             response.res == RES_OK,
             response.shortfall_bytes,
             self.config.balloon_control_path(response.vm_id),
+            self.books.public_session_id(self.books.session),
         )
 
-    def finish_add_vm(self, vm_id: int, ctx: CallContext) -> VmRecord:
-        self.books.require_vm(vm_id)
-        future = self.slot.submit_end(FinishAddVmRequest(vm_id), refuse_if_launching=True)
+    def finish_add_vm(self, vm_id: int, ctx: CallContext, session_id: str = "") -> VmRecord:
+        with self.books.pinned(session_id, "FinishAddVm"):
+            self.books.require_vm(vm_id)
+            future = self.slot.submit_end(FinishAddVmRequest(vm_id), refuse_if_launching=True)
         response = await_call(future, ctx, "FinishAddVm")
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, _finish_message(response.res), vmId=vm_id)
@@ -224,22 +401,20 @@ class MemoryBridge:
         # VM is gone (NOT_FOUND), not INTERNAL.
         return self.books.require_vm(vm_id)
 
-    def remove_vm(self, vm_id: int, ctx: CallContext) -> None:
+    def remove_vm(self, vm_id: int, ctx: CallContext, session_id: str = "") -> None:
         if vm_id == CROS_GUEST_VM_ID:
             raise InvalidArgumentError("vm_id", "VM 0 is the CrOS guest and cannot be removed")
-        self.books.require_vm(vm_id)
-        future = self.slot.submit_end(RemoveVmRequest(vm_id), refuse_if_launching=True)
+        with self.books.pinned(session_id, "RemoveVm"):
+            self.books.require_vm(vm_id)
+            future = self.slot.submit_end(RemoveVmRequest(vm_id), refuse_if_launching=True)
         response = await_call(future, ctx, "RemoveVm")
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, "mms refused RemoveVm", vmId=vm_id)
 
-    def list_vms(self) -> tuple[int, list[VmRecord]]:
-        return self.books.session, self.books.vms()
+    def list_vms(self) -> tuple[str, list[VmRecord]]:
+        return self.books.session_id, self.books.vms()
 
     # --- shared plumbing -----------------------------------------------------------------------
-
-    def _call(self, request: MmsRequest[R], ctx: CallContext, what: str) -> R:
-        return await_call(self.connection.submit(request), ctx, what)
 
     def remove_in_background(
         self, vm_id: int, why: str, then: Callable[[], None] | None = None
@@ -283,6 +458,16 @@ class MemoryBridge:
     def remove_session_reset_listener(self, inbox: Inbox) -> None:
         with self._reset_lock:
             self._reset_inboxes.remove(inbox)
+
+
+def _rebalance_result(
+    requested: tuple[BalloonDelta, ...], response: RebalanceMemoryResponse
+) -> RebalanceResult:
+    answered = {delta.vm_id: delta.delta_bytes for delta in response.actual_deltas}
+    # Unlike concierge, a VM mms left out of the answer moved 0 bytes, not "as asked".
+    actual = tuple(BalloonDelta(d.vm_id, answered.get(d.vm_id, 0)) for d in requested)
+    fully = all(a.delta_bytes == r.delta_bytes for a, r in zip(actual, requested, strict=True))
+    return RebalanceResult(requested, actual, fully)
 
 
 def _finish_message(res: int) -> str:

@@ -147,6 +147,7 @@ def _vm_json(vm: pb.VmInfo) -> dict[str, Any]:
         "init_mem_size_bytes": vm.init_mem_size_bytes,
         "cros_guest": vm.cros_guest,
         "since": vm.since.ToJsonString() if vm.HasField("since") else None,
+        "session": vm.session,
     }
 
 
@@ -206,11 +207,13 @@ def _cmd_vms(client: Client, args: argparse.Namespace) -> int:
         _print_json({"session": response.session, "vms": [_vm_json(vm) for vm in response.vms]})
     else:
         print(_vms_table(response.vms))
+        # VM ids repeat in every mms session: `remove ID --session S` acts only in this one.
+        print(f"session {response.session or '(none: mms not reached yet)'}")
     return 0
 
 
 def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
-    response = client.get_balloon_stats(args.vm_ids)
+    response = client.get_balloon_stats(args.vm_ids, session=args.session)
     if args.json:
         _print_json(
             {
@@ -233,7 +236,7 @@ def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
     deltas = dict(args.deltas)
     if len(deltas) != len(args.deltas):
         raise _UsageError("each VM may appear only once")
-    response = client.rebalance_memory(deltas)
+    response = client.rebalance_memory(deltas, session=args.session)
     if args.json:
         _print_json(
             {
@@ -288,6 +291,7 @@ def _cmd_launch(client: Client, args: argparse.Namespace) -> int:
         _print_json(_vm_json(vm))
     else:
         print(_vms_table([vm]))
+        print(f"session {vm.session}")
     return 0
 
 
@@ -307,11 +311,13 @@ def _run_hook(command: str, vm_id: int, balloon_control_path: str) -> int:
 
 
 def _cmd_remove(client: Client, args: argparse.Namespace) -> int:
-    client.remove_vm(args.vm_id)
+    client.remove_vm(args.vm_id, session=args.session)
     if args.json:
-        _print_json({"vm_id": args.vm_id, "removed": True})
+        _print_json({"vm_id": args.vm_id, "session": args.session, "removed": True})
+    elif args.session:
+        print(f"removed VM {args.vm_id} of session {args.session}")
     else:
-        print(f"removed VM {args.vm_id}")
+        print(f"removed VM {args.vm_id} of the current session")
     return 0
 
 
@@ -361,6 +367,7 @@ def add_client_commands(
     add("vms", _cmd_vms, "list the VMs of the current mms session")
     stats = add("stats", _cmd_stats, "balloon statistics of some or all VMs")
     stats.add_argument("vm_ids", nargs="*", type=int, metavar="ID")
+    _add_session_argument(stats)
     rebalance = add("rebalance", _cmd_rebalance, "move memory between sibling VMs and CrOS")
     rebalance.add_argument(
         "deltas",
@@ -369,6 +376,7 @@ def add_client_commands(
         metavar="ID=DELTA",
         help="balloon delta per VM, e.g. 1=-64MiB (negative gives the VM memory)",
     )
+    _add_session_argument(rebalance)
     launch = add("launch", _cmd_launch, "launch a sibling VM (LaunchVm)")
     launch.add_argument("mem_size_bytes", type=_size_arg, metavar="SIZE", help="e.g. 2GiB")
     launch.add_argument(
@@ -393,11 +401,23 @@ def add_client_commands(
     )
     remove = add("remove", _cmd_remove, "remove a sibling VM or release a pending start")
     remove.add_argument("vm_id", type=int, metavar="ID")
+    _add_session_argument(remove)
     add("health", _cmd_health, "health of the MemoryService (exit 1 unless SERVING)")
     # Imported here: _top imports this module's helpers.
     from ._top import add_top_arguments, run_top
 
     add_top_arguments(add("top", run_top, "live view of every VM's memory (q or Ctrl-C quits)"))
+
+
+def _add_session_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--session",
+        default="",
+        metavar="SESSION",
+        help="the mms session the VM ids come from (as `vms` prints it); the server refuses "
+        "them (SESSION_RESET) if mms was reset since, instead of acting on the VM that has the "
+        "same id now (default: the current session)",
+    )
 
 
 def _credentials_from(args: argparse.Namespace) -> grpc.ChannelCredentials | None:

@@ -5,6 +5,7 @@
     ├── VmNotFoundError ............. NOT_FOUND            VM_NOT_FOUND
     ├── SessionResetError ........... NOT_FOUND            SESSION_RESET
     ├── StartInProgressError ........ FAILED_PRECONDITION  START_IN_PROGRESS (+ RetryInfo)
+    ├── VmNotRunningError ........... FAILED_PRECONDITION  VM_NOT_RUNNING
     ├── VmStartFailedError .......... FAILED_PRECONDITION  VM_START_FAILED
     ├── LaunchAbortedError .......... ABORTED              LAUNCH_ABORTED
     ├── DeadlineExceededError ....... DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
@@ -84,6 +85,13 @@ class StartInProgressError(ManateeError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "START_IN_PROGRESS"
     retry_delay_s = 1.0
+
+
+class VmNotRunningError(ManateeError):
+    """The server refused a call on a VM that is not running; nothing was sent to mms."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "VM_NOT_RUNNING"
 
 
 class VmStartFailedError(ManateeError):

@@ -33,9 +33,9 @@ from ._errors import MmsConnectionError
 from ._launch import LaunchPolicy
 from ._metrics import Metrics, attach_metrics
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from ._reflection import enable_reflection
 from ._servicer import MemoryServicer
+from ._servicer import add_to_server as add_memory_service
 from ._watch import WatchHub
 from .sim import Simulator
 
@@ -202,7 +202,7 @@ class ManateeServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_MemoryServiceServicer_to_server(self.servicer, self._grpc)
+        add_memory_service(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         enable_reflection(self._grpc, [SERVICE_NAME, health.SERVICE_NAME])
         self._grpc.add_generic_rpc_handlers(self._extra_handlers)

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
 from . import _aio
@@ -52,6 +53,7 @@ from ._messages import (
 )
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from ._request_ids import validate_request_id
 from ._stats import StatsSnapshot
 from ._status import to_status, unexpected_status
 from ._watch import WatchHub
@@ -91,8 +93,75 @@ RpcObserver = Callable[[str, grpc.StatusCode, float], None]
 
 def _status_of(servicer: MemoryServicer, error: Exception) -> grpc.Status:
     if isinstance(error, ManateeError):
-        return to_status(error, servicer.bridge.books.session)
+        books = servicer.bridge.books
+        session = error.metadata.get("session")
+        if session is not None and session.isdigit():
+            # The connection names sessions by number; callers know them by their opaque id.
+            error.metadata["session"] = books.public_session_id(int(session))
+        return to_status(error, books.session_id or None)
     return unexpected_status(error)
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """What the request deserializer yields for bytes that are not the method's message."""
+
+    message_type: str
+    error: str
+
+
+def _tolerant_parser(message_type: type[Message]) -> Callable[[bytes], object]:
+    # gRPC's own handling of a deserializer error is UNKNOWN and a traceback per call; this
+    # hands the handler a marker instead, which its guard answers INVALID_ARGUMENT.
+    def parse(data: bytes) -> object:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            return _Undecodable(message_type.DESCRIPTOR.full_name, str(error))
+
+    return parse
+
+
+def _refuse_undecodable(method: str, request: object) -> None:
+    if isinstance(request, _Undecodable):
+        logger.warning(
+            "%s: the request bytes are not a %s (%s)", method, request.message_type, request.error
+        )
+        raise InvalidArgumentError(
+            "request", f"the request bytes are not a valid {request.message_type}"
+        )
+
+
+def add_to_server(servicer: MemoryServicer, server: aio.Server) -> None:
+    """Register the MemoryService; its unary-request methods parse their bytes tolerantly."""
+    service = pb.DESCRIPTOR.services_by_name["MemoryService"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in service.methods:
+        request_type: type[Message] = getattr(pb, method.input_type.name)
+        response_type: type[Message] = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming:
+            # LaunchVm: its messages are read by the launch itself (left as generated).
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour,
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            )
+            continue
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            behaviour,
+            request_deserializer=_tolerant_parser(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _observe(
@@ -112,6 +181,7 @@ def _guard_async(method: F) -> F:
     async def unary(self: MemoryServicer, request: object, context: aio.ServicerContext) -> object:  # type: ignore[type-arg]
         started_s = time.monotonic()
         try:
+            _refuse_undecodable(method.__name__, request)
             response = await method(self, request, context)
         except asyncio.CancelledError:
             _observe(self, method.__name__, grpc.StatusCode.CANCELLED, started_s)
@@ -135,6 +205,8 @@ def _guard_async_stream(method: F) -> F:
     ) -> AsyncIterator[object]:
         started_s = time.monotonic()
         try:
+            if not isinstance(request, AsyncIterator):
+                _refuse_undecodable(method.__name__, request)
             async for message in method(self, request, context):
                 yield message
         except asyncio.CancelledError:
@@ -180,8 +252,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.observe_rpc = observe_rpc
         # Callers served by one mms read and asking for the same VMs (coalesced GetBalloonStats
         # callers, the watchers of one tick) get one message built once, not once per caller.
-        self._stats_responses = _LastConversion(pb.GetBalloonStatsResponse)
-        self._watch_snapshots = _LastConversion(pb.BalloonStatsSnapshot)
+        session_id = bridge.books.public_session_id
+        self._stats_responses = _LastConversion(pb.GetBalloonStatsResponse, session_id)
+        self._watch_snapshots = _LastConversion(pb.BalloonStatsSnapshot, session_id)
 
     def begin_shutdown(self) -> None:
         self._shutting_down.set()
@@ -219,8 +292,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.GetBalloonStatsRequest, pb.GetBalloonStatsResponse],
     ) -> pb.GetBalloonStatsResponse:
         vm_ids = validate.vm_ids(request.vm_ids)
+        session_id = validate.session_id(request.session)
         self._check_open()
-        snapshot = await self.bridge.get_balloon_stats_async(vm_ids, _timeout_s(context))
+        snapshot = await self.bridge.get_balloon_stats_async(
+            vm_ids, _timeout_s(context), session_id
+        )
         return self._stats_responses.of(snapshot)
 
     @_guard_async_stream
@@ -234,20 +310,26 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             # Not ToTimedelta(): a Duration of 10^11 s overflows timedelta (OverflowError).
             request.interval.seconds + request.interval.nanos / 1e9
         )
+        session_id = validate.session_id(request.session)
         self._check_open()
+        self.bridge.check_session(session_id, "WatchBalloonStats")
         watcher = self._watch_hub.subscribe(vm_ids, interval_s)
+        public = self.bridge.books.public_session_id
         try:
             # A caller that leaves cancels this coroutine while it is parked in take_async.
             while (update := await watcher.take_async()) is not None:
                 message = pb.WatchBalloonStatsResponse(dropped_updates=update.dropped_updates)
                 if update.reset is not None:
-                    message.session_reset.previous_session = update.reset.previous_session
-                    message.session_reset.session = update.reset.session
+                    message.session_reset.previous_session = public(update.reset.previous_session)
+                    message.session_reset.session = public(update.reset.session)
+                elif update.outage is not None:
+                    # Not the end of the watch: the stream goes on once mms answers again.
+                    outage = update.outage
+                    message.mms_unavailable.reason = outage.error.grpc_reason
+                    message.mms_unavailable.message = outage.error.message
+                    message.mms_unavailable.since.CopyFrom(_timestamp(outage.since_unix_s))
                 elif update.snapshot is not None:
                     message.snapshot.CopyFrom(self._watch_snapshots.of(update.snapshot))
-                else:
-                    # A failed poll is not the end of the watch: the next tick may succeed.
-                    continue
                 yield message
         finally:
             self._watch_hub.unsubscribe(watcher)
@@ -261,7 +343,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.RebalanceMemoryRequest, pb.RebalanceMemoryResponse],
     ) -> pb.RebalanceMemoryResponse:
         deltas = validate.balloon_deltas([(d.vm_id, d.delta_bytes) for d in request.deltas])
-        result = await self._blocking(context, lambda ctx: self.bridge.rebalance(deltas, ctx))
+        session_id = validate.session_id(request.session)
+        request_id = validate_request_id(request.request_id)
+        result = await self._blocking(
+            context, lambda ctx: self.bridge.rebalance(deltas, ctx, session_id, request_id)
+        )
         return pb.RebalanceMemoryResponse(
             requested_deltas=[_delta(d) for d in result.requested],
             actual_deltas=[_delta(d) for d in result.actual],
@@ -280,14 +366,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.mem_size_bytes,
             request.init_mem_size_bytes if request.HasField("init_mem_size_bytes") else None,
         )
+        request_id = validate_request_id(request.request_id)
         result = await self._blocking(
-            context, lambda ctx: self.bridge.prepare_vm(mem_size_bytes, init_mem_size_bytes, ctx)
+            context,
+            lambda ctx: self.bridge.prepare_vm(
+                mem_size_bytes, init_mem_size_bytes, ctx, request_id
+            ),
         )
         return pb.PrepareVmResponse(
             vm_id=result.vm_id,
             reserved=result.reserved,
             shortfall_bytes=result.shortfall_bytes,
             balloon_control_path=result.balloon_control_path,
+            session=result.session_id,
         )
 
     @_guard_async
@@ -297,8 +388,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.FinishAddVmRequest, pb.FinishAddVmResponse],
     ) -> pb.FinishAddVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
-        record = await self._blocking(context, lambda ctx: self.bridge.finish_add_vm(vm_id, ctx))
-        return pb.FinishAddVmResponse(vm=_vm_info(record))
+        session_id = validate.session_id(request.session)
+        record = await self._blocking(
+            context, lambda ctx: self.bridge.finish_add_vm(vm_id, ctx, session_id)
+        )
+        return pb.FinishAddVmResponse(vm=self._vm_info(record))
 
     @_guard_async
     async def RemoveVm(
@@ -307,7 +401,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.RemoveVmRequest, pb.RemoveVmResponse],
     ) -> pb.RemoveVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
-        await self._blocking(context, lambda ctx: self.bridge.remove_vm(vm_id, ctx))
+        session_id = validate.session_id(request.session)
+        await self._blocking(context, lambda ctx: self.bridge.remove_vm(vm_id, ctx, session_id))
         return pb.RemoveVmResponse()
 
     @_guard_async
@@ -317,7 +412,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.ListVmsRequest, pb.ListVmsResponse],
     ) -> pb.ListVmsResponse:
         session, records = self.bridge.list_vms()
-        return pb.ListVmsResponse(vms=[_vm_info(r) for r in records], session=session)
+        return pb.ListVmsResponse(vms=[self._vm_info(r) for r in records], session=session)
+
+    def _vm_info(self, record: VmRecord) -> pb.VmInfo:
+        return _vm_info(record, self.bridge.books.public_session_id(record.session))
 
     # --- launch --------------------------------------------------------------------------------
 
@@ -374,14 +472,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         elif isinstance(event, Reserved):
             message.reserved.vm_id = event.vm_id
             message.reserved.balloon_control_path = event.balloon_control_path
+            message.reserved.session = self.bridge.books.session_id
         elif isinstance(event, StopVm):
             message.stop_vm.vm_id = event.vm_id
             message.stop_vm.reason = event.reason
         elif isinstance(event, Launched):
             message.launched.vm_id = event.vm_id
+            message.launched.session = self.bridge.books.session_id
             record = self.bridge.books.vm(event.vm_id)
             if record is not None:
-                message.launched.vm.CopyFrom(_vm_info(record))
+                message.launched.vm.CopyFrom(self._vm_info(record))
         return message
 
 
@@ -438,8 +538,9 @@ class _LastConversion(Generic[M]):
     The message is handed to every such caller as is: gRPC only reads it to serialize it.
     """
 
-    def __init__(self, message_type: type[M]) -> None:
+    def __init__(self, message_type: type[M], session_id: Callable[[int], str]) -> None:
         self._message_type: type[M] = message_type
+        self._session_id = session_id
         # (snapshot, its read, its VMs and missing ids, message) of the last conversion.
         self._last: (
             tuple[StatsSnapshot, object, tuple[tuple[int, ...], tuple[int, ...]], M] | None
@@ -457,7 +558,7 @@ class _LastConversion(Generic[M]):
                 stats=[_vm_stats(entry) for entry in snapshot.stats],
                 missing_vm_ids=snapshot.missing_vm_ids,
                 read_time=_timestamp(snapshot.read_time_unix_s),
-                session=snapshot.session,
+                session=self._session_id(snapshot.session),
                 unreadable_vms=[_unreadable_vm(entry) for entry in snapshot.unreadable],
             )
         else:
@@ -509,8 +610,9 @@ _VM_STATES = {
 }
 
 
-def _vm_info(record: VmRecord) -> pb.VmInfo:
+def _vm_info(record: VmRecord, session_id: str) -> pb.VmInfo:
     return pb.VmInfo(
+        session=session_id,
         vm_id=record.vm_id,
         mem_size_bytes=record.mem_size_bytes,
         init_mem_size_bytes=record.init_mem_size_bytes,

@@ -20,7 +20,7 @@ from ._errors import ERROR_DOMAIN, InvalidArgumentError, ManateeError
 logger = logging.getLogger(__name__)
 
 
-def to_status(error: ManateeError, session: int | None = None) -> grpc.Status:
+def to_status(error: ManateeError, session: int | str | None = None) -> grpc.Status:
     metadata = dict(error.metadata)
     if session is not None:
         metadata.setdefault("session", str(session))

@@ -77,10 +77,10 @@ class TopView:
     problem: str = ""  # why the last subscription ended, while reconnecting
     attempt: int = 0
     retry_at_s: float | None = None
-    session: int | None = None
-    # When the CrOS guest's record began, i.e. when the mms session began: a restarted server
-    # numbers its sessions from 1 again, so the number alone cannot tell its session 1 from ours.
-    session_started_ns: int | None = None
+    # The mms session's opaque id: unique across mms resets and server restarts.
+    session: str | None = None
+    # The server went away since the last ListVms: a new session then may be a new server.
+    lost_server: bool = False
     updated_at_s: float | None = None
     samples: dict[int, Sample] = field(default_factory=dict)
     # The tick before ``samples``; None until there was one, so the first screen shows no change.
@@ -101,27 +101,22 @@ class TopView:
     def disconnected(self, problem: str, attempt: int, retry_in_s: float, now_s: float) -> None:
         """The stream ended or a call failed; the last screen stays until the next tick."""
         self.connection = RECONNECTING
+        self.lost_server = True
         self.problem = problem
         self.attempt = attempt
         self.retry_at_s = now_s + retry_in_s
 
     def vm_list(self, response: pb.ListVmsResponse, now_s: float) -> None:
-        started_ns = next(
-            (
-                vm.since.ToNanoseconds()
-                for vm in response.vms
-                if vm.cros_guest and vm.HasField("since")
-            ),
-            None,
-        )
-        if self.session is not None and not self._same_session(response.session, started_ns):
-            # Only a new server process numbers from 1 again: the books never go backwards.
-            restarted = response.session <= self.session
-            self.session_reset(self.session, response.session, now_s, server_restarted=restarted)
+        if self.session is not None and response.session != self.session:
+            # Seen across a lost server connection, the new session is most likely a new
+            # server process (whose mms link is new too).
+            self.session_reset(
+                self.session, response.session, now_s, server_restarted=self.lost_server
+            )
         elif self.session is not None:
             self._note_added_and_removed(self.vms, response.vms, now_s)
         self.session = response.session
-        self.session_started_ns = started_ns
+        self.lost_server = False
         self.vms = {vm.vm_id: vm for vm in response.vms}
 
     def message(self, message: pb.WatchBalloonStatsResponse, now_s: float) -> None:
@@ -131,6 +126,9 @@ class TopView:
         if event == "session_reset":
             reset = message.session_reset
             self.session_reset(reset.previous_session, reset.session, now_s)
+        elif event == "mms_unavailable":
+            outage = message.mms_unavailable
+            self._event(now_s, f"mms unavailable ({outage.reason}): {outage.message}")
         elif event == "snapshot":
             self.snapshot(message.snapshot, now_s)
 
@@ -145,7 +143,7 @@ class TopView:
         self.updated_at_s = now_s
 
     def session_reset(
-        self, previous_session: int, session: int, now_s: float, *, server_restarted: bool = False
+        self, previous_session: str, session: str, now_s: float, *, server_restarted: bool = False
     ) -> None:
         """mms dropped every sibling VM: say which, and keep only the CrOS guest's last row."""
         gone = sorted(
@@ -155,18 +153,11 @@ class TopView:
         lost = f"VMs {','.join(map(str, gone))} gone" if gone else "no sibling VMs were running"
         self._event(now_s, f"session {previous_session} → {session}: {cause}; {lost}")
         self.session = session
-        self.session_started_ns = None  # learnt from the next ListVms
         self.vms = {}
         self.samples = {k: v for k, v in self.samples.items() if k == CROS_GUEST_VM_ID}
         self.missing_vm_ids = ()
 
     # --- helpers -------------------------------------------------------------------------------
-
-    def _same_session(self, session: int, started_ns: int | None) -> bool:
-        if session != self.session:
-            return False
-        # Unknown on either side (just after an in-stream reset): the number has to do.
-        return started_ns is None or self.session_started_ns in (None, started_ns)
 
     def _note_added_and_removed(
         self, before: dict[int, pb.VmInfo], after: Iterable[pb.VmInfo], now_s: float

@@ -82,6 +82,18 @@ def mem_sizes(
     return mem_size_bytes, init_mem_size_bytes
 
 
+MAX_SESSION_ID_CHARS = 64
+
+
+def session_id(value: str, field: str = "session") -> str:
+    """A session id as the server hands them out; "" means the current session."""
+    if len(value) > MAX_SESSION_ID_CHARS:
+        raise InvalidArgumentError(
+            field, f"{len(value)} characters; session ids have at most {MAX_SESSION_ID_CHARS}"
+        )
+    return value
+
+
 def watch_interval_s(seconds: float, field: str = "interval") -> float:
     if seconds == 0:
         return DEFAULT_WATCH_INTERVAL_S

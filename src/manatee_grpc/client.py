@@ -3,11 +3,21 @@
 One method per RPC, returning the generated messages; every failure is a ``ManateeRpcError``
 with the google.rpc details (ErrorInfo, BadRequest, RetryInfo) already unpacked.
 ``launch_vm`` runs the LaunchVm stream with callbacks, the way concierge's LaunchVm did.
+
+VM ids repeat across mms sessions, so every answer that gives VM ids says their ``session``,
+and every method that names a VM takes the ``session`` the id came from: the server refuses
+(NOT_FOUND, SESSION_RESET) an id from another session instead of acting on the VM that has
+that id now. ``rebalance_memory`` sends a ``request_id`` (a new UUID per call unless given; a
+failure carries it as ``ManateeRpcError.request_id``): pass it again to retry a call whose
+outcome you did not learn, and the server answers the first call's result without acting twice.
+``prepare_vm`` sends one only if given, because with one a reservation outlives a call the
+caller gave up on (under the server's lease) so that the retry finds it.
 """
 
 from __future__ import annotations
 
 import queue
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +74,8 @@ class ManateeRpcError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
         self.retry_delay_s = retry_delay_s
+        # The request id the failed call carried (RebalanceMemory, PrepareVm): retry with it.
+        self.request_id: str | None = None
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> ManateeRpcError:
@@ -104,11 +116,13 @@ class ManateeRpcError(Exception):
 
 
 @contextmanager
-def _translated() -> Iterator[None]:
+def _translated(request_id: str | None = None) -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as error:
-        raise ManateeRpcError.from_rpc_error(error) from error
+        translated = ManateeRpcError.from_rpc_error(error)
+        translated.request_id = request_id or None
+        raise translated from error
 
 
 class Client:
@@ -156,38 +170,59 @@ class Client:
 
     # --- unary RPCs ------------------------------------------------------------------------------
 
-    def get_balloon_stats(self, vm_ids: Iterable[int] = ()) -> pb.GetBalloonStatsResponse:
+    def get_balloon_stats(
+        self, vm_ids: Iterable[int] = (), *, session: str = ""
+    ) -> pb.GetBalloonStatsResponse:
+        """``session``: where ``vm_ids`` came from ("" = the current session)."""
+        request = pb.GetBalloonStatsRequest(vm_ids=list(vm_ids), session=session)
         with _translated():
-            return self._stub.GetBalloonStats(
-                pb.GetBalloonStatsRequest(vm_ids=list(vm_ids)), timeout=self.timeout_s
-            )
+            return self._stub.GetBalloonStats(request, timeout=self.timeout_s)
 
-    def rebalance_memory(self, deltas: Mapping[int, int]) -> pb.RebalanceMemoryResponse:
-        """Balloon deltas in bytes by sibling VM id: positive takes memory from that VM."""
+    def rebalance_memory(
+        self, deltas: Mapping[int, int], *, session: str = "", request_id: str | None = None
+    ) -> pb.RebalanceMemoryResponse:
+        """Balloon deltas in bytes by sibling VM id: positive takes memory from that VM.
+
+        ``session``: where the ids came from ("" = current). ``request_id``: a new UUID unless
+        given; give the one of a call whose outcome you missed to retry it safely.
+        """
         request = pb.RebalanceMemoryRequest(
-            deltas=[pb.BalloonDelta(vm_id=vm, delta_bytes=delta) for vm, delta in deltas.items()]
+            deltas=[pb.BalloonDelta(vm_id=vm, delta_bytes=delta) for vm, delta in deltas.items()],
+            session=session,
+            request_id=request_id or new_request_id(),
         )
-        with _translated():
+        with _translated(request.request_id):
             return self._stub.RebalanceMemory(request, timeout=self.timeout_s)
 
     def prepare_vm(
-        self, mem_size_bytes: int, init_mem_size_bytes: int | None = None
+        self,
+        mem_size_bytes: int,
+        init_mem_size_bytes: int | None = None,
+        *,
+        request_id: str | None = None,
     ) -> pb.PrepareVmResponse:
-        request = pb.PrepareVmRequest(mem_size_bytes=mem_size_bytes)
+        """One reservation attempt; the answer's ``session`` is the one its ``vm_id`` is in.
+
+        With ``request_id`` (e.g. ``new_request_id()``) the call can be retried safely, and a
+        reservation it made outlives the call if you give up on it (the server's lease bounds
+        it); without one, the server removes what a call it could not answer reserved.
+        """
+        request = pb.PrepareVmRequest(mem_size_bytes=mem_size_bytes, request_id=request_id or "")
         if init_mem_size_bytes is not None:
             request.init_mem_size_bytes = init_mem_size_bytes
-        with _translated():
+        with _translated(request_id):
             return self._stub.PrepareVm(request, timeout=self.timeout_s)
 
-    def finish_add_vm(self, vm_id: int) -> pb.FinishAddVmResponse:
+    def finish_add_vm(self, vm_id: int, *, session: str = "") -> pb.FinishAddVmResponse:
+        request = pb.FinishAddVmRequest(vm_id=vm_id, session=session)
         with _translated():
-            return self._stub.FinishAddVm(
-                pb.FinishAddVmRequest(vm_id=vm_id), timeout=self.timeout_s
-            )
+            return self._stub.FinishAddVm(request, timeout=self.timeout_s)
 
-    def remove_vm(self, vm_id: int) -> pb.RemoveVmResponse:
+    def remove_vm(self, vm_id: int, *, session: str = "") -> pb.RemoveVmResponse:
+        """Remove ``vm_id`` of ``session`` ("" = whatever VM has that id now)."""
+        request = pb.RemoveVmRequest(vm_id=vm_id, session=session)
         with _translated():
-            return self._stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=self.timeout_s)
+            return self._stub.RemoveVm(request, timeout=self.timeout_s)
 
     def list_vms(self) -> pb.ListVmsResponse:
         with _translated():
@@ -210,12 +245,15 @@ class Client:
     # --- streams ---------------------------------------------------------------------------------
 
     def watch_balloon_stats(
-        self, vm_ids: Iterable[int] = (), interval_s: float = 1.0
+        self, vm_ids: Iterable[int] = (), interval_s: float = 1.0, *, session: str = ""
     ) -> Iterator[pb.WatchBalloonStatsResponse]:
-        """Snapshots (and session resets) until the iterator is closed, which cancels the call."""
+        """Snapshots, session resets and mms outages until the iterator is closed (which
+        cancels the call)."""
         interval = duration_pb2.Duration()
         interval.FromNanoseconds(round(interval_s * 1e9))
-        request = pb.WatchBalloonStatsRequest(vm_ids=list(vm_ids), interval=interval)
+        request = pb.WatchBalloonStatsRequest(
+            vm_ids=list(vm_ids), interval=interval, session=session
+        )
         return self._watch(request)
 
     def _watch(
@@ -285,6 +323,11 @@ class Client:
                 grpc.StatusCode.INTERNAL, "the LaunchVm stream ended without `launched`"
             )
         return launched
+
+
+def new_request_id() -> str:
+    """A fresh AIP-155 request id."""
+    return str(uuid.uuid4())
 
 
 def _answer_reserved(

@@ -81,3 +81,8 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"not true after {timeout_s} s: {what}")
         time.sleep(0.002)
+
+
+def session_id(server: ManateeServer, number: int) -> str:
+    """The opaque id callers see for the connection's ``number``-th mms session."""
+    return server.bridge.books.public_session_id(number)

@@ -18,7 +18,7 @@ from manatee_grpc._memory_math import MIB
 from manatee_grpc._messages import MessageType
 
 from .conftest import start_server
-from .helpers import error_info, health_status, retry_delay_s, wait_until
+from .helpers import error_info, health_status, retry_delay_s, session_id, wait_until
 
 
 @pytest.fixture
@@ -72,9 +72,9 @@ def test_vm_from_an_earlier_session_is_session_reset(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     info = error_info(caught.value)
     assert info.reason == "SESSION_RESET"
-    assert info.metadata["vmSession"] == "1"
-    assert info.metadata["session"] == "2"
-    assert stub.ListVms(pb.ListVmsRequest(), timeout=5).session == 2
+    assert info.metadata["vmSession"] == session_id(server, 1)
+    assert info.metadata["session"] == session_id(server, 2)
+    assert stub.ListVms(pb.ListVmsRequest(), timeout=5).session == session_id(server, 2)
 
 
 def test_mms_breaking_the_protocol_is_internal() -> None:
@@ -93,7 +93,7 @@ def test_mms_breaking_the_protocol_is_internal() -> None:
                 assert server.connection.wait_connected(10)
                 wait_until(lambda: server.connection is not None and server.connection.session == 2)
                 response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
-                assert response.session == 2
+                assert response.session == session_id(server, 2)
         finally:
             server.stop(grace_s=0.5)
 
@@ -111,7 +111,8 @@ def test_deadline_while_mms_is_slow_is_deadline_exceeded() -> None:
             assert error_info(caught.value).reason == "DEADLINE_EXCEEDED"
             # The connection was not reset by the caller giving up.
             server.simulator.set_message_delay(MessageType.GET_BALLOON_STATS, 0.0)
-            assert stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5).session == 1
+            response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+            assert response.session == session_id(server, 1)
     finally:
         server.stop(grace_s=0.5)
 
@@ -142,3 +143,28 @@ def test_crosvm_that_never_connects_is_failed_precondition_eio(
     assert info.reason == "MMS_EIO"
     assert info.metadata["errno"] == "-5"
     stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=5)
+
+
+def test_a_rebalance_the_server_refuses_itself_is_not_an_mms_refusal(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    # A reserved VM whose start is not finished: its balloon is not mms's to move yet.
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=512 * MIB), timeout=5)
+    assert server.simulator is not None
+    sent = server.simulator.request_counts[MessageType.REBALANCE_MEMORY]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RebalanceMemory(
+            pb.RebalanceMemoryRequest(
+                deltas=[pb.BalloonDelta(vm_id=prepared.vm_id, delta_bytes=-4096)]
+            ),
+            timeout=5,
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    # Its own reason, not MMS_EINVAL: mms never saw it, and says nothing about the VM.
+    assert info.reason == "VM_NOT_RUNNING"
+    assert "errno" not in info.metadata
+    assert (info.metadata["vmId"], info.metadata["state"]) == (str(prepared.vm_id), "starting")
+    assert info.metadata["field"] == "deltas[0].vm_id"
+    assert server.simulator.request_counts[MessageType.REBALANCE_MEMORY] == sent
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=15)

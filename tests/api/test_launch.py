@@ -30,6 +30,7 @@ from .helpers import (
     error_info,
     request_count,
     retry_delay_s,
+    session_id,
     simulator,
     wait_until,
 )
@@ -665,7 +666,10 @@ def test_session_reset_during_a_launch_stops_the_vm_and_ends_unavailable(
     assert info.metadata["vmId"] == str(reserved.vm_id)
     assert retry_delay_s(error) is not None
     wait_until(
-        lambda: stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S).session == 2,
+        lambda: (
+            stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S).session
+            == session_id(server, 2)
+        ),
         "the server reconnected to mms",
     )
     for call in (
@@ -679,7 +683,7 @@ def test_session_reset_during_a_launch_stops_the_vm_and_ends_unavailable(
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         info = error_info(caught.value)
         assert info.reason == "SESSION_RESET"
-        assert info.metadata["vmSession"] == "1"
+        assert info.metadata["vmSession"] == session_id(server, 1)
     wait_released(server, stub, cros_before)
     assert request_count(server, MessageType.REMOVE_VM) == 0  # mms forgot the VM by itself
     assert run_launch(stub) == reserved.vm_id + 1

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import queue
 import time
+from collections.abc import Callable
 
 import grpc
 import pytest
+from faults.helpers import KillableMms
 from grpc_health.v1 import health_pb2
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc._messages import MessageType
 
 from .conftest import start_server
-from .helpers import bad_request_fields, error_info, health_status
+from .helpers import (
+    bad_request_fields,
+    error_info,
+    health_status,
+    request_count,
+    simulator,
+    wait_until,
+)
 
 MEM_BYTES = 512 * MIB
 INIT_BYTES = 256 * MIB
@@ -38,7 +49,7 @@ def start_vm(stub: pb_grpc.MemoryServiceStub, mem: int = MEM_BYTES, init: int = 
 def test_stats_of_every_known_vm_by_default(stub: pb_grpc.MemoryServiceStub) -> None:
     response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
     assert [s.vm_id for s in response.stats] == [0]
-    assert response.session == 1
+    assert response.session == stub.ListVms(pb.ListVmsRequest(), timeout=5).session != ""
     assert response.read_time.seconds > 0
     cros = response.stats[0]
     assert cros.HasField("total_memory_bytes") and cros.total_memory_bytes > 0
@@ -264,3 +275,268 @@ def test_bare_prepare_lease_expires_and_releases_the_reservation() -> None:
             assert again.reserved and again.vm_id == prepared.vm_id + 1
     finally:
         server.stop(grace_s=0.5)
+
+
+# --- sessions: a VM id means something only with its session (I2) ------------------------------
+
+
+def _sent(mms: KillableMms) -> dict[MessageType, int]:
+    return {msg_type: mms.sim.request_counts[msg_type] for msg_type in MessageType}
+
+
+def test_an_id_from_an_earlier_session_never_acts_on_the_vm_that_has_it_now() -> None:
+    mms = KillableMms()
+    server = start_server(mms=mms.address)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            assert (start_vm(stub), start_vm(stub)) == (1, 2)
+            old = stub.ListVms(pb.ListVmsRequest(), timeout=5).session
+            # mms restarts: it drops every sibling, and numbers VMs from 1 again.
+            mms.kill()
+            mms.restart()
+            wait_until(lambda: stub.ListVms(pb.ListVmsRequest(), timeout=5).session != old)
+            assert start_vm(stub) == 1
+            new = stub.ListVms(pb.ListVmsRequest(), timeout=5).session
+            assert new not in ("", old)
+            sent = _sent(mms)
+
+            stale_calls: dict[str, Callable[[], object]] = {
+                "RemoveVm": lambda: stub.RemoveVm(
+                    pb.RemoveVmRequest(vm_id=1, session=old), timeout=5
+                ),
+                "FinishAddVm": lambda: stub.FinishAddVm(
+                    pb.FinishAddVmRequest(vm_id=1, session=old), timeout=5
+                ),
+                "RebalanceMemory": lambda: stub.RebalanceMemory(
+                    pb.RebalanceMemoryRequest(
+                        deltas=[pb.BalloonDelta(vm_id=1, delta_bytes=4096)], session=old
+                    ),
+                    timeout=5,
+                ),
+                "GetBalloonStats": lambda: stub.GetBalloonStats(
+                    pb.GetBalloonStatsRequest(vm_ids=[1], session=old), timeout=5
+                ),
+                "WatchBalloonStats": lambda: next(
+                    stub.WatchBalloonStats(
+                        pb.WatchBalloonStatsRequest(vm_ids=[1], session=old), timeout=5
+                    )
+                ),
+            }
+            for method, call in stale_calls.items():
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND, method
+                info = error_info(caught.value)
+                assert info.reason == "SESSION_RESET", method
+                assert (info.metadata["requestSession"], info.metadata["session"]) == (old, new)
+            # Refused before mms: nothing was sent, and the new VM 1 is untouched.
+            assert _sent(mms) == sent
+            listed = stub.ListVms(pb.ListVmsRequest(), timeout=5)
+            assert [(vm.vm_id, vm.state, vm.session) for vm in listed.vms] == [
+                (0, pb.VM_STATE_RUNNING, new),
+                (1, pb.VM_STATE_RUNNING, new),
+            ]
+            # With the session it was learnt in (or none: the current one), the id works.
+            stub.RemoveVm(pb.RemoveVmRequest(vm_id=1, session=new), timeout=15)
+            assert [vm.vm_id for vm in stub.ListVms(pb.ListVmsRequest(), timeout=5).vms] == [0]
+    finally:
+        server.stop(grace_s=1.0)
+        mms.close()
+
+
+def test_session_ids_differ_across_server_restarts_on_one_mms() -> None:
+    mms = KillableMms()
+    try:
+        sessions: list[str] = []
+        for _ in range(2):
+            server = start_server(mms=mms.address)
+            try:
+                with grpc.insecure_channel(server.address) as channel:
+                    stub = pb_grpc.MemoryServiceStub(channel)
+                    # Both servers are in the first session of their own connection to mms.
+                    assert server.connection is not None and server.connection.session == 1
+                    if sessions:
+                        # An id of the previous server's session is refused, not reinterpreted.
+                        with pytest.raises(grpc.RpcError) as caught:
+                            stub.RemoveVm(
+                                pb.RemoveVmRequest(vm_id=1, session=sessions[-1]), timeout=5
+                            )
+                        assert error_info(caught.value).reason == "SESSION_RESET"
+                    sessions.append(stub.ListVms(pb.ListVmsRequest(), timeout=5).session)
+            finally:
+                server.stop(grace_s=1.0)
+        assert "" not in sessions and sessions[0] != sessions[1]
+    finally:
+        mms.close()
+
+
+def test_every_answer_that_gives_a_vm_id_says_its_session(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    current = stub.ListVms(pb.ListVmsRequest(), timeout=5).session
+    prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=5)
+    finished = stub.FinishAddVm(
+        pb.FinishAddVmRequest(vm_id=prepared.vm_id, session=prepared.session), timeout=15
+    )
+    stats = stub.GetBalloonStats(pb.GetBalloonStatsRequest(session=current), timeout=5)
+    assert current != ""
+    assert prepared.session == finished.vm.session == stats.session == current
+    listed = stub.ListVms(pb.ListVmsRequest(), timeout=5)
+    assert {vm.session for vm in listed.vms} == {current}
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id, session=current), timeout=15)
+
+
+def test_a_session_longer_than_any_server_gives_is_invalid_argument(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RemoveVm(pb.RemoveVmRequest(vm_id=1, session="x" * 65), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["session"]
+
+
+# --- request ids: a retry is safe (I10) ----------------------------------------------------------
+
+
+def _rebalance(vm_id: int, delta_bytes: int, request_id: str) -> pb.RebalanceMemoryRequest:
+    return pb.RebalanceMemoryRequest(
+        deltas=[pb.BalloonDelta(vm_id=vm_id, delta_bytes=delta_bytes)], request_id=request_id
+    )
+
+
+def test_a_repeated_rebalance_request_id_returns_the_first_answer_and_moves_nothing(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    vm_id = start_vm(stub)
+    before = cros_balloon_bytes(stub)
+    sent = request_count(server, MessageType.REBALANCE_MEMORY)
+    request = _rebalance(vm_id, -64 * MIB, "5d0c6f4e-7a51-4e0b-9a43-0d6f2b1c9e77")
+
+    first = stub.RebalanceMemory(request, timeout=5)
+    repeat = stub.RebalanceMemory(request, timeout=5)
+
+    assert repeat == first and first.fully_applied
+    assert request_count(server, MessageType.REBALANCE_MEMORY) == sent + 1
+    assert cros_balloon_bytes(stub) == before + 64 * MIB  # moved once, not twice
+
+    # The same id for another request is the caller's mistake, refused before mms.
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RebalanceMemory(_rebalance(vm_id, -128 * MIB, request.request_id), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["request_id"]
+    # Another id is another request.
+    stub.RebalanceMemory(_rebalance(vm_id, -64 * MIB, "another"), timeout=5)
+    assert request_count(server, MessageType.REBALANCE_MEMORY) == sent + 2
+
+
+def test_a_repeat_while_the_first_is_in_flight_waits_for_its_answer(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    vm_id = start_vm(stub)
+    sent = request_count(server, MessageType.REBALANCE_MEMORY)
+    request = _rebalance(vm_id, -32 * MIB, "in-flight")
+    simulator(server).set_message_delay(MessageType.REBALANCE_MEMORY, 2.0)
+    try:
+        first = stub.RebalanceMemory.future(request, timeout=10)
+        wait_until(
+            lambda: request_count(server, MessageType.REBALANCE_MEMORY) == sent + 1,
+            "the first call is on the wire",
+        )
+        # Its caller gives up while mms works on it (as after a lost answer or a deadline)...
+        first.cancel()
+        # ... and its retry gets the answer of the one request mms received.
+        repeat = stub.RebalanceMemory(request, timeout=10)
+    finally:
+        simulator(server).set_message_delay(MessageType.REBALANCE_MEMORY, 0.0)
+    assert [(d.vm_id, d.delta_bytes) for d in repeat.actual_deltas] == [
+        (vm_id, -32 * MIB),
+        (0, 32 * MIB),
+    ]
+    assert request_count(server, MessageType.REBALANCE_MEMORY) == sent + 1
+
+
+def test_a_repeated_prepare_request_id_returns_the_first_answer_and_sends_nothing(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    request = pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES, request_id="prepare-1")
+    sent = request_count(server, MessageType.PREPARE_VM)
+    first = stub.PrepareVm(request, timeout=5)
+    repeat = stub.PrepareVm(request, timeout=5)
+    assert repeat == first and first.reserved
+    assert request_count(server, MessageType.PREPARE_VM) == sent + 1
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PrepareVm(
+            pb.PrepareVmRequest(mem_size_bytes=2 * MEM_BYTES, request_id="prepare-1"), timeout=5
+        )
+    assert bad_request_fields(caught.value) == ["request_id"]
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=first.vm_id, session=first.session), timeout=15)
+
+
+def test_request_ids_are_forgotten_when_the_session_changes(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    request = pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES, request_id="across-a-reset")
+    first = stub.PrepareVm(request, timeout=5)
+    assert simulator(server).drop_connection()  # mms drops the start with the session
+    wait_until(lambda: stub.ListVms(pb.ListVmsRequest(), timeout=5).session != first.session)
+    again = stub.PrepareVm(request, timeout=5)
+    assert again.session != first.session  # a new attempt in the new session, not a replay
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=again.vm_id), timeout=15)
+
+
+@pytest.mark.parametrize("method", ["RebalanceMemory", "PrepareVm"])
+def test_a_request_id_longer_than_64_characters_is_invalid_argument(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub, method: str
+) -> None:
+    sent = sum(simulator(server).request_counts.values())
+    with pytest.raises(grpc.RpcError) as caught:
+        if method == "PrepareVm":
+            stub.PrepareVm(
+                pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES, request_id="r" * 65), timeout=5
+            )
+        else:
+            stub.RebalanceMemory(_rebalance(1, 4096, "r" * 65), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["request_id"]
+    assert sum(simulator(server).request_counts.values()) == sent
+
+
+def test_a_request_id_refused_before_mms_is_not_remembered(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    prepared = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES, init_mem_size_bytes=INIT_BYTES), timeout=5
+    )
+    request = _rebalance(prepared.vm_id, -4 * MIB, "too-early")  # room in its balloon
+    sent = request_count(server, MessageType.REBALANCE_MEMORY)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.RebalanceMemory(request, timeout=5)
+    assert error_info(caught.value).reason == "VM_NOT_RUNNING"
+    stub.FinishAddVm(pb.FinishAddVmRequest(vm_id=prepared.vm_id), timeout=15)
+    # Nothing reached mms the first time: the retry is the first real attempt.
+    assert stub.RebalanceMemory(request, timeout=5).fully_applied
+    assert request_count(server, MessageType.REBALANCE_MEMORY) == sent + 1
+
+
+def test_a_launch_says_the_session_of_the_vm_it_reserved_and_launched(
+    stub: pb_grpc.MemoryServiceStub,
+) -> None:
+    current = stub.ListVms(pb.ListVmsRequest(), timeout=5).session
+    requests: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
+    requests.put(pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=MEM_BYTES)))
+    call = stub.LaunchVm(iter(requests.get, None), timeout=30)
+    try:
+        events = {}
+        for response in call:
+            kind = response.WhichOneof("event")
+            events[kind] = response
+            if kind == "reserved":
+                requests.put(pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted()))
+        assert events["reserved"].reserved.session == current
+        launched = events["launched"].launched
+        assert launched.session == launched.vm.session == current
+    finally:
+        requests.put(None)
+        call.cancel()
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=launched.vm_id, session=launched.session), timeout=15)

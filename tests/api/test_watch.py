@@ -6,20 +6,24 @@ Also: interval validation, and a cancelled watch leaving no watcher or polling t
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from faults.helpers import KillableMms
 from google.protobuf import duration_pb2
 
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._errors import MmsConnectionLostError, MmsHungError, MmsUnavailableError
 from manatee_grpc._messages import MessageType
 from manatee_grpc._stats import StatsSnapshot
 from manatee_grpc._watch import SessionChanged, Watcher, WatchHub
 from manatee_grpc.sim import Simulator
 
+from .conftest import start_server
 from .helpers import bad_request_fields
 from .helpers import wait_until as _wait_until
 
@@ -80,9 +84,10 @@ def test_watchers_of_one_interval_share_each_poll(
         assert not thread.is_alive()
     reads = _stats_reads(server) - reads_before
 
-    # One mms read per tick: the reads track one watcher's snapshots, not the sum of all.
+    # One mms read per tick: the reads track one watcher's snapshots, not the sum of all
+    # (plus, at most, one first-snapshot read for each watcher that joined a running ticker).
     assert min(counts) >= wanted
-    assert reads <= max(counts) + 2
+    assert reads <= max(counts) + 2 + (watchers - 1)
     assert sum(counts) >= watchers * wanted > reads + wanted
 
 
@@ -156,11 +161,13 @@ def test_session_reset_arrives_in_stream_before_new_session_snapshots(
         if message.WhichOneof("event") == "session_reset":
             reset = message.session_reset
             break
+        if message.WhichOneof("event") == "mms_unavailable":
+            continue  # a poll between the drop and the redial: the outage, told in-stream
         # Until the reset, only snapshots of the old session.
         assert message.snapshot.session == old_session
     assert reset is not None
     assert reset.previous_session == old_session
-    assert reset.session > old_session
+    assert reset.session not in ("", old_session)
     after = [next(messages) for _ in range(2)]
     stream.cancel()
     assert [m.WhichOneof("event") for m in after] == ["snapshot", "snapshot"]
@@ -205,3 +212,98 @@ def test_cancelled_watch_frees_watcher_and_stops_polling(
     assert server.watch_hub.polls() == 0
     stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S)
     assert _stats_reads(server) == reads
+
+
+# --- every watcher's first snapshot at once; outages in the stream (I9) -----------------------
+
+
+def test_a_new_watcher_of_an_hourly_interval_gets_its_first_snapshot_at_once(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    first = _watch(stub, 3600.0)
+    try:
+        assert next(first).WhichOneof("event") == "snapshot"
+        # The interval's ticker now sleeps for an hour; a watcher that joins must not wait.
+        second = _watch(stub, 3600.0, vm_ids=(0,))
+        try:
+            message = next(second)  # within the call's deadline (CALL_TIMEOUT_S), not an hour
+            assert message.WhichOneof("event") == "snapshot"
+            assert [entry.vm_id for entry in message.snapshot.stats] == [0]
+        finally:
+            second.cancel()
+    finally:
+        first.cancel()
+
+
+def test_an_mms_outage_is_an_event_and_the_watch_goes_on_after_it() -> None:
+    mms = KillableMms()
+    server = start_server(mms=mms.address)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            interval = duration_pb2.Duration()
+            interval.FromMilliseconds(100)
+            request = pb.WatchBalloonStatsRequest(vm_ids=[0], interval=interval)
+            stream = stub.WatchBalloonStats(request, timeout=30)
+            try:
+                old = next(stream).snapshot.session
+                killed_s = time.time()
+                mms.kill()
+                # Snapshots read before the kill may come first; then the outage, once.
+                while (message := next(stream)).WhichOneof("event") == "snapshot":
+                    assert message.snapshot.session == old
+                assert message.WhichOneof("event") == "mms_unavailable", message
+                outage = message.mms_unavailable
+                assert outage.reason in ("MMS_CONNECTION_LOST", "MMS_UNAVAILABLE")
+                assert outage.message
+                assert outage.since.ToNanoseconds() >= int(killed_s * 1e9)
+                mms.restart()
+                # The stream goes on: the reset, then the new session's snapshots.
+                message = next(stream)
+                assert message.WhichOneof("event") == "session_reset", message
+                assert message.session_reset.previous_session == old
+                new = message.session_reset.session
+                after = next(stream)
+                assert after.WhichOneof("event") == "snapshot"
+                assert after.snapshot.session == new != old
+            finally:
+                stream.cancel()
+    finally:
+        server.stop(grace_s=1.0)
+        mms.close()
+
+
+def test_an_outage_is_one_event_and_a_snapshot_read_before_it_is_not_sent_after_it() -> None:
+    watcher = Watcher((), 1.0)
+    watcher.offer(_snapshot(1))  # not yet taken when reads start to fail
+    watcher.offer(MmsConnectionLostError("lost the mms connection"))
+    watcher.offer(MmsUnavailableError("cannot connect to mms"))  # the same outage
+
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.outage is not None
+    assert update.outage.error.reason == "MMS_CONNECTION_LOST"
+    assert update.dropped_updates == 1  # the stale snapshot
+    assert watcher.take(timeout_s=0) is None
+
+    watcher.offer(_snapshot(1))  # recovered
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.snapshot is not None
+    watcher.offer(MmsHungError("mms did not answer"))  # a new outage: a new event
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.outage is not None
+    assert update.outage.error.reason == "MMS_HUNG"
+
+
+def test_a_read_that_failed_in_a_session_already_reported_reset_is_no_outage() -> None:
+    watcher = Watcher((), 1.0)
+    # A read starts (no session change yet), the link resets, the reset is told...
+    watcher.offer_reset(SessionChanged(previous_session=1, session=2), epoch=1)
+    # ... and only then does the read's failure arrive: it was that reset, already told.
+    watcher.offer(MmsConnectionLostError("lost the mms connection"), read_epoch=0)
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.reset == SessionChanged(1, 2)
+    assert watcher.take(timeout_s=0) is None
+    # A read of the new session that fails is an outage.
+    watcher.offer(MmsUnavailableError("cannot connect to mms"), read_epoch=1)
+    update = watcher.take(timeout_s=0)
+    assert update is not None and update.outage is not None

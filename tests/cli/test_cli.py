@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
 from api.conftest import start_server
-from api.helpers import wait_until
+from api.helpers import session_id, wait_until
+from faults.helpers import KillableMms
 
 from manatee_grpc import Client, ManateeServer
 
@@ -41,9 +43,18 @@ def test_vms_table_and_json(server: ManateeServer, client: Client) -> None:
     assert lines[0].index("STATE") == lines[1].index("running") == lines[2].index("running")
 
     data = json.loads(run_cli("vms", "--json", "--server", server.address).stdout)
-    assert data["session"] == 1
+    assert data["session"] == session_id(server, 1)
+    assert lines[-1] == f"session {data['session']}"
     assert [sorted(vm) for vm in data["vms"]] == [
-        ["cros_guest", "init_mem_size_bytes", "mem_size_bytes", "since", "state", "vm_id"]
+        [
+            "cros_guest",
+            "init_mem_size_bytes",
+            "mem_size_bytes",
+            "session",
+            "since",
+            "state",
+            "vm_id",
+        ]
     ] * 2
     assert data["vms"][1] | {"since": None} == {
         "vm_id": 1,
@@ -52,6 +63,7 @@ def test_vms_table_and_json(server: ManateeServer, client: Client) -> None:
         "init_mem_size_bytes": 512 * MIB,
         "cros_guest": False,
         "since": None,
+        "session": data["session"],
     }
 
 
@@ -116,7 +128,9 @@ def test_launch_with_start_cmd_then_vms_shows_it(server: ManateeServer, tmp_path
     assert result.stdout.splitlines()[1].split()[:4] == ["1", "running", "512.0", "MiB"]
 
     listed = run_cli("vms", "--server", server.address)
-    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["0", "1"]
+    *rows, session_line = listed.stdout.splitlines()[1:]
+    assert [line.split()[0] for line in rows] == ["0", "1"]
+    assert session_line == f"session {session_id(server, 1)}"
 
     # `true` is the simplest start command: exit status 0 means started.
     again = run_cli("launch", "512MiB", "--init", "256MiB", "--start-cmd", "true", "--json",
@@ -166,7 +180,7 @@ def test_remove_then_not_found_exits_15(server: ManateeServer, client: Client) -
     client.launch_vm(512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None)
 
     removed = run_cli("remove", "1", "--server", server.address)
-    assert (removed.returncode, removed.stdout) == (0, "removed VM 1\n")
+    assert (removed.returncode, removed.stdout) == (0, "removed VM 1 of the current session\n")
     assert vm_ids(client) == [0]
 
     again = run_cli("remove", "1", "--server", server.address)
@@ -175,6 +189,39 @@ def test_remove_then_not_found_exits_15(server: ManateeServer, client: Client) -
 
     rebalance = run_cli("rebalance", "9=1M", "--server", server.address)
     assert rebalance.returncode == 15
+
+
+def test_remove_with_the_session_vms_printed_never_removes_a_later_vm_with_that_id() -> None:
+    mms = KillableMms()
+    server = start_server(mms=mms.address)
+    try:
+        with Client(server.address) as client:
+            launch = functools.partial(
+                client.launch_vm, 512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None
+            )
+            assert launch().vm_id == 1
+            old_session = run_cli("vms", "--server", server.address).stdout.splitlines()[-1]
+            old_session = old_session.removeprefix("session ")
+            assert old_session == session_id(server, 1)
+            # mms restarts: it dropped VM 1, and the next launch is VM 1 again, in a new session.
+            mms.kill()
+            mms.restart()
+            wait_until(lambda: client.list_vms().session == session_id(server, 2), "new session")
+            assert launch().vm_id == 1
+
+            stale = run_cli("remove", "1", "--session", old_session, "--server", server.address)
+            assert stale.returncode == 15  # 10 + NOT_FOUND (5)
+            assert stale.stderr.startswith("error: NOT_FOUND (SESSION_RESET): ")
+            assert vm_ids(client) == [0, 1]  # the new VM 1 is untouched
+
+            current = session_id(server, 2)
+            removed = run_cli("remove", "1", "--session", current, "--server", server.address)
+            assert removed.returncode == 0, removed.stderr
+            assert removed.stdout == f"removed VM 1 of session {current}\n"
+            assert vm_ids(client) == [0]
+    finally:
+        server.stop(grace_s=1.0)
+        mms.close()
 
 
 def test_invalid_argument_exits_13_and_names_the_field(server: ManateeServer) -> None:

@@ -13,6 +13,7 @@ import manatee_grpc
 from manatee_grpc import Client, FieldViolation, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc._errors import ServerShuttingDownError
+from manatee_grpc._messages import MessageType
 from manatee_grpc._status import to_status
 
 from .conftest import simulator, vm_ids
@@ -31,7 +32,7 @@ def test_health_and_list_vms(client: Client) -> None:
     assert client.health() == "SERVING"
     assert client.health("") == "SERVING"
     listed = client.list_vms()
-    assert listed.session == 1
+    assert listed.session != ""
     assert [(vm.vm_id, vm.cros_guest, vm.state) for vm in listed.vms] == [
         (0, True, pb.VM_STATE_RUNNING)
     ]
@@ -246,3 +247,33 @@ def test_launch_vm_callback_error_cancels_the_launch(client: Client) -> None:
     assert (
         client.launch_vm(512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None).vm_id == 2
     )
+
+
+def test_client_calls_carry_a_request_id_and_the_session_of_their_ids(
+    server: ManateeServer, client: Client
+) -> None:
+    vm = client.launch_vm(512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None)
+    assert vm.session == client.list_vms().session != ""
+    sent = simulator(server).request_counts[MessageType.REBALANCE_MEMORY]
+    # Each call gets its own request id: two calls are two rebalances...
+    client.rebalance_memory({vm.vm_id: -4 * MIB}, session=vm.session)
+    client.rebalance_memory({vm.vm_id: -4 * MIB}, session=vm.session)
+    assert simulator(server).request_counts[MessageType.REBALANCE_MEMORY] == sent + 2
+    # ... and a retry with the id of a call whose outcome was missed is not a third.
+    first = client.rebalance_memory({vm.vm_id: -4 * MIB}, request_id="retry-me")
+    again = client.rebalance_memory({vm.vm_id: -4 * MIB}, request_id="retry-me")
+    assert again == first
+    assert simulator(server).request_counts[MessageType.REBALANCE_MEMORY] == sent + 3
+    # A failure says which id to retry with.
+    with pytest.raises(ManateeRpcError) as refused:
+        client.rebalance_memory({vm.vm_id: 4 * MIB}, request_id="retry-me")  # another request
+    assert (refused.value.code, refused.value.request_id) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "retry-me",
+    )
+
+    assert simulator(server).drop_connection()
+    wait_until(lambda: client.list_vms().session != vm.session, "a new session")
+    with pytest.raises(ManateeRpcError) as raised:
+        client.remove_vm(vm.vm_id, session=vm.session)
+    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_RESET")

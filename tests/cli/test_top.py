@@ -23,6 +23,7 @@ import grpc
 import pyte
 import pytest
 from api.conftest import start_server
+from api.helpers import session_id
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -72,7 +73,7 @@ def _stats(
 def _snapshot(
     session: int, *stats: pb.VmBalloonStats, missing: tuple[int, ...] = ()
 ) -> pb.BalloonStatsSnapshot:
-    return pb.BalloonStatsSnapshot(session=session, stats=stats, missing_vm_ids=missing)
+    return pb.BalloonStatsSnapshot(session=str(session), stats=stats, missing_vm_ids=missing)
 
 
 def _vm_list(
@@ -85,7 +86,7 @@ def _vm_list(
         pb.VmInfo(vm_id=vm_id, mem_size_bytes=size, init_mem_size_bytes=size, state=state)
         for vm_id, size, state in siblings
     ]
-    return pb.ListVmsResponse(session=session, vms=vms)
+    return pb.ListVmsResponse(session=str(session), vms=vms)
 
 
 CROS = _stats(0, 0, 8 * GIB, 4 * GIB, 2 * GIB)
@@ -214,7 +215,7 @@ def test_in_stream_session_reset_is_a_visible_line_and_drops_the_siblings() -> N
     )
 
     reset = pb.WatchBalloonStatsResponse(
-        session_reset=pb.SessionReset(previous_session=1, session=2)
+        session_reset=pb.SessionReset(previous_session="1", session="2")
     )
     view.message(reset, NOW_S + 1)
     view.message(pb.WatchBalloonStatsResponse(snapshot=_snapshot(2, CROS)), NOW_S + 1.1)
@@ -241,18 +242,21 @@ def test_disconnect_keeps_the_last_screen_and_a_restarted_server_is_a_reset() ->
     assert lines[1].startswith("reconnecting… UNAVAILABLE; attempt 3, next in 0.5 s;")
     assert _row(lines, 1).split()[1] == "running"  # the last screen stays
 
-    # Back on the same server (same session start): no reset.
+    # Back on the same server (same session): no reset.
     same = _vm_list(1, (1, 512 * MIB, RUNNING))
     view.vm_list(same, NOW_S + 6)
     view.connected()
     assert view.events == []
 
-    # A new server process numbers its sessions from 1 again; the session start tells.
-    view.vm_list(_vm_list(1, started_s=NOW_S + 6.5), NOW_S + 7)
+    # The server goes away again and comes back with another session: a new server process
+    # (session ids are unique across server restarts).
+    view.disconnected("UNAVAILABLE", attempt=1, retry_in_s=0.2, now_s=NOW_S + 6.5)
+    view.vm_list(_vm_list(7), NOW_S + 7)
+    view.connected()
     lines = render(view, 140, 30, NOW_S + 7)
     assert (
         lines[-1]
-        == f"{clock(NOW_S + 7)}  session 1 → 1: server restarted, mms was reset; VMs 1 gone"
+        == f"{clock(NOW_S + 7)}  session 1 → 7: server restarted, mms was reset; VMs 1 gone"
     )
     assert " connected · " in lines[0]
 
@@ -272,7 +276,7 @@ def test_vms_without_statistics_say_why_and_removal_is_an_event() -> None:
 def test_small_terminal_keeps_header_and_latest_events_and_counts_hidden_vms() -> None:
     view = _view()
     for n in range(3):
-        view.session_reset(1 + n, 2 + n, NOW_S + n)
+        view.session_reset(str(1 + n), str(2 + n), NOW_S + n)
     siblings = [(vm_id, GIB, RUNNING) for vm_id in range(1, 21)]
     view.vm_list(_vm_list(4, *siblings), NOW_S + 4)  # 20 "VM n added" events
     view.snapshot(_snapshot(4, CROS, *(_stats(i, 0, GIB, GIB, GIB) for i in range(1, 21))), NOW_S)
@@ -293,7 +297,9 @@ def test_ascii_fallback_covers_every_non_ascii_character_used() -> None:
     view.snapshot(_snapshot(1, CROS, _stats(1, 0, GIB, GIB, GIB)), NOW_S)
     view.snapshot(_snapshot(1, CROS, _stats(1, MIB, GIB, GIB, GIB)), NOW_S + 1)
     view.message(
-        pb.WatchBalloonStatsResponse(session_reset=pb.SessionReset(previous_session=1, session=2)),
+        pb.WatchBalloonStatsResponse(
+            session_reset=pb.SessionReset(previous_session="1", session="2")
+        ),
         NOW_S + 2,
     )
     view.disconnected("UNAVAILABLE", 1, 0.2, NOW_S + 3)
@@ -335,7 +341,8 @@ def test_once_prints_one_screen_and_exits(server: ManateeServer, client: Client)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     # A pipe and no $COLUMNS: whole lines, nothing cut.
-    assert lines[0].startswith("manatee-grpc top · session 1 · connected · updated ")
+    session = session_id(server, 1)
+    assert lines[0].startswith(f"manatee-grpc top · session {session} · connected · updated ")
     assert lines[0].endswith(f" · {server.address}")
     assert "every" not in lines[0]  # one screen: no interval to speak of
     row = _row(lines, vm_id)
@@ -522,6 +529,7 @@ def test_live_view_in_a_terminal_through_a_reset_and_a_server_restart(
 ) -> None:
     server = unix_server[0]
     address = server.address
+    first_session = session_id(server, 1)
     with Client(address) as client:
         first_vm = _start_vm(client, 512 * MIB, 256 * MIB)
     terminal = Terminal(["top", "--interval", "0.2", "--server", address])
@@ -530,7 +538,7 @@ def test_live_view_in_a_terminal_through_a_reset_and_a_server_restart(
         screen = terminal.wait_for(
             lambda s: (
                 _row_has(s, first_vm, r"running\s+512\.0 MiB\s+256\.0 MiB\s")
-                and " session 1 · connected · updated " in _header(s)
+                and f" session {first_session} · connected · updated " in _header(s)
             ),
             f"VM {first_vm}'s statistics in session 1",
         )
@@ -555,14 +563,17 @@ def test_live_view_in_a_terminal_through_a_reset_and_a_server_restart(
         )
         assert _row_has(screen, first_vm, r"running\s+512\.0 MiB\s+192\.0 MiB\s")
 
-        # A new server at the same address numbers its mms sessions from 1 again: only the
-        # session's start time tells this session 1 from the old one.
+        # A new server at the same address: its session ids differ from the old server's.
         server = start_server(listen=address)
         unix_server.append(server)
+        restarted = session_id(server, 1)
+        assert restarted != first_session
         screen = terminal.wait_for(
             lambda s: (
-                f"session 1 → 1: server restarted, mms was reset; VMs {first_vm} gone" in s
-                and " session 1 · connected · " in _header(s)
+                f"session {first_session} → {restarted}: server restarted, mms was reset; "
+                f"VMs {first_vm} gone"
+                in s
+                and f" session {restarted} · connected · " in _header(s)
                 and not _has_row(s, first_vm, "running")
             ),
             "the restart's reset line",
@@ -571,18 +582,19 @@ def test_live_view_in_a_terminal_through_a_reset_and_a_server_restart(
             second_vm = _start_vm(client, 768 * MIB, 512 * MIB)
         terminal.wait_for(lambda s: _has_row(s, second_vm, "running"), "the new server's VM")
 
-        # The server loses mms: mms drops every sibling VM and the session number moves on;
-        # the stream says so.
+        # The server loses mms: mms drops every sibling VM and a new session begins; the
+        # stream says so.
         assert simulator(server).drop_connection()
+        reset = session_id(server, 2)
         screen = terminal.wait_for(
             lambda s: (
-                f"session 1 → 2: mms was reset; VMs {second_vm} gone" in s
-                and " session 2 · connected · " in _header(s)
+                f"session {restarted} → {reset}: mms was reset; VMs {second_vm} gone" in s
+                and f" session {reset} · connected · " in _header(s)
                 and not _has_row(s, second_vm, "running")
             ),
             "the in-stream reset line",
         )
-        assert "session 1 → 1: server restarted" in screen  # the earlier line stays
+        assert f"session {first_session} → {restarted}: server restarted" in screen  # stays
         print("\n" + screen)  # shown with -s: the screen quoted in the docs
 
         terminal.send(b"q")

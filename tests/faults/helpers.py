@@ -208,7 +208,14 @@ def start_vm(
 
 
 def session(stub: pb_grpc.MemoryServiceStub) -> int:
-    return stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S).session
+    """The number of the server's current mms session: 1 at the first connect, +1 per reset."""
+    return session_number(stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S).session)
+
+
+def session_number(session_id: str) -> int:
+    """The connection's number inside an opaque session id (tests know the server's format;
+    callers must not: they compare ids for equality only)."""
+    return int(session_id.rsplit("-", 1)[1]) if session_id else 0
 
 
 def listed_vm_ids(stub: pb_grpc.MemoryServiceStub) -> list[int]:

@@ -25,13 +25,14 @@ the CrOS guest last). The server never leaves mms session 1: bad input costs no 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
 from api.conftest import start_server
-from api.helpers import bad_request_fields, error_info, wait_until
+from api.helpers import bad_request_fields, error_info, session_id, wait_until
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
@@ -372,7 +373,8 @@ def test_a_watch_of_an_hour_gets_its_first_snapshot_at_once(device: Device) -> N
         pb.WatchBalloonStatsRequest(interval=interval), timeout=FIRST_SNAPSHOT_S
     )
     try:
-        assert next(stream).snapshot.session == 1
+        first = next(stream).snapshot
+        assert first.session == session_id(device.server, 1)
     finally:
         stream.cancel()
 
@@ -476,7 +478,8 @@ def test_remove_vm(device: Device, data: st.DataObject) -> None:
 
 def test_list_vms_has_no_input_to_get_wrong(device: Device) -> None:
     response = device.stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S)
-    assert ([vm.vm_id for vm in response.vms], response.session) == ([0, device.running_vm_id], 1)
+    assert [vm.vm_id for vm in response.vms] == [0, device.running_vm_id]
+    assert response.session == session_id(device.server, 1)
 
 
 FIRST_MESSAGES = ["start", "vm_started", "vm_start_failed", "vm_stopped", "empty"]
@@ -609,11 +612,10 @@ def test_bytes_that_are_not_the_message_never_crash_the_server(
     except grpc.RpcError as error:
         assert isinstance(error, grpc.Call)
         response = None
-        answer = Answer(error.code(), error_info(error).reason if parsed is not None else "")
+        answer = Answer(error.code(), error_info(error).reason, tuple(bad_request_fields(error)))
     if parsed is None:
-        # gRPC itself refuses what does not parse, before any handler runs (INTERNAL from the
-        # sync server, UNKNOWN from grpc.aio).
-        assert answer.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), answer
+        # What does not parse is bad input like any other, refused before the handler runs.
+        assert answer == Answer(INVALID, "INVALID_ARGUMENT", ("request",)), answer
     else:
         # What parses is an ordinary request: judged by the rules, never a handler's crash
         # (which would be UNKNOWN, or INTERNAL with the reason INTERNAL).
@@ -622,3 +624,38 @@ def test_bytes_that_are_not_the_message_never_crash_the_server(
         opened = pb.PrepareVmResponse.FromString(response)
         device.stub.RemoveVm(pb.RemoveVmRequest(vm_id=opened.vm_id), timeout=CALL_TIMEOUT_S)
     check_reached_mms(answer, watched, device)
+
+
+@pytest.mark.parametrize("method", ["RemoveVm", "WatchBalloonStats"])
+def test_undecodable_bytes_are_invalid_argument_with_one_log_line(
+    device: Device, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    payload = b"\x0a\xff"  # field 1, length-delimited, 255 bytes announced, none there
+    with pytest.raises(DecodeError):
+        pb.RemoveVmRequest.FromString(payload)
+    watched = Watched(device)
+    caplog.clear()
+    if method == "RemoveVm":
+        rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = device.channel.unary_unary(
+            f"/manatee.memory.v1.MemoryService/{method}"
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(payload, timeout=CALL_TIMEOUT_S)
+        error = caught.value
+    else:
+        stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = device.channel.unary_stream(
+            f"/manatee.memory.v1.MemoryService/{method}"
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            next(iter(stream(payload, timeout=CALL_TIMEOUT_S)))
+        error = caught.value
+    answer = answer_of(error)
+    assert (answer.code, answer.reason, answer.fields) == (
+        INVALID,
+        "INVALID_ARGUMENT",
+        ("request",),
+    )
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) == 1 and records[0].exc_info is None, records
+    assert method in records[0].getMessage()
+    check_reached_mms(answer_of(error), watched, device)

@@ -47,6 +47,7 @@ from .helpers import (
     listed_vm_ids,
     resources,
     session,
+    session_number,
     start_vm,
     wait_health,
 )
@@ -225,11 +226,14 @@ def kill_mid_rpc_and_recover(
         lambda: stub.RemoveVm(pb.RemoveVmRequest(vm_id=old_vm_id), timeout=CALL_TIMEOUT_S)
     )
     assert_status(gone, grpc.StatusCode.NOT_FOUND, "SESSION_RESET")
-    assert error_info(gone).metadata["vmSession"] == str(old_session)
+    assert session_number(error_info(gone).metadata["vmSession"]) == old_session
     stats = stub.GetBalloonStats(
         pb.GetBalloonStatsRequest(vm_ids=[0, old_vm_id]), timeout=CALL_TIMEOUT_S
     )
-    assert (list(stats.missing_vm_ids), stats.session) == ([old_vm_id], old_session + 1)
+    assert (list(stats.missing_vm_ids), session_number(stats.session)) == (
+        [old_vm_id],
+        old_session + 1,
+    )
     assert listed_vm_ids(stub) == [0]
 
     # New calls succeed, and the new mms's books balance.
@@ -264,7 +268,8 @@ def test_list_vms_never_waits_on_mms_and_never_lists_a_dead_sessions_vm(
             lambda: mms.sim.request_counts[MessageType.GET_BALLOON_STATS] > 0, "stats on the wire"
         )
         listed = stub.ListVms(pb.ListVmsRequest(), timeout=1.0)
-        assert ([vm.vm_id for vm in listed.vms], listed.session) == ([0, vm_id], 1)
+        assert [vm.vm_id for vm in listed.vms] == [0, vm_id]
+        assert session_number(listed.session) == 1
         mms.kill()
         assert_unavailable(stuck.result(timeout=CALL_TIMEOUT_S), "MMS_CONNECTION_LOST")
     # While mms is away there is no session to list VMs of; the dead one's are not shown.
@@ -285,7 +290,7 @@ def test_a_watch_outlives_mms_dying_mid_poll_and_hears_of_the_reset_in_stream(
     )
     try:
         first = next(watch)
-        assert first.snapshot.session == 1
+        assert session_number(first.snapshot.session) == 1
         assert [entry.vm_id for entry in first.snapshot.stats] == [0, old_vm_id]
         polls = mms.sim.request_counts[MessageType.GET_BALLOON_STATS]
         mms.sim.set_message_delay(MessageType.GET_BALLOON_STATS, ANSWER_DELAY_S)
@@ -296,21 +301,26 @@ def test_a_watch_outlives_mms_dying_mid_poll_and_hears_of_the_reset_in_stream(
         mms.kill()
         wait_health(channel, NOT_SERVING)
         mms.restart()
-        # The stream was never broken: next comes the reset, then the new session's snapshots.
-        # Snapshots of the old session read before the kill may come first; none after the reset.
+        # The stream was never broken: the outage is an event, next comes the reset, then the
+        # new session's snapshots. Snapshots of the old session read before the kill may come
+        # first; none after the reset.
         seen_reset = False
         while True:
             response = next(watch)
+            if response.HasField("mms_unavailable"):
+                assert not seen_reset
+                continue
             if response.HasField("session_reset"):
                 reset = response.session_reset
-                assert (reset.previous_session, reset.session) == (1, 2)
+                assert session_number(reset.previous_session) == 1
+                assert session_number(reset.session) == 2
                 seen_reset = True
                 continue
             if seen_reset:
-                assert response.snapshot.session == 2
+                assert session_number(response.snapshot.session) == 2
                 assert [entry.vm_id for entry in response.snapshot.stats] == [0]
                 break
-            assert response.snapshot.session == 1
+            assert session_number(response.snapshot.session) == 1
     finally:
         watch.cancel()
     wait_health(channel, SERVING)

@@ -72,14 +72,14 @@ class Device:
     stub: pb_grpc.MemoryServiceStub
     vm_id: int
 
-    def session(self) -> int:
+    def session(self) -> str:
         return self.stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S).session
 
     def stats(self, *vm_ids: int) -> pb.GetBalloonStatsResponse:
         request = pb.GetBalloonStatsRequest(vm_ids=vm_ids)
         return self.stub.GetBalloonStats(request, timeout=CALL_TIMEOUT_S)
 
-    def assert_untouched(self, session: int) -> None:
+    def assert_untouched(self, session: str) -> None:
         """The stream mms holds every VM on is the one it was: no reset, no reconnect."""
         assert self.peer.connections == 1
         assert self.session() == session

@@ -70,7 +70,7 @@ def test_non_loopback_plaintext_is_allowed_with_insecure() -> None:
     server = start_server(listen="0.0.0.0:0", insecure=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            assert list_vms(channel).session > 0
+            assert list_vms(channel).session != ""
     finally:
         server.stop(grace_s=1.0)
 

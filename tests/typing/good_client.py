@@ -44,7 +44,7 @@ def reserve(channel: grpc.Channel, mem_size_bytes: int) -> pb.PrepareVmResponse:
     return stub.PrepareVm(request)
 
 
-def watch_sessions(channel: grpc.Channel) -> Iterator[int]:
+def watch_sessions(channel: grpc.Channel) -> Iterator[str]:
     """The mms session of every snapshot, once a second."""
     stub = pb_grpc.MemoryServiceStub(channel)
     request = pb.WatchBalloonStatsRequest(interval=Duration(seconds=1))

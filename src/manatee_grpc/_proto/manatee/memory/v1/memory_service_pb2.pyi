@@ -116,6 +116,7 @@ class VmInfo(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CROS_GUEST_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
     """The mms VM id: 0 for the CrOS guest, 1, 2, ... for sibling VMs (never reused in a session)."""
     mem_size_bytes: _builtins.int
@@ -128,6 +129,8 @@ class VmInfo(_message.Message):
     """Where the VM is in its lifecycle."""
     cros_guest: _builtins.bool
     """True only for the CrOS guest (VM id 0), which the server neither starts nor removes."""
+    session: _builtins.str
+    """The mms session the VM belongs to: `vm_id` means this VM only in this session."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """When the VM entered `state` (for the CrOS guest: when the mms session began)."""
@@ -141,10 +144,11 @@ class VmInfo(_message.Message):
         state: Global___VmState.ValueType = ...,
         cros_guest: _builtins.bool = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cros_guest", b"cros_guest", "init_mem_size_bytes", b"init_mem_size_bytes", "mem_size_bytes", b"mem_size_bytes", "since", b"since", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cros_guest", b"cros_guest", "init_mem_size_bytes", b"init_mem_size_bytes", "mem_size_bytes", b"mem_size_bytes", "session", b"session", "since", b"since", "state", b"state", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,6 +314,11 @@ class GetBalloonStatsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_IDS_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """The session `vm_ids` were learnt in; empty means the current session. Another session is
+    NOT_FOUND (SESSION_RESET).
+    """
     @_builtins.property
     def vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The VMs to read. Empty means every VM the server knows in the current mms session: the
@@ -320,10 +329,11 @@ class GetBalloonStatsRequest(_message.Message):
         self,
         *,
         vm_ids: _abc.Iterable[_builtins.int] | None = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_ids", b"vm_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "vm_ids", b"vm_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,7 +352,7 @@ class GetBalloonStatsResponse(_message.Message):
     READ_TIME_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     UNREADABLE_VMS_FIELD_NUMBER: _builtins.int
-    session: _builtins.int
+    session: _builtins.str
     """The mms session the statistics (and their VM ids) belong to."""
     @_builtins.property
     def stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmBalloonStats]:
@@ -370,7 +380,7 @@ class GetBalloonStatsResponse(_message.Message):
         stats: _abc.Iterable[Global___VmBalloonStats] | None = ...,
         missing_vm_ids: _abc.Iterable[_builtins.int] | None = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
-        session: _builtins.int = ...,
+        session: _builtins.str = ...,
         unreadable_vms: _abc.Iterable[Global___UnreadableVm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
@@ -425,6 +435,11 @@ class WatchBalloonStatsRequest(_message.Message):
 
     VM_IDS_FIELD_NUMBER: _builtins.int
     INTERVAL_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """The session `vm_ids` were learnt in; empty means the current session. Another session is
+    NOT_FOUND (SESSION_RESET) when the watch begins; later resets are `session_reset` events.
+    """
     @_builtins.property
     def vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The VMs to watch. Empty means every VM the server knows at each tick, so VMs started later
@@ -440,10 +455,11 @@ class WatchBalloonStatsRequest(_message.Message):
         *,
         vm_ids: _abc.Iterable[_builtins.int] | None = ...,
         interval: _duration_pb2.Duration | None = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "vm_ids", b"vm_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "session", b"session", "vm_ids", b"vm_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,7 +478,7 @@ class BalloonStatsSnapshot(_message.Message):
     READ_TIME_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     UNREADABLE_VMS_FIELD_NUMBER: _builtins.int
-    session: _builtins.int
+    session: _builtins.str
     """The mms session the statistics (and their VM ids) belong to."""
     @_builtins.property
     def stats(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmBalloonStats]:
@@ -488,7 +504,7 @@ class BalloonStatsSnapshot(_message.Message):
         stats: _abc.Iterable[Global___VmBalloonStats] | None = ...,
         missing_vm_ids: _abc.Iterable[_builtins.int] | None = ...,
         read_time: _timestamp_pb2.Timestamp | None = ...,
-        session: _builtins.int = ...,
+        session: _builtins.str = ...,
         unreadable_vms: _abc.Iterable[Global___UnreadableVm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
@@ -509,15 +525,15 @@ class SessionReset(_message.Message):
 
     PREVIOUS_SESSION_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
-    previous_session: _builtins.int
+    previous_session: _builtins.str
     """The session that ended."""
-    session: _builtins.int
+    session: _builtins.str
     """The session now in force; the snapshots that follow belong to it."""
     def __init__(
         self,
         *,
-        previous_session: _builtins.int = ...,
-        session: _builtins.int = ...,
+        previous_session: _builtins.str = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -528,6 +544,41 @@ class SessionReset(_message.Message):
 Global___SessionReset: _TypeAlias = SessionReset  # noqa: Y015
 
 @_typing.final
+class MmsUnavailable(_message.Message):
+    """The server could not read statistics from mms: the link is down or mms did not answer. Sent
+    once when the outage begins; the watch goes on, and the next snapshot (after a
+    `session_reset` if the link was re-established) means it is over.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The ErrorInfo reason of the failure, e.g. MMS_UNAVAILABLE, MMS_CONNECTION_LOST, MMS_HUNG."""
+    message: _builtins.str
+    """What failed, for people."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """When the first failed read of this outage ended."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MmsUnavailable: _TypeAlias = MmsUnavailable  # noqa: Y015
+
+@_typing.final
 class WatchBalloonStatsResponse(_message.Message):
     """One event of a balloon statistics watch."""
 
@@ -535,6 +586,7 @@ class WatchBalloonStatsResponse(_message.Message):
 
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     SESSION_RESET_FIELD_NUMBER: _builtins.int
+    MMS_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     DROPPED_UPDATES_FIELD_NUMBER: _builtins.int
     dropped_updates: _builtins.int
     """Snapshots the server skipped since the previous message on this stream because the watcher
@@ -549,18 +601,23 @@ class WatchBalloonStatsResponse(_message.Message):
     def session_reset(self) -> Global___SessionReset:
         """The mms session changed; sent before the first snapshot of the new session."""
 
+    @_builtins.property
+    def mms_unavailable(self) -> Global___MmsUnavailable:
+        """Statistics could not be read from mms; the watch goes on."""
+
     def __init__(
         self,
         *,
         snapshot: Global___BalloonStatsSnapshot | None = ...,
         session_reset: Global___SessionReset | None = ...,
+        mms_unavailable: Global___MmsUnavailable | None = ...,
         dropped_updates: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "session_reset", b"session_reset", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "mms_unavailable", b"mms_unavailable", "session_reset", b"session_reset", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_updates", b"dropped_updates", "event", b"event", "session_reset", b"session_reset", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_updates", b"dropped_updates", "event", b"event", "mms_unavailable", b"mms_unavailable", "session_reset", b"session_reset", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "session_reset"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["snapshot", "session_reset", "mms_unavailable"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -573,6 +630,16 @@ class RebalanceMemoryRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELTAS_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """The session the VM ids were learnt in; empty means the current session. Another session is
+    NOT_FOUND (SESSION_RESET) and nothing reaches mms.
+    """
+    request_id: _builtins.str
+    """Identifies this rebalance for safe retries (AIP-155): a repeat returns the first answer
+    and moves nothing. At most 64 characters; a UUID is recommended. Empty: no deduplication.
+    """
     @_builtins.property
     def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___BalloonDelta]:
         """Balloon deltas for sibling VMs, at most one per VM. The CrOS guest (id 0) must not appear:
@@ -583,10 +650,12 @@ class RebalanceMemoryRequest(_message.Message):
         self,
         *,
         deltas: _abc.Iterable[Global___BalloonDelta] | None = ...,
+        session: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "request_id", b"request_id", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,6 +707,7 @@ class PrepareVmRequest(_message.Message):
 
     MEM_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     INIT_MEM_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     mem_size_bytes: _builtins.int
     """The new VM's memory size in bytes; must be a positive page multiple, smaller than the CrOS
     guest's memory.
@@ -646,15 +716,22 @@ class PrepareVmRequest(_message.Message):
     """The memory the VM starts with, in bytes; a page multiple, at most `mem_size_bytes`. The rest
     starts inside its balloon. Unset means min(1000 MiB, `mem_size_bytes`).
     """
+    request_id: _builtins.str
+    """Identifies this attempt for safe retries (AIP-155): a repeat returns the first answer and
+    sends nothing to mms. At most 64 characters; a UUID is recommended. Empty: no
+    deduplication. A caller with a request_id who leaves before the answer keeps the
+    reservation under the lease, so that its retry finds it.
+    """
     def __init__(
         self,
         *,
         mem_size_bytes: _builtins.int = ...,
         init_mem_size_bytes: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_init_mem_size_bytes", b"_init_mem_size_bytes", "init_mem_size_bytes", b"init_mem_size_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_init_mem_size_bytes", b"_init_mem_size_bytes", "init_mem_size_bytes", b"init_mem_size_bytes", "mem_size_bytes", b"mem_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_init_mem_size_bytes", b"_init_mem_size_bytes", "init_mem_size_bytes", b"init_mem_size_bytes", "mem_size_bytes", b"mem_size_bytes", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__init_mem_size_bytes: _TypeAlias = _typing.Literal["init_mem_size_bytes"]  # noqa: Y015
     _WhichOneofArgType__init_mem_size_bytes: _TypeAlias = _typing.Literal["_init_mem_size_bytes", b"_init_mem_size_bytes"]  # noqa: Y015
@@ -672,6 +749,7 @@ class PrepareVmResponse(_message.Message):
     RESERVED_FIELD_NUMBER: _builtins.int
     SHORTFALL_BYTES_FIELD_NUMBER: _builtins.int
     BALLOON_CONTROL_PATH_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
     """The id mms assigned to the pending VM; the same on every attempt for the same start."""
     reserved: _builtins.bool
@@ -682,6 +760,8 @@ class PrepareVmResponse(_message.Message):
     """Memory still missing from the reservation, in bytes; 0 when `reserved`."""
     balloon_control_path: _builtins.str
     """The balloon control socket the new VM's crosvm must connect to."""
+    session: _builtins.str
+    """The mms session `vm_id` belongs to."""
     def __init__(
         self,
         *,
@@ -689,10 +769,11 @@ class PrepareVmResponse(_message.Message):
         reserved: _builtins.bool = ...,
         shortfall_bytes: _builtins.int = ...,
         balloon_control_path: _builtins.str = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "reserved", b"reserved", "shortfall_bytes", b"shortfall_bytes", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "reserved", b"reserved", "session", b"session", "shortfall_bytes", b"shortfall_bytes", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -705,16 +786,22 @@ class FinishAddVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
     """The pending VM, as returned by PrepareVm; its crosvm must already be running."""
+    session: _builtins.str
+    """The session `vm_id` was learnt in; empty means the current session. Another session is
+    NOT_FOUND (SESSION_RESET) and nothing reaches mms.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.int = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -751,16 +838,23 @@ class RemoveVmRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VM_ID_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
     """The VM to remove; not 0 (the CrOS guest)."""
+    session: _builtins.str
+    """The session `vm_id` was learnt in; empty means the current session. Another session is
+    NOT_FOUND (SESSION_RESET) and nothing reaches mms: an id from an earlier session never
+    removes the VM that has the same id now.
+    """
     def __init__(
         self,
         *,
         vm_id: _builtins.int = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -808,8 +902,8 @@ class ListVmsResponse(_message.Message):
 
     VMS_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
-    session: _builtins.int
-    """The mms session the VM ids belong to."""
+    session: _builtins.str
+    """The mms session the VM ids belong to; empty while the server has never reached mms."""
     @_builtins.property
     def vms(self) -> _containers.RepeatedCompositeFieldContainer[Global___VmInfo]:
         """Every VM the server knows: the CrOS guest, then sibling VMs in id order."""
@@ -818,7 +912,7 @@ class ListVmsResponse(_message.Message):
         self,
         *,
         vms: _abc.Iterable[Global___VmInfo] | None = ...,
-        session: _builtins.int = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -996,19 +1090,23 @@ class LaunchVmResponse(_message.Message):
 
         VM_ID_FIELD_NUMBER: _builtins.int
         BALLOON_CONTROL_PATH_FIELD_NUMBER: _builtins.int
+        SESSION_FIELD_NUMBER: _builtins.int
         vm_id: _builtins.int
         """The id mms assigned to the new VM."""
         balloon_control_path: _builtins.str
         """The balloon control socket the new VM's crosvm must connect to."""
+        session: _builtins.str
+        """The mms session `vm_id` belongs to."""
         def __init__(
             self,
             *,
             vm_id: _builtins.int = ...,
             balloon_control_path: _builtins.str = ...,
+            session: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "vm_id", b"vm_id"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "session", b"session", "vm_id", b"vm_id"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1047,8 +1145,11 @@ class LaunchVmResponse(_message.Message):
 
         VM_ID_FIELD_NUMBER: _builtins.int
         VM_FIELD_NUMBER: _builtins.int
+        SESSION_FIELD_NUMBER: _builtins.int
         vm_id: _builtins.int
         """The id of the launched VM."""
+        session: _builtins.str
+        """The mms session `vm_id` belongs to."""
         @_builtins.property
         def vm(self) -> Global___VmInfo:
             """The launched VM."""
@@ -1058,10 +1159,11 @@ class LaunchVmResponse(_message.Message):
             *,
             vm_id: _builtins.int = ...,
             vm: Global___VmInfo | None = ...,
+            session: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["vm", b"vm", "vm_id", b"vm_id"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "vm", b"vm", "vm_id", b"vm_id"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

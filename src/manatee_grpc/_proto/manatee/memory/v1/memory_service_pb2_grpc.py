@@ -30,9 +30,20 @@ class MemoryServiceStub:
     sibling VMs, on behalf of many callers that share the device's one mms connection.
 
     Sessions. The server holds one connection to mms; each (re)connection starts a new mms
-    session, numbered from 1 and reported as `session`. When a connection is lost, mms stops
-    every sibling VM and returns its memory to the CrOS guest, so a VM id is valid only in the
-    session that created it.
+    session. When a connection is lost, mms stops every sibling VM and returns its memory to the
+    CrOS guest, and numbers VMs from 1 again in the next session: a VM id means something only
+    together with its session. A session is named by an opaque string (`session`), unique across
+    reconnections and server restarts; compare it for equality only. Every answer that gives VM
+    ids says their session. Every request that names a VM takes an optional `session`: the one
+    the caller learnt the id in. If it is not the current session, the request is refused with
+    NOT_FOUND (SESSION_RESET) before anything reaches mms; empty means the current session.
+
+    Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
+    recommended, at most 64 characters). A repeat of a request_id within the session returns the
+    first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
+    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
+    changes.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -40,8 +51,10 @@ class MemoryServiceStub:
     INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
     detected before anything is sent to mms (BadRequest names the fields).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
-    mms session (SESSION_RESET).
-    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+    mms session, or the request's `session` is not the current one
+    (SESSION_RESET).
+    FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
+    nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
     new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start, or a PrepareVm
     came while that start's FinishAddVm/RemoveVm was on its way to mms
@@ -59,9 +72,10 @@ class MemoryServiceStub:
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
     completes: its effects are not undone.
     Each RPC can return:
-    GetBalloonStats      INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    WatchBalloonStats    INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+    DEADLINE_EXCEEDED
     LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
@@ -126,9 +140,20 @@ class MemoryServiceServicer:
     sibling VMs, on behalf of many callers that share the device's one mms connection.
 
     Sessions. The server holds one connection to mms; each (re)connection starts a new mms
-    session, numbered from 1 and reported as `session`. When a connection is lost, mms stops
-    every sibling VM and returns its memory to the CrOS guest, so a VM id is valid only in the
-    session that created it.
+    session. When a connection is lost, mms stops every sibling VM and returns its memory to the
+    CrOS guest, and numbers VMs from 1 again in the next session: a VM id means something only
+    together with its session. A session is named by an opaque string (`session`), unique across
+    reconnections and server restarts; compare it for equality only. Every answer that gives VM
+    ids says their session. Every request that names a VM takes an optional `session`: the one
+    the caller learnt the id in. If it is not the current session, the request is refused with
+    NOT_FOUND (SESSION_RESET) before anything reaches mms; empty means the current session.
+
+    Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
+    recommended, at most 64 characters). A repeat of a request_id within the session returns the
+    first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
+    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
+    changes.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -136,8 +161,10 @@ class MemoryServiceServicer:
     INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
     detected before anything is sent to mms (BadRequest names the fields).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
-    mms session (SESSION_RESET).
-    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+    mms session, or the request's `session` is not the current one
+    (SESSION_RESET).
+    FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
+    nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
     new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start, or a PrepareVm
     came while that start's FinishAddVm/RemoveVm was on its way to mms
@@ -155,9 +182,10 @@ class MemoryServiceServicer:
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
     completes: its effects are not undone.
     Each RPC can return:
-    GetBalloonStats      INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    WatchBalloonStats    INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+    DEADLINE_EXCEEDED
     LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
@@ -184,8 +212,9 @@ class MemoryServiceServicer:
     def WatchBalloonStats(self, request, context):
         """Streams balloon statistics every `interval` until the caller cancels.
 
-        The first snapshot is sent at once. A reconnection to mms is reported in-stream as a
-        `session_reset` event and the watch goes on in the new session.
+        Every new watcher gets its first snapshot at once. An mms outage is reported in-stream as
+        an `mms_unavailable` event (once per outage) and the watch goes on: a reconnection to mms
+        is reported as a `session_reset` event, then snapshots of the new session follow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -311,9 +340,20 @@ class MemoryService:
     sibling VMs, on behalf of many callers that share the device's one mms connection.
 
     Sessions. The server holds one connection to mms; each (re)connection starts a new mms
-    session, numbered from 1 and reported as `session`. When a connection is lost, mms stops
-    every sibling VM and returns its memory to the CrOS guest, so a VM id is valid only in the
-    session that created it.
+    session. When a connection is lost, mms stops every sibling VM and returns its memory to the
+    CrOS guest, and numbers VMs from 1 again in the next session: a VM id means something only
+    together with its session. A session is named by an opaque string (`session`), unique across
+    reconnections and server restarts; compare it for equality only. Every answer that gives VM
+    ids says their session. Every request that names a VM takes an optional `session`: the one
+    the caller learnt the id in. If it is not the current session, the request is refused with
+    NOT_FOUND (SESSION_RESET) before anything reaches mms; empty means the current session.
+
+    Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
+    recommended, at most 64 characters). A repeat of a request_id within the session returns the
+    first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
+    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
+    changes.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -321,8 +361,10 @@ class MemoryService:
     INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
     detected before anything is sent to mms (BadRequest names the fields).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
-    mms session (SESSION_RESET).
-    FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+    mms session, or the request's `session` is not the current one
+    (SESSION_RESET).
+    FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
+    nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
     new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
     LaunchVm stream holds the device's one pending start, or a PrepareVm
     came while that start's FinishAddVm/RemoveVm was on its way to mms
@@ -340,9 +382,10 @@ class MemoryService:
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
     completes: its effects are not undone.
     Each RPC can return:
-    GetBalloonStats      INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    WatchBalloonStats    INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+    DEADLINE_EXCEEDED
     LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,

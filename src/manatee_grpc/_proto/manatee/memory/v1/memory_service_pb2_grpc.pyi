@@ -37,9 +37,20 @@ class MemoryServiceStub:
     sibling VMs, on behalf of many callers that share the device's one mms connection.
 
     Sessions. The server holds one connection to mms; each (re)connection starts a new mms
-    session, numbered from 1 and reported as `session`. When a connection is lost, mms stops
-    every sibling VM and returns its memory to the CrOS guest, so a VM id is valid only in the
-    session that created it.
+    session. When a connection is lost, mms stops every sibling VM and returns its memory to the
+    CrOS guest, and numbers VMs from 1 again in the next session: a VM id means something only
+    together with its session. A session is named by an opaque string (`session`), unique across
+    reconnections and server restarts; compare it for equality only. Every answer that gives VM
+    ids says their session. Every request that names a VM takes an optional `session`: the one
+    the caller learnt the id in. If it is not the current session, the request is refused with
+    NOT_FOUND (SESSION_RESET) before anything reaches mms; empty means the current session.
+
+    Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
+    recommended, at most 64 characters). A repeat of a request_id within the session returns the
+    first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
+    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
+    changes.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -47,8 +58,10 @@ class MemoryServiceStub:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
-                           mms session (SESSION_RESET).
-      FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+                           mms session, or the request's `session` is not the current one
+                           (SESSION_RESET).
+      FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
+                           nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
                            new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
                            LaunchVm stream holds the device's one pending start, or a PrepareVm
                            came while that start's FinishAddVm/RemoveVm was on its way to mms
@@ -66,9 +79,10 @@ class MemoryServiceStub:
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone.
     Each RPC can return:
-      GetBalloonStats      INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      WatchBalloonStats    INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+                           DEADLINE_EXCEEDED
       LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
@@ -95,8 +109,9 @@ class MemoryServiceStub:
     WatchBalloonStats: _grpc.UnaryStreamMultiCallable[_memory_service_pb2.WatchBalloonStatsRequest, _memory_service_pb2.WatchBalloonStatsResponse]
     """Streams balloon statistics every `interval` until the caller cancels.
 
-    The first snapshot is sent at once. A reconnection to mms is reported in-stream as a
-    `session_reset` event and the watch goes on in the new session.
+    Every new watcher gets its first snapshot at once. An mms outage is reported in-stream as
+    an `mms_unavailable` event (once per outage) and the watch goes on: a reconnection to mms
+    is reported as a `session_reset` event, then snapshots of the new session follow.
     """
     RebalanceMemory: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.RebalanceMemoryRequest, _memory_service_pb2.RebalanceMemoryResponse]
     """Moves memory between sibling VMs and the CrOS guest, keeping the total constant.
@@ -145,9 +160,20 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     sibling VMs, on behalf of many callers that share the device's one mms connection.
 
     Sessions. The server holds one connection to mms; each (re)connection starts a new mms
-    session, numbered from 1 and reported as `session`. When a connection is lost, mms stops
-    every sibling VM and returns its memory to the CrOS guest, so a VM id is valid only in the
-    session that created it.
+    session. When a connection is lost, mms stops every sibling VM and returns its memory to the
+    CrOS guest, and numbers VMs from 1 again in the next session: a VM id means something only
+    together with its session. A session is named by an opaque string (`session`), unique across
+    reconnections and server restarts; compare it for equality only. Every answer that gives VM
+    ids says their session. Every request that names a VM takes an optional `session`: the one
+    the caller learnt the id in. If it is not the current session, the request is refused with
+    NOT_FOUND (SESSION_RESET) before anything reaches mms; empty means the current session.
+
+    Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
+    recommended, at most 64 characters). A repeat of a request_id within the session returns the
+    first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
+    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
+    changes.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -155,8 +181,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
-                           mms session (SESSION_RESET).
-      FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+                           mms session, or the request's `session` is not the current one
+                           (SESSION_RESET).
+      FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
+                           nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
                            new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
                            LaunchVm stream holds the device's one pending start, or a PrepareVm
                            came while that start's FinishAddVm/RemoveVm was on its way to mms
@@ -174,9 +202,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone.
     Each RPC can return:
-      GetBalloonStats      INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      WatchBalloonStats    INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+                           DEADLINE_EXCEEDED
       LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
@@ -200,8 +229,9 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     WatchBalloonStats: _aio.UnaryStreamMultiCallable[_memory_service_pb2.WatchBalloonStatsRequest, _memory_service_pb2.WatchBalloonStatsResponse]  # type: ignore[assignment]
     """Streams balloon statistics every `interval` until the caller cancels.
 
-    The first snapshot is sent at once. A reconnection to mms is reported in-stream as a
-    `session_reset` event and the watch goes on in the new session.
+    Every new watcher gets its first snapshot at once. An mms outage is reported in-stream as
+    an `mms_unavailable` event (once per outage) and the watch goes on: a reconnection to mms
+    is reported as a `session_reset` event, then snapshots of the new session follow.
     """
     RebalanceMemory: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.RebalanceMemoryRequest, _memory_service_pb2.RebalanceMemoryResponse]  # type: ignore[assignment]
     """Moves memory between sibling VMs and the CrOS guest, keeping the total constant.
@@ -249,9 +279,20 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     sibling VMs, on behalf of many callers that share the device's one mms connection.
 
     Sessions. The server holds one connection to mms; each (re)connection starts a new mms
-    session, numbered from 1 and reported as `session`. When a connection is lost, mms stops
-    every sibling VM and returns its memory to the CrOS guest, so a VM id is valid only in the
-    session that created it.
+    session. When a connection is lost, mms stops every sibling VM and returns its memory to the
+    CrOS guest, and numbers VMs from 1 again in the next session: a VM id means something only
+    together with its session. A session is named by an opaque string (`session`), unique across
+    reconnections and server restarts; compare it for equality only. Every answer that gives VM
+    ids says their session. Every request that names a VM takes an optional `session`: the one
+    the caller learnt the id in. If it is not the current session, the request is refused with
+    NOT_FOUND (SESSION_RESET) before anything reaches mms; empty means the current session.
+
+    Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
+    recommended, at most 64 characters). A repeat of a request_id within the session returns the
+    first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
+    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
+    changes.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -259,8 +300,10 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
-                           mms session (SESSION_RESET).
-      FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
+                           mms session, or the request's `session` is not the current one
+                           (SESSION_RESET).
+      FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
+                           nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
                            new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
                            LaunchVm stream holds the device's one pending start, or a PrepareVm
                            came while that start's FinishAddVm/RemoveVm was on its way to mms
@@ -278,9 +321,10 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone.
     Each RPC can return:
-      GetBalloonStats      INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      WatchBalloonStats    INVALID_ARGUMENT, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+                           DEADLINE_EXCEEDED
       LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
@@ -314,8 +358,9 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_memory_service_pb2.WatchBalloonStatsResponse], _abc.AsyncIterator[_memory_service_pb2.WatchBalloonStatsResponse]]:
         """Streams balloon statistics every `interval` until the caller cancels.
 
-        The first snapshot is sent at once. A reconnection to mms is reported in-stream as a
-        `session_reset` event and the watch goes on in the new session.
+        Every new watcher gets its first snapshot at once. An mms outage is reported in-stream as
+        an `mms_unavailable` event (once per outage) and the watch goes on: a reconnection to mms
+        is reported as a `session_reset` event, then snapshots of the new session follow.
         """
 
     @_abc_1.abstractmethod
