@@ -26,6 +26,7 @@ from ._errors import (
 from ._memory_math import align_down_page
 from ._messages import (
     CROS_GUEST_VM_ID,
+    RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
     BalloonDelta,
@@ -124,6 +125,8 @@ class PrepareResult:
     reserved: bool
     shortfall_bytes: int
     balloon_control_path: str
+    # When the start's lease runs out (wall clock): FinishAddVm must come before it.
+    lease_expire_unix_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,14 @@ class MemoryBridge:
             # A start this call opens has nobody to finish it: the slot removes it.
             self.slot.caller_left(prepare)
             raise
+        if response.res == RES_EINVAL and prepare.answered_idle:
+            # No start was pending, and the sizes passed our checks: mms's one rule left is
+            # "smaller than the CrOS guest's memory" (which only mms knows).
+            raise InvalidArgumentError(
+                "mem_size_bytes",
+                "must be smaller than the CrOS guest's memory (mms refused the size)",
+                reachedMms="true",
+            )
         if response.res not in (RES_OK, RES_ENOMEM):
             raise MmsRefusedError(
                 response.res,
@@ -212,6 +223,7 @@ class MemoryBridge:
             response.res == RES_OK,
             response.shortfall_bytes,
             self.config.balloon_control_path(response.vm_id),
+            prepare.claim.lease_expire_unix_s,
         )
 
     def finish_add_vm(self, vm_id: int, ctx: CallContext) -> VmRecord:
