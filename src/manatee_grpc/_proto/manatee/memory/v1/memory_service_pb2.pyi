@@ -744,7 +744,9 @@ class LaunchVmRequest(_message.Message):
 
     @_typing.final
     class Start(_message.Message):
-        """Starts the launch; must be the stream's first message, and only once."""
+        """Starts the launch; must be the stream's first message, and only once (a second `start` is
+        INVALID_ARGUMENT, whenever it arrives).
+        """
 
         DESCRIPTOR: _descriptor.Descriptor
 

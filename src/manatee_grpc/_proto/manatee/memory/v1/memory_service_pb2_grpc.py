@@ -39,6 +39,8 @@ class MemoryServiceStub:
     google.rpc.RetryInfo. The codes:
     INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
     detected before anything is sent to mms (BadRequest names the fields).
+    One exception: a start not smaller than the CrOS guest's memory, which
+    only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
     mms session (SESSION_RESET).
     FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
@@ -69,9 +71,9 @@ class MemoryServiceStub:
     PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
     DEADLINE_EXCEEDED
     FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-    INTERNAL, DEADLINE_EXCEEDED
     ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -137,6 +139,8 @@ class MemoryServiceServicer:
     google.rpc.RetryInfo. The codes:
     INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
     detected before anything is sent to mms (BadRequest names the fields).
+    One exception: a start not smaller than the CrOS guest's memory, which
+    only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
     mms session (SESSION_RESET).
     FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
@@ -167,9 +171,9 @@ class MemoryServiceServicer:
     PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
     DEADLINE_EXCEEDED
     FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-    INTERNAL, DEADLINE_EXCEEDED
     ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -334,6 +338,8 @@ class MemoryService:
     google.rpc.RetryInfo. The codes:
     INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
     detected before anything is sent to mms (BadRequest names the fields).
+    One exception: a start not smaller than the CrOS guest's memory, which
+    only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
     NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
     mms session (SESSION_RESET).
     FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
@@ -364,9 +370,9 @@ class MemoryService:
     PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
     DEADLINE_EXCEEDED
     FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+    RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-    INTERNAL, DEADLINE_EXCEEDED
     ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 

@@ -46,6 +46,8 @@ class MemoryServiceStub:
     google.rpc.RetryInfo. The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
+                           One exception: a start not smaller than the CrOS guest's memory, which
+                           only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
                            mms session (SESSION_RESET).
       FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
@@ -76,9 +78,9 @@ class MemoryServiceStub:
       PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
                            DEADLINE_EXCEEDED
       FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+                           ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-                           INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -166,6 +168,8 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     google.rpc.RetryInfo. The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
+                           One exception: a start not smaller than the CrOS guest's memory, which
+                           only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
                            mms session (SESSION_RESET).
       FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
@@ -196,9 +200,9 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
       PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
                            DEADLINE_EXCEEDED
       FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+                           ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-                           INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -282,6 +286,8 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     google.rpc.RetryInfo. The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
+                           One exception: a start not smaller than the CrOS guest's memory, which
+                           only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
                            mms session (SESSION_RESET).
       FAILED_PRECONDITION  mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
@@ -312,9 +318,9 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
       PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
                            DEADLINE_EXCEEDED
       FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+                           ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-                           INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
