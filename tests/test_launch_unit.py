@@ -20,6 +20,7 @@ from manatee_grpc._bridge import BridgeConfig
 from manatee_grpc._errors import (
     InvalidArgumentError,
     LaunchLeaseExpiredError,
+    MmsConnectionLostError,
     StartInProgressError,
 )
 from manatee_grpc._launch import (
@@ -101,14 +102,13 @@ class FakeBridge:
         )
         self.connection.observers.append(self.slot)
         self.connection.answers[RemoveVmRequest].extend([RemoveVmResponse(RES_OK)] * 10)
-        self.listeners: list[Inbox] = []
+        self.listeners: list[Callable[[int], None]] = []
 
-    def add_session_reset_listener(self, inbox: Inbox) -> Inbox:
-        self.listeners.append(inbox)
-        return inbox
+    def add_session_reset_listener(self, listener: Callable[[int], None]) -> None:
+        self.listeners.append(listener)
 
-    def remove_session_reset_listener(self, inbox: Inbox) -> None:
-        self.listeners.remove(inbox)
+    def remove_session_reset_listener(self, listener: Callable[[int], None]) -> None:
+        self.listeners.remove(listener)
 
     def remove_in_background(
         self, vm_id: int, why: str, then: Callable[[], None] | None = None
@@ -332,4 +332,28 @@ def test_a_launch_cancelled_while_mms_has_its_prepare_queued_never_sends_it() ->
 
     run(scenario())
     assert recorder.events == []
+    assert slot_is_empty(bridge.slot)
+
+
+def test_a_session_reset_overtakes_queued_client_messages_and_asks_to_stop_the_vm() -> None:
+    bridge = FakeBridge()
+    bridge.connection.answers[PrepareVmRequest].append(PrepareVmResponse(RES_OK, 1, 0))
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        inbox = Inbox(asyncio.get_running_loop())
+        launch = asyncio.create_task(new_launch(bridge, inbox).run(recorder.emit, 10.0))
+        await settle()
+        assert [type(event) for event in recorder.events] == [Reserved]
+        inbox.put(Unexpected("start"))  # would be INVALID_ARGUMENT, but the reset comes first
+        (listener,) = bridge.listeners
+        listener(1)  # as the connection thread reports it
+        with pytest.raises(MmsConnectionLostError):
+            await launch
+
+    run(scenario())
+    assert [type(event) for event in recorder.events] == [Reserved, StopVm]
+    # mms dropped the VM with the session: nothing to remove, and the listener is gone.
+    assert bridge.connection.kinds() == ["PrepareVm"]
+    assert bridge.listeners == []
     assert slot_is_empty(bridge.slot)

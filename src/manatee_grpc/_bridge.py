@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from ._books import Books, VmRecord, VmState
 from ._connection import MmsConnection
@@ -40,9 +40,6 @@ from ._messages import (
 )
 from ._starts import StartSlot
 from ._stats import StatsReader, StatsSnapshot
-
-if TYPE_CHECKING:
-    from ._launch import Inbox
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +150,8 @@ class MemoryBridge:
         connection.add_observer(self.books)
         self.stats = StatsReader(connection, coalesce=self.config.coalesce_stats)
         self.books.add_disconnect_listener(self._on_disconnected)
-        self._reset_inboxes: list[Inbox] = []
+        # Called with the ended session when mms drops it (launches under way listen).
+        self._reset_listeners: list[Callable[[int], None]] = []
         self._reset_lock = threading.Lock()
 
     # --- stats ---------------------------------------------------------------------------------
@@ -281,20 +279,18 @@ class MemoryBridge:
         del error
         # mms dropped its pending start with the connection; the slot saw it first.
         with self._reset_lock:
-            inboxes = list(self._reset_inboxes)
-        from ._launch import SessionReset  # the launch module builds on this one
+            listeners = list(self._reset_listeners)
+        for listener in listeners:
+            listener(session)
 
-        for inbox in inboxes:
-            inbox.put(SessionReset(session))
-
-    def add_session_reset_listener(self, inbox: Inbox) -> Inbox:
+    def add_session_reset_listener(self, listener: Callable[[int], None]) -> None:
+        """``listener(session)`` runs on the connection thread when mms drops ``session``."""
         with self._reset_lock:
-            self._reset_inboxes.append(inbox)
-        return inbox
+            self._reset_listeners.append(listener)
 
-    def remove_session_reset_listener(self, inbox: Inbox) -> None:
+    def remove_session_reset_listener(self, listener: Callable[[int], None]) -> None:
         with self._reset_lock:
-            self._reset_inboxes.remove(inbox)
+            self._reset_listeners.remove(listener)
 
 
 def _finish_message(res: int) -> str:

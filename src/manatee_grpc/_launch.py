@@ -174,6 +174,10 @@ class Inbox:
     def session_reset(self) -> SessionReset | None:
         return self._reset
 
+    def reset(self, session: int) -> None:
+        """mms dropped ``session`` (a bridge session-reset listener; any thread)."""
+        self.put(SessionReset(session))
+
     async def get(self, timeout_s: float | None) -> InboxItem | None:
         """The reset if any, else the next client message; None when ``timeout_s`` passes."""
         return await self._wait(timeout_s, clients_too=True)
@@ -255,7 +259,7 @@ class LaunchRun:
             # The caller left before the launch queued: nothing may reach mms on its behalf.
             raise asyncio.CancelledError
         await slot.acquire_for_launch(self._token)
-        self._bridge.add_session_reset_listener(self._inbox)
+        self._bridge.add_session_reset_listener(self._inbox.reset)
         try:
             await self._run()
         except MmsConnectionError:
@@ -269,7 +273,7 @@ class LaunchRun:
             logger.info("launch: the client went away; releasing what it reserved")
             raise
         finally:
-            self._bridge.remove_session_reset_listener(self._inbox)
+            self._bridge.remove_session_reset_listener(self._inbox.reset)
             self._release()
 
     async def _send(self, event: LaunchEvent) -> None:
