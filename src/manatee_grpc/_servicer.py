@@ -164,7 +164,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.bridge = bridge
         self._launch_policy = launch_policy
         self._watch_hub = watch_hub
-        # Where launches run their blocking steps (the server's RPC thread pool).
+        # Where the blocking unary steps run (the server's RPC thread pool); launches need none.
         self._blocking_pool = blocking_pool
         self._shutting_down = threading.Event()
         # Called with (method, final code, seconds) once per RPC: the metrics hook.
