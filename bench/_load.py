@@ -1,7 +1,8 @@
 """Client load, run in worker processes (spawned, so no gRPC state crosses a fork).
 
 Every function here is a top-level picklable entry point: unary load over grpc.aio, the direct
-mms baseline over the project's own codec, and a crowd of WatchBalloonStats streams.
+mms baseline over the project's own codec, a crowd of WatchBalloonStats streams, and a crowd
+of quiet LaunchVm streams.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _identity(data: bytes) -> bytes:
 
 
 def run_unary(target: str, method: str, concurrency: int, start_at: float, end_at: float) -> Any:
-    """``concurrency`` callers of ``method`` ("floor" or "stats") until ``end_at`` (monotonic)."""
+    """``concurrency`` callers of ``method`` ("floor", "stats" or "rebalance": a delta of 0 for
+    the first running sibling, which still goes to mms) until ``end_at`` (monotonic)."""
     return asyncio.run(_unary(target, method, concurrency, start_at, end_at))
 
 
@@ -63,6 +65,19 @@ async def _unary(
 
             async def call() -> None:
                 await floor(b"", timeout=CALL_TIMEOUT_S)
+
+        elif method == "rebalance":
+            stub = pb_grpc.MemoryServiceStub(channel)
+            listed = await stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S)
+            sibling = next(
+                vm.vm_id for vm in listed.vms if vm.state == pb.VM_STATE_RUNNING and vm.vm_id
+            )
+            rebalance = pb.RebalanceMemoryRequest(
+                deltas=[pb.BalloonDelta(vm_id=sibling, delta_bytes=0)]
+            )
+
+            async def call() -> None:
+                await stub.RebalanceMemory(rebalance, timeout=CALL_TIMEOUT_S)
 
         else:
             stub = pb_grpc.MemoryServiceStub(channel)
@@ -168,3 +183,38 @@ async def _watchers(
     for channel in channels:
         await channel.close()
     reports.put({"received": sum(counted), "dropped": sum(dropped), "errors": len(errors)})
+
+
+def run_quiet_launches(
+    target: str, launches: int, commands: Queue[str], reports: Queue[Any]
+) -> None:
+    """Open ``launches`` LaunchVm streams that send `start` and then nothing; report "ready"
+    once one is reserved (the rest queue behind it); cancel them all on a command."""
+    asyncio.run(_quiet_launches(target, launches, commands, reports))
+
+
+async def _quiet_launches(
+    target: str, launches: int, commands: Queue[str], reports: Queue[Any]
+) -> None:
+    start = pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=VM_MEM_BYTES))
+    async with aio.insecure_channel(target) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        calls = [stub.LaunchVm() for _ in range(launches)]
+        for call in calls:
+            await call.write(start)
+        reserved = asyncio.Event()
+
+        async def watch(call: Any) -> None:
+            with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
+                async for response in call:
+                    if response.WhichOneof("event") == "reserved":
+                        reserved.set()
+
+        tasks = [asyncio.create_task(watch(call)) for call in calls]
+        await asyncio.wait_for(reserved.wait(), 60.0)
+        reports.put("ready")
+        await asyncio.get_running_loop().run_in_executor(None, commands.get)  # "stop"
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    reports.put("stopped")

@@ -50,6 +50,10 @@ HOL_BACKOFF = "HOL: stats during LaunchVm backoff"
 HOL_CLIENT_WAIT = "HOL: stats during LaunchVm client wait"
 # The tcp server backs a launch off longer than the default, so every HOL run fits in the wait.
 HOL_ATTEMPT_DELAYS = "0,3,3,3,3"
+QUIET_LAUNCHES = 200
+QUIET_CONCURRENCY = 8
+QUIET_NONE = "rebalance, no launch"
+QUIET_MANY = f"rebalance, {QUIET_LAUNCHES} quiet launches"
 WATCHER_COUNTS = (10, 100, 1000)
 WATCH_INTERVAL_S = 1.0
 WATCH_WINDOW_S = 4.0
@@ -401,6 +405,43 @@ def _head_of_line(rig: _Rig, server: ServerProcess) -> list[Row]:
     return rows
 
 
+def _quiet_launches(rig: _Rig, server: ServerProcess) -> list[Row]:
+    """RebalanceMemory with no launch, then with 200 launches that say nothing after `start`
+    (1 reserved, 199 queued): a launch holds no thread, so the second is as fast as the first."""
+
+    def measure(name: str) -> Row:
+        return _unary(
+            rig,
+            name,
+            "tcp",
+            server.address,
+            method="rebalance",
+            concurrency=QUIET_CONCURRENCY,
+            server_pid=server.pid,
+        )
+
+    _start_vms(server.address, 1)  # a sibling to rebalance
+    rows = [measure(QUIET_NONE)]
+    context = multiprocessing.get_context("spawn")
+    commands: multiprocessing.Queue[str] = context.Queue()
+    reports: multiprocessing.Queue[Any] = context.Queue()
+    process = context.Process(
+        target=_load.run_quiet_launches,
+        args=(server.address, QUIET_LAUNCHES, commands, reports),
+        daemon=True,
+    )
+    process.start()
+    try:
+        ready = reports.get(timeout=120)
+        if ready != "ready":
+            raise RuntimeError(f"quiet launches: {ready}")
+        rows.append(measure(QUIET_MANY))
+    finally:
+        commands.put("stop")
+        process.join(60)
+    return rows
+
+
 def _watchers(sim: Simulator, server: ServerProcess, watchers: int) -> Row:
     context = multiprocessing.get_context("spawn")
     commands: multiprocessing.Queue[str] = context.Queue()
@@ -564,6 +605,14 @@ def _targets(rows: list[Row], start_s: list[float]) -> list[Target]:
                 f"<= 20 (same load, no launch: {_fmt(baseline, 3)})",
                 at_most=20.0,
             )
+    none_p50 = _find(rows, QUIET_NONE, "tcp", QUIET_CONCURRENCY).p50_ms
+    many = _find(rows, QUIET_MANY, "tcp", QUIET_CONCURRENCY)
+    check(
+        f"{QUIET_MANY} @{QUIET_CONCURRENCY}: p50 / no launch",
+        many.p50_ms / none_p50 if many.p50_ms and none_p50 else None,
+        "<= 1.25 (a queued launch holds no thread)",
+        at_most=1.25,
+    )
     crowd = _find(rows, "1000 watchers @ 1 s", "tcp", 1000).notes
     # 2 % slack on the poll rate absorbs timer jitter between the ticks that bound the window.
     for key, wanted, limit in (
@@ -639,6 +688,8 @@ def main() -> int:
                     if transport == "tcp":
                         print("bench: head-of-line ...", file=sys.stderr, flush=True)
                         rows.extend(_head_of_line(rig, server))
+                        print("bench: quiet launches ...", file=sys.stderr, flush=True)
+                        rows.extend(_quiet_launches(rig, server))
                 finally:
                     server.stop()
             print("bench: coalescing ...", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from ._books import Books, VmRecord, VmState
 from ._connection import MmsConnection
@@ -30,6 +30,7 @@ from ._errors import (
 from ._memory_math import align_down_page
 from ._messages import (
     CROS_GUEST_VM_ID,
+    RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
     BalloonDelta,
@@ -45,9 +46,6 @@ from ._messages import (
 from ._request_ids import RequestIds
 from ._starts import BarePrepare, StartSlot
 from ._stats import StatsReader, StatsSnapshot
-
-if TYPE_CHECKING:
-    from ._launch import Inbox
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +179,8 @@ class PrepareResult:
     shortfall_bytes: int
     balloon_control_path: str
     session_id: str  # the session vm_id belongs to
+    # When the start's lease runs out (wall clock): FinishAddVm must come before it.
+    lease_expire_unix_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +208,8 @@ class MemoryBridge:
         self.request_ids = RequestIds()
         self.stats = StatsReader(connection, coalesce=self.config.coalesce_stats)
         self.books.add_disconnect_listener(self._on_disconnected)
-        self._reset_inboxes: list[Inbox] = []
+        # Called with the ended session when mms drops it (launches under way listen).
+        self._reset_listeners: list[Callable[[int], None]] = []
         self._reset_lock = threading.Lock()
 
     # --- stats ---------------------------------------------------------------------------------
@@ -341,7 +342,6 @@ class MemoryBridge:
         A caller who leaves before the answer loses the start it opened, unless it gave a
         request_id: it means to retry, so the start stays, under the lease like any bare start.
         """
-        convert = functools.partial(self._prepare_result, mem_size_bytes, init_mem_size_bytes)
         while True:
             outcome, first = self._claim_id(
                 "PrepareVm", request_id, (mem_size_bytes, init_mem_size_bytes)
@@ -363,18 +363,32 @@ class MemoryBridge:
                     # A start this call opens has nobody to finish it: the slot removes it.
                     self.slot.caller_left(prepare)
                     raise
-                return convert(response)
+                return self._prepare_result(prepare, response)
             if prepare is not None:
-                self._settle_id("PrepareVm", request_id, outcome, prepare.future, convert)
+                self._settle_id(
+                    "PrepareVm",
+                    request_id,
+                    outcome,
+                    prepare.future,
+                    functools.partial(self._prepare_result, prepare),
+                )
             result: PrepareResult | None = _await_outcome(
                 outcome, ctx, "PrepareVm", None if prepare is None else prepare.future
             )
             if result is not None:
                 return result
 
-    def _prepare_result(
-        self, mem_size_bytes: int, init_mem_size_bytes: int, response: PrepareVmResponse
-    ) -> PrepareResult:
+    def _prepare_result(self, prepare: BarePrepare, response: PrepareVmResponse) -> PrepareResult:
+        mem_size_bytes = prepare.request.mem_size_bytes
+        init_mem_size_bytes = prepare.request.init_mem_size_bytes
+        if response.res == RES_EINVAL and prepare.answered_idle:
+            # No start was pending, and the sizes passed our checks: mms's one rule left is
+            # "smaller than the CrOS guest's memory" (which only mms knows).
+            raise InvalidArgumentError(
+                "mem_size_bytes",
+                "must be smaller than the CrOS guest's memory (mms refused the size)",
+                reachedMms="true",
+            )
         if response.res not in (RES_OK, RES_ENOMEM):
             raise MmsRefusedError(
                 response.res,
@@ -388,6 +402,7 @@ class MemoryBridge:
             response.shortfall_bytes,
             self.config.balloon_control_path(response.vm_id),
             self.books.public_session_id(self.books.session),
+            prepare.claim.lease_expire_unix_s,
         )
 
     def finish_add_vm(self, vm_id: int, ctx: CallContext, session_id: str = "") -> VmRecord:
@@ -444,20 +459,18 @@ class MemoryBridge:
         del error
         # mms dropped its pending start with the connection; the slot saw it first.
         with self._reset_lock:
-            inboxes = list(self._reset_inboxes)
-        from ._launch import SessionReset  # the launch module builds on this one
+            listeners = list(self._reset_listeners)
+        for listener in listeners:
+            listener(session)
 
-        for inbox in inboxes:
-            inbox.put(SessionReset(session))
-
-    def add_session_reset_listener(self, inbox: Inbox) -> Inbox:
+    def add_session_reset_listener(self, listener: Callable[[int], None]) -> None:
+        """``listener(session)`` runs on the connection thread when mms drops ``session``."""
         with self._reset_lock:
-            self._reset_inboxes.append(inbox)
-        return inbox
+            self._reset_listeners.append(listener)
 
-    def remove_session_reset_listener(self, inbox: Inbox) -> None:
+    def remove_session_reset_listener(self, listener: Callable[[int], None]) -> None:
         with self._reset_lock:
-            self._reset_inboxes.remove(inbox)
+            self._reset_listeners.remove(listener)
 
 
 def _rebalance_result(

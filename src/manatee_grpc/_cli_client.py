@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import grpc
 
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from .client import Client, ManateeRpcError
+from .client import DEFAULT_LAUNCH_TIMEOUT_S, Client, ManateeRpcError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ERROR_EXIT_BASE = 10
@@ -285,7 +285,7 @@ def _cmd_launch(client: Client, args: argparse.Namespace) -> int:
         start_vm=start_vm,
         stop_vm=stop_vm,
         on_progress=on_progress,
-        timeout_s=args.launch_timeout,
+        timeout_s=args.launch_timeout or None,
     )
     if args.json:
         _print_json(_vm_json(vm))
@@ -395,9 +395,9 @@ def add_client_commands(
     launch.add_argument(
         "--launch-timeout",
         type=float,
-        default=None,
+        default=DEFAULT_LAUNCH_TIMEOUT_S,
         metavar="SECONDS",
-        help="deadline for the whole launch (default: none)",
+        help="deadline for the whole launch (default %(default)g; 0 for none)",
     )
     remove = add("remove", _cmd_remove, "remove a sibling VM or release a pending start")
     remove.add_argument("vm_id", type=int, metavar="ID")

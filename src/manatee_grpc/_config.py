@@ -34,15 +34,20 @@ class ServerConfig:
     sim_scenario: str | None = None
     # Prometheus endpoint (HOST:PORT, port 0 picks one); None serves no metrics.
     metrics_listen: str | None = None
-    # Thread pool for RPC handlers; a LaunchVm or a watch holds one thread for its duration.
+    # Thread pool for the blocking unary RPC steps (PrepareVm, FinishAddVm, RemoveVm,
+    # RebalanceMemory); launches and watches are coroutines and hold none.
     max_workers: int = 64
     # RPCs in progress beyond this are refused with RESOURCE_EXHAUSTED (None: no cap).
     max_concurrent_rpcs: int | None = 1000
     max_receive_message_bytes: int = 1 << 20
     # How long in-flight RPCs may run after SIGTERM before they are cancelled.
     grace_s: float = 10.0
-    # A start opened by a bare PrepareVm is removed if not finished or removed in this time.
+    # The start lease: a start opened by a bare PrepareVm is removed if not finished or removed
+    # in this time, and a LaunchVm client must send `vm_started` within it after `reserved`.
     prepare_lease_s: float = 60.0
+    # HTTP/2 keepalive: ping a quiet connection after this long, drop it if no ack in time.
+    keepalive_time_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
     launch_attempt_delays_s: tuple[float, ...] = DEFAULT_ATTEMPT_DELAYS_S
     launch_stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
     coalesce_stats: bool = True

@@ -4,10 +4,11 @@
     ├── InvalidArgumentError ........ INVALID_ARGUMENT     INVALID_ARGUMENT (+ BadRequest)
     ├── VmNotFoundError ............. NOT_FOUND            VM_NOT_FOUND
     ├── SessionResetError ........... NOT_FOUND            SESSION_RESET
-    ├── StartInProgressError ........ FAILED_PRECONDITION  START_IN_PROGRESS (+ RetryInfo)
+    ├── StartInProgressError ........ ABORTED              START_IN_PROGRESS (+ RetryInfo)
     ├── VmNotRunningError ........... FAILED_PRECONDITION  VM_NOT_RUNNING
     ├── VmStartFailedError .......... FAILED_PRECONDITION  VM_START_FAILED
     ├── LaunchAbortedError .......... ABORTED              LAUNCH_ABORTED
+    ├── LaunchLeaseExpiredError ..... DEADLINE_EXCEEDED    LEASE_EXPIRED
     ├── DeadlineExceededError ....... DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
     ├── ServerShuttingDownError ..... UNAVAILABLE          SHUTTING_DOWN (+ RetryInfo)
     ├── MmsRefusedError (res < 0)
@@ -61,8 +62,10 @@ class InvalidArgumentError(ManateeError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, description: str) -> None:
-        super().__init__(f"{field}: {description}", field=field)
+    def __init__(self, field: str, description: str, **metadata: object) -> None:
+        # Only mms knows the CrOS guest's memory size: a start too large for it is refused by
+        # mms, and says so (reachedMms); every other bad input is refused before mms.
+        super().__init__(f"{field}: {description}", field=field, **metadata)
         self.field = field
         self.description = description
 
@@ -80,9 +83,13 @@ class SessionResetError(ManateeError):
 
 
 class StartInProgressError(ManateeError):
-    """Another start is pending in mms (it allows one): worth retrying once that one settles."""
+    """Another start is pending in mms (it allows one): worth retrying once that one settles.
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    ABORTED, not FAILED_PRECONDITION: the condition clears by itself (every start ends within
+    its lease), which is what gRPC's guidance reserves ABORTED/UNAVAILABLE + RetryInfo for.
+    """
+
+    code = grpc.StatusCode.ABORTED
     reason = "START_IN_PROGRESS"
     retry_delay_s = 1.0
 
@@ -104,6 +111,13 @@ class VmStartFailedError(ManateeError):
 class LaunchAbortedError(ManateeError):
     code = grpc.StatusCode.ABORTED
     reason = "LAUNCH_ABORTED"
+
+
+class LaunchLeaseExpiredError(ManateeError):
+    """A LaunchVm client sent no `vm_started` within the start lease; the start was released."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "LEASE_EXPIRED"
 
 
 class DeadlineExceededError(ManateeError):

@@ -1,30 +1,43 @@
-"""LaunchVm: concierge's launch sequence, run for one client, without holding the mms thread.
+"""LaunchVm: concierge's launch sequence for one client, as one coroutine on the server's loop.
 
-The launch is a generator of events for the client; it reads the client's answers from an inbox
-that also receives "caller gone" and "session reset". Whatever way it ends, a reservation it made
-is released: that is the invariant everything here serves.
+A launch holds no thread while it waits: for the start slot (an asyncio future), for mms (the
+connection thread's futures, awaited through ``_aio``), for back-off timers and for its client.
+
+The protocol is deterministic. The client's messages queue in an inbox in arrival order and are
+judged only when the launch reaches the step that reads them, so when they arrive never changes
+the outcome: a `vm_started` sent right after `start` is applied once `reserved` is sent, and a
+half-close after `vm_started` is a normal end. Only a session reset overtakes them.
+
+The wait for `vm_started` is leased (the server's start lease, as for a bare PrepareVm): a client
+that stays quiet past it is asked to stop its VM, and loses the start. Whatever way the coroutine
+ends (error, deadline, lease, the caller cancelling it), a reservation it made is released: that
+is the invariant everything here serves.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
-import queue
-from collections.abc import Generator, Iterator, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from ._bridge import CallContext, CallerGoneError, MemoryBridge, await_call
+from . import _aio
 from ._errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     LaunchAbortedError,
+    LaunchLeaseExpiredError,
     MmsConnectionError,
     MmsConnectionLostError,
     MmsRefusedError,
     VmStartFailedError,
 )
 from ._messages import (
+    RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
     FinishAddVmRequest,
@@ -32,6 +45,9 @@ from ._messages import (
     PrepareVmResponse,
     Response,
 )
+
+if TYPE_CHECKING:
+    from ._bridge import MemoryBridge
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +83,23 @@ class StreamEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class Unexpected:
+    """A client message that is never valid here (a second `start`, an empty message)."""
+
+    field: str  # the oneof field it set, or "event" when it set none
+
+
+ClientItem = VmStarted | VmStartFailed | VmStopped | StreamEnded | Unexpected
+
+
+@dataclass(frozen=True, slots=True)
 class SessionReset:
+    """mms dropped the session (and the VM being launched with it); overtakes client messages."""
+
     session: int
 
 
-@dataclass(frozen=True, slots=True)
-class CallerGone:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Unexpected:
-    """A client message that does not belong at this step."""
-
-    what: str
-
-
-InboxItem = (
-    VmStarted | VmStartFailed | VmStopped | StreamEnded | SessionReset | CallerGone | Unexpected
-)
+InboxItem = ClientItem | SessionReset
 
 
 # --- what we tell the client ---------------------------------------------------------------------
@@ -102,6 +116,7 @@ class Progress:
 class Reserved:
     vm_id: int
     balloon_control_path: str
+    lease_expire_unix_s: float  # `vm_started` must come before this, or the launch ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +131,7 @@ class Launched:
 
 
 LaunchEvent = Progress | Reserved | StopVm | Launched
+Emit = Callable[[LaunchEvent], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,24 +141,74 @@ class LaunchPolicy:
 
 
 class Inbox:
-    """Everything that can happen to a launch while it waits, in arrival order."""
+    """The client's messages in arrival order, and a session reset that overtakes them.
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[InboxItem] = queue.Queue()
+    Lives on one event loop; ``put`` may be called from any thread (the connection thread
+    reports a reset) and hands the item to that loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[ClientItem] = collections.deque()
+        self._reset: SessionReset | None = None
+        self._changed = asyncio.Event()
 
     def put(self, item: InboxItem) -> None:
-        self._queue.put(item)
-
-    def get(self, timeout_s: float | None) -> InboxItem | None:
-        """The next item, or None when ``timeout_s`` passes first."""
         try:
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._put(item)
+        else:
+            _aio.call_soon_from_thread(self._loop, self._put, item)
+
+    def _put(self, item: InboxItem) -> None:
+        if isinstance(item, SessionReset):
+            self._reset = self._reset or item
+        else:
+            self._items.append(item)
+        self._changed.set()
+
+    @property
+    def session_reset(self) -> SessionReset | None:
+        return self._reset
+
+    def reset(self, session: int) -> None:
+        """mms dropped ``session`` (a bridge session-reset listener; any thread)."""
+        self.put(SessionReset(session))
+
+    async def get(self, timeout_s: float | None) -> InboxItem | None:
+        """The reset if any, else the next client message; None when ``timeout_s`` passes."""
+        return await self._wait(timeout_s, clients_too=True)
+
+    async def wait_reset(self, timeout_s: float) -> SessionReset | None:
+        """Wait ``timeout_s`` unless the session resets first; client messages stay queued."""
+        item = await self._wait(timeout_s, clients_too=False)
+        return item if isinstance(item, SessionReset) else None
+
+    async def _wait(self, timeout_s: float | None, clients_too: bool) -> InboxItem | None:
+        deadline_s = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._reset is not None:
+                return self._reset
+            if clients_too and self._items:
+                return self._items.popleft()
+            remaining_s = None if deadline_s is None else deadline_s - time.monotonic()
+            if remaining_s is not None and remaining_s <= 0:
+                return None
+            self._changed.clear()
+            # Not asyncio.wait_for: in 3.11 it can swallow a cancel that lands as the event is
+            # set (the client's half-close and its cancel arrive together).
+            try:
+                async with asyncio.timeout(remaining_s):
+                    await self._changed.wait()
+            except TimeoutError:
+                return None
 
 
 class LaunchRun:
-    """One launch; iterate ``events()`` and feed the inbox. See the module docstring."""
+    """One launch; ``await run(emit, timeout_s)``. See the module docstring."""
 
     def __init__(
         self,
@@ -150,101 +216,144 @@ class LaunchRun:
         *,
         mem_size_bytes: int,
         init_mem_size_bytes: int,
-        ctx: CallContext,
         inbox: Inbox,
         policy: LaunchPolicy,
+        caller_gone: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._bridge = bridge
         self._mem_size_bytes = mem_size_bytes
         self._init_mem_size_bytes = init_mem_size_bytes
-        self._ctx = ctx
         self._inbox = inbox
         self._policy = policy
+        self._caller_gone = caller_gone
+        self._clock = clock
         self._token = object()
         self._vm_id: int | None = None
         self._prepare_future: Future[PrepareVmResponse] | None = None
         self._settled = False  # launched, or mms already forgot the VM: nothing to roll back
         self._reserved_sent = False  # the client may have started the VM
-        ctx.on_gone(self._caller_gone)
+        self._step = "waiting for earlier launches to finish"
+        self._emit: Emit | None = None
 
-    def _caller_gone(self) -> None:
-        self._inbox.put(CallerGone())
-        self._bridge.slot.abort_waiter(self._token)
+    async def run(self, emit: Emit, timeout_s: float | None) -> None:
+        """Run the launch to its end, telling the client through ``emit``; raises how it failed.
 
-    def events(self) -> Iterator[LaunchEvent]:
-        slot = self._bridge.slot
-        slot.acquire_for_launch(self._token, self._ctx.remaining_s())
-        listener = self._bridge.add_session_reset_listener(self._inbox)
+        ``timeout_s`` is the caller's deadline; cancelling this coroutine means the caller left.
+        """
+        self._emit = emit
         try:
-            yield from self._run()
+            async with asyncio.timeout(timeout_s):
+                await self._run_holding_slot()
+        except TimeoutError:
+            metadata: dict[str, object] = {}
+            if self._vm_id is not None:
+                metadata["vmId"] = self._vm_id
+            raise DeadlineExceededError(
+                f"deadline passed {self._step}", step=self._step, **metadata
+            ) from None
+
+    async def _run_holding_slot(self) -> None:
+        slot = self._bridge.slot
+        if self._caller_gone():
+            # The caller left before the launch queued: nothing may reach mms on its behalf.
+            raise asyncio.CancelledError
+        await slot.acquire_for_launch(self._token)
+        self._bridge.add_session_reset_listener(self._inbox.reset)
+        try:
+            await self._run()
         except MmsConnectionError:
             # The link reset: mms dropped the VM with the old session, so there is nothing to
             # remove, but a VM the client started has lost its memory service: it must stop.
             self._settled = True
             if self._reserved_sent and self._vm_id is not None:
-                yield StopVm(self._vm_id, "the mms session was reset; mms dropped this VM")
+                await self._send(StopVm(self._vm_id, "the mms session was reset; mms dropped it"))
             raise
-        except CallerGoneError:
+        except asyncio.CancelledError:
             logger.info("launch: the client went away; releasing what it reserved")
             raise
         finally:
-            self._bridge.remove_session_reset_listener(listener)
+            self._bridge.remove_session_reset_listener(self._inbox.reset)
             self._release()
 
-    def _run(self) -> Iterator[LaunchEvent]:
-        response = yield from self._reserve()
+    async def _send(self, event: LaunchEvent) -> None:
+        assert self._emit is not None
+        await self._emit(event)
+
+    async def _run(self) -> None:
+        response = await self._reserve()
         vm_id = response.vm_id
-        self._refuse_early_messages()
+        lease_s = self._bridge.slot.lease_s
         self._reserved_sent = True
-        yield Reserved(vm_id, self._bridge.config.balloon_control_path(vm_id))
-        answer = self._wait_for_client(self._ctx.remaining_s(), expect=(VmStarted, VmStartFailed))
+        await self._send(
+            Reserved(
+                vm_id, self._bridge.config.balloon_control_path(vm_id), self._clock() + lease_s
+            )
+        )
+        self._step = "waiting for the client to start its VM"
+        answer = await self._next_from_client(lease_s, expect=(VmStarted, VmStartFailed))
+        if answer is None:
+            # The client holds the device's one start and says nothing: it loses it. Its VM
+            # may be running, so it is asked to stop first (as when FinishAddVm fails).
+            why = f"no vm_started within the start lease ({lease_s:g} s)"
+            logger.warning("launch of VM %d: %s; releasing the start", vm_id, why)
+            await self._send(StopVm(vm_id, f"{why}; the start is released"))
+            await self._wait_stopped()
+            raise LaunchLeaseExpiredError(
+                f"{why}: the reservation was released", vmId=vm_id, leaseSeconds=f"{lease_s:g}"
+            )
         if isinstance(answer, VmStartFailed):
             raise VmStartFailedError(
                 f"the client could not start VM {vm_id}: {answer.reason or 'no reason given'}",
                 vmId=vm_id,
             )
+        self._step = "waiting for mms FinishAddVm"
         finish = self._bridge.connection.submit(FinishAddVmRequest(vm_id))
-        finish_response = self._await(finish, "FinishAddVm")
+        finish_response = await self._await(finish)
         if finish_response.res == RES_OK:
             self._settled = True  # the slot is freed by the answer itself (it follows the wire)
-            yield Launched(vm_id)
+            await self._send(Launched(vm_id))
             return
         error = MmsRefusedError(
             finish_response.res, f"mms could not finish adding VM {vm_id}", vmId=vm_id
         )
-        yield StopVm(vm_id, f"FinishAddVm failed: {error.message} (res {error.res})")
+        await self._send(StopVm(vm_id, f"FinishAddVm failed: {error.message} (res {error.res})"))
         # The VM is the client's to stop; remove it from mms once it has (or the client left).
-        self._wait_for_client(self._policy.stop_timeout_s, expect=(VmStopped,), stopping=True)
+        await self._wait_stopped()
         raise error
 
-    def _refuse_early_messages(self) -> None:
-        """A client message that came before `reserved` is out of turn, as is a departure."""
-        item = self._inbox.get(0)
-        if item is not None:
-            self._inbox.put(item)  # let the common handling below judge it
-            self._wait_for_client(0, expect=())
-
-    def _reserve(self) -> Generator[LaunchEvent, None, PrepareVmResponse]:
+    async def _reserve(self) -> PrepareVmResponse:
         delays_s = list(self._policy.attempt_delays_s)
         response: PrepareVmResponse | None = None
         for index, delay_s in enumerate(delays_s):
             if delay_s > 0:
-                # Let the guest reclaim memory; any client message now is out of turn.
-                self._wait_for_client(delay_s, expect=(), idle=True)
+                # Let the guest reclaim memory; client messages wait in the inbox meanwhile.
+                self._step = "backing off between reservation attempts"
+                reset = await self._inbox.wait_reset(delay_s)
+                if reset is not None:
+                    raise self._reset_error(reset)
+            self._step = "waiting for mms PrepareVm"
             self._prepare_future = self._bridge.connection.submit(
                 PrepareVmRequest(self._mem_size_bytes, self._init_mem_size_bytes)
             )
-            response = self._await(self._prepare_future, "PrepareVm")
+            response = await self._await(self._prepare_future)
+            if response.res == RES_EINVAL and index == 0:
+                # The launch owns the slot, so mms had no start pending: the only size rule
+                # left that it checks is "smaller than the CrOS guest's memory".
+                raise InvalidArgumentError(
+                    "start.mem_size_bytes",
+                    "must be smaller than the CrOS guest's memory (mms refused the size)",
+                    reachedMms="true",
+                )
             if response.res not in (RES_OK, RES_ENOMEM):
                 raise MmsRefusedError(response.res, "mms refused PrepareVm for this launch")
             self._vm_id = response.vm_id
             self._bridge.slot.set_vm_id(self._token, response.vm_id)
-            next_delay_s = delays_s[index + 1] if index + 1 < len(delays_s) else None
-            if response.res == RES_OK:
-                next_delay_s = None
-            yield Progress(index + 1, response.shortfall_bytes, next_delay_s)
             if response.res == RES_OK:
                 return response
+            # Progress means an attempt fell short; an attempt that reserved says `reserved`.
+            next_delay_s = delays_s[index + 1] if index + 1 < len(delays_s) else None
+            await self._send(Progress(index + 1, response.shortfall_bytes, next_delay_s))
         assert response is not None
         raise MmsRefusedError(
             RES_ENOMEM,
@@ -253,46 +362,56 @@ class LaunchRun:
             vmId=response.vm_id,
         )
 
-    def _await(self, future: Future[R], what: str) -> R:
-        return await_call(future, self._ctx, what)
+    async def _await(self, future: Future[R]) -> R:
+        """An mms answer; if the launch is cancelled meanwhile, a queued request is never sent
+        (one on the wire completes, and ``_release`` deals with what it did)."""
+        if future.done():
+            return future.result()
+        try:
+            await _aio.wake_on_done(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        return future.result()
 
-    def _wait_for_client(
-        self,
-        timeout_s: float | None,
-        expect: tuple[type, ...],
-        idle: bool = False,
-        stopping: bool = False,
-    ) -> InboxItem | None:
-        """Wait for an expected client message; session resets and departures end the launch."""
-        deadline_s = self._ctx.remaining_s()
-        if timeout_s is None or (deadline_s is not None and deadline_s < timeout_s):
-            wait_s, deadline_hit = deadline_s, True
-        else:
-            wait_s, deadline_hit = timeout_s, False
-        item = self._inbox.get(wait_s)
-        if item is None:
-            if idle or stopping:
-                if deadline_hit and not stopping:
-                    raise DeadlineExceededError("deadline passed during the launch")
+    async def _wait_stopped(self) -> None:
+        """After `stop_vm`: wait for `vm_stopped`, a half-close, or the stop timeout."""
+        self._step = "waiting for the client to stop its VM"
+        await self._next_from_client(
+            self._policy.stop_timeout_s, expect=(VmStopped,), stopping=True
+        )
+
+    async def _next_from_client(
+        self, timeout_s: float | None, expect: tuple[type, ...], stopping: bool = False
+    ) -> ClientItem | None:
+        """The next client message, which must be one of ``expect``; None on timeout."""
+        deadline_s = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining_s = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+            item = await self._inbox.get(remaining_s)
+            if item is None:
                 return None
-            raise DeadlineExceededError("deadline passed waiting for the client to start its VM")
-        if isinstance(item, SessionReset):
-            raise MmsConnectionLostError(
-                f"the mms connection (session {item.session}) was lost during the launch; mms "
-                "dropped the VM being launched",
-                session=item.session,
-                **({"vmId": self._vm_id} if self._vm_id is not None else {}),
-            )
-        if isinstance(item, CallerGone):
-            raise CallerGoneError("the client went away during the launch")
-        if isinstance(item, StreamEnded):
-            if stopping:
+            if isinstance(item, SessionReset):
+                raise self._reset_error(item)
+            if isinstance(item, StreamEnded):
+                if stopping:
+                    return item  # the client is done with this launch: stopped or gone
+                raise LaunchAbortedError("the client closed the launch stream before it finished")
+            if isinstance(item, expect):
                 return item
-            raise LaunchAbortedError("the client closed the launch stream before it finished")
-        if isinstance(item, expect):
-            return item
-        what = item.what if isinstance(item, Unexpected) else type(item).__name__
-        raise InvalidArgumentError("request", f"unexpected {what} at this step of the launch")
+            if stopping and isinstance(item, VmStarted | VmStartFailed):
+                continue  # sent before the client saw `stop_vm`: stale, not wrong
+            raise InvalidArgumentError(
+                "request", f"`{_field_of(item)}` is out of turn at this step of the launch"
+            )
+
+    def _reset_error(self, reset: SessionReset) -> MmsConnectionLostError:
+        return MmsConnectionLostError(
+            f"the mms connection (session {reset.session}) was lost during the launch; mms "
+            "dropped the VM being launched",
+            session=reset.session,
+            **({"vmId": self._vm_id} if self._vm_id is not None else {}),
+        )
 
     def _release(self) -> None:
         """Release the pending start; remove the reservation unless it launched or is gone."""
@@ -326,3 +445,13 @@ class LaunchRun:
             "its launch ended before the reservation came back",
             then=lambda: slot.release(self._token),
         )
+
+
+def _field_of(item: ClientItem) -> str:
+    if isinstance(item, Unexpected):
+        return item.field
+    return {
+        VmStarted: "vm_started",
+        VmStartFailed: "vm_start_failed",
+        VmStopped: "vm_stopped",
+    }.get(type(item), "event")

@@ -5,10 +5,15 @@
 gRPC runs as a ``grpc.aio`` server on its own event-loop thread, and every handler (ours,
 health, reflection) is a coroutine on that loop: a call costs no thread hand-off of its own, a
 thousand watchers cost no thousand threads, coalesced stats callers all wake in one loop pass,
-and a caller that hangs up cancels its coroutine, which is how the bridge learns it left. The
-operations that block (a start waiting for the slot, a launch waiting for its client) run on
-the ``rpc`` thread pool under a coroutine. Everything reaches mms only through the one
-connection thread.
+and a caller that hangs up cancels its coroutine, which is how the bridge learns it left. A
+launch is a coroutine too (waiting for the start slot or for its client costs no thread), and
+start leases are loop timers. The unary start/rebalance operations still block, on the ``rpc``
+thread pool under a coroutine. Everything reaches mms only through the one connection thread.
+
+HTTP/2 keepalive: the server pings every connection that has been quiet for
+``keepalive_time_s`` and drops it if the ping is not answered within ``keepalive_timeout_s``,
+so a client whose host vanished (no FIN, no RST) is noticed in about half a minute and its
+launch or lease-less wait released; client pings no more often than every 10 s are allowed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._reflection import enable_reflection
 from ._servicer import MemoryServicer
 from ._servicer import add_to_server as add_memory_service
+from ._starts import loop_timer
 from ._watch import WatchHub
 from .sim import Simulator
 
@@ -150,6 +156,7 @@ class ManateeServer:
         if metrics is not None:
             attach_metrics(metrics, self.connection, self.bridge)
         loop = self._loop = asyncio.new_event_loop()
+        self.bridge.slot.use_call_later(loop_timer(loop))
         self.watch_hub = WatchHub(
             lambda vm_ids: self.bridge.get_balloon_stats(
                 vm_ids, CallContext.with_timeout(WATCH_POLL_TIMEOUT_S)
@@ -200,6 +207,7 @@ class ManateeServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *_keepalive_options(config),
             ],
         )
         add_memory_service(self.servicer, self._grpc)
@@ -313,6 +321,21 @@ async def _finish_tasks() -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+def _keepalive_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Server pings that find vanished clients, and a ping policy that accepts clients' own
+    keepalives (gRPC's default policy answers pings more often than 5 min with GOAWAY)."""
+    return [
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # Recent gRPC cores time an unacknowledged ping with this one (default 1 min).
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def create_server(config: ServerConfig) -> tuple[ManateeServer, int]:

@@ -22,14 +22,13 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
-from . import _aio
 from . import _validation as validate
 from ._books import VmRecord, VmState
 from ._bridge import CallContext, MemoryBridge
 from ._errors import InvalidArgumentError, ManateeError, ServerShuttingDownError
 from ._launch import (
+    ClientItem,
     Inbox,
-    InboxItem,
     Launched,
     LaunchEvent,
     LaunchPolicy,
@@ -245,7 +244,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.bridge = bridge
         self._launch_policy = launch_policy
         self._watch_hub = watch_hub
-        # Where launches run their blocking steps (the server's RPC thread pool).
+        # Where the blocking unary steps run (the server's RPC thread pool); launches need none.
         self._blocking_pool = blocking_pool
         self._shutting_down = threading.Event()
         # Called with (method, final code, seconds) once per RPC: the metrics hook.
@@ -373,13 +372,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 mem_size_bytes, init_mem_size_bytes, ctx, request_id
             ),
         )
-        return pb.PrepareVmResponse(
+        response = pb.PrepareVmResponse(
             vm_id=result.vm_id,
             reserved=result.reserved,
             shortfall_bytes=result.shortfall_bytes,
             balloon_control_path=result.balloon_control_path,
             session=result.session_id,
         )
+        if result.lease_expire_unix_s is not None:
+            response.lease_expire_time.CopyFrom(_timestamp(result.lease_expire_unix_s))
+        return response
 
     @_guard_async
     async def FinishAddVm(
@@ -419,14 +421,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     # --- launch --------------------------------------------------------------------------------
 
-    @_guard_async_stream
-    async def LaunchVm(
+    # The generated stub types a stream handler as an iterator; gRPC also takes a coroutine
+    # that writes through the context (its "reader/writer API"), which this is.
+    @_guard_async
+    async def LaunchVm(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.LaunchVmRequest],
         context: aio.ServicerContext[pb.LaunchVmRequest, pb.LaunchVmResponse],
-    ) -> AsyncIterator[pb.LaunchVmResponse]:
+    ) -> None:
+        # A coroutine writing with context.write (not a generator): when the caller leaves, the
+        # launch is cancelled where it waits and its finally blocks release what it holds.
         self._check_open()
-        ctx = CallContext.with_timeout(_timeout_s(context))
+        timeout_s = _timeout_s(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidArgumentError("start", "the first LaunchVm message must be `start`")
@@ -436,30 +442,23 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             start.init_mem_size_bytes if start.HasField("init_mem_size_bytes") else None,
             prefix="start.",
         )
-        inbox = Inbox()
+        inbox = Inbox(asyncio.get_running_loop())
         reader = asyncio.create_task(_read_client(request_iterator, inbox))
         run = LaunchRun(
             self.bridge,
             mem_size_bytes=mem_size_bytes,
             init_mem_size_bytes=init_mem_size_bytes,
-            ctx=ctx,
             inbox=inbox,
             policy=self._launch_policy,
+            caller_gone=context.cancelled,
         )
-        # The launch waits on mms, on back-off timers and on the client, in plain blocking
-        # code: it runs on a pool thread and hands its events to this coroutine.
-        events: asyncio.Queue[LaunchEvent | _RunEnded] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(self._blocking_pool, _drive_launch, run, loop, events)
+
+        async def emit(event: LaunchEvent) -> None:
+            await context.write(self._launch_event(event))
+
         try:
-            while not isinstance(item := await events.get(), _RunEnded):
-                yield self._launch_event(item)
-            if item.error is not None:
-                raise item.error
+            await run.run(emit, timeout_s)
         finally:
-            # Normal end, error, or the caller cancelled (CancelledError here): in the last
-            # case the run, still going on its thread, learns it and rolls back what it holds.
-            ctx.mark_gone()
             reader.cancel()
 
     def _launch_event(self, event: LaunchEvent) -> pb.LaunchVmResponse:
@@ -472,6 +471,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         elif isinstance(event, Reserved):
             message.reserved.vm_id = event.vm_id
             message.reserved.balloon_control_path = event.balloon_control_path
+            message.reserved.lease_expire_time.CopyFrom(_timestamp(event.lease_expire_unix_s))
             message.reserved.session = self.bridge.books.session_id
         elif isinstance(event, StopVm):
             message.stop_vm.vm_id = event.vm_id
@@ -483,27 +483,6 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             if record is not None:
                 message.launched.vm.CopyFrom(self._vm_info(record))
         return message
-
-
-@dataclass(frozen=True, slots=True)
-class _RunEnded:
-    error: Exception | None = None
-
-
-def _drive_launch(
-    run: LaunchRun,
-    loop: asyncio.AbstractEventLoop,
-    events: asyncio.Queue[LaunchEvent | _RunEnded],
-) -> None:
-    """On a pool thread: run the launch to its end, passing each event to the loop."""
-    ended = _RunEnded()
-    try:
-        for event in run.events():
-            _aio.call_soon_from_thread(loop, events.put_nowait, event)
-    except Exception as error:  # ManateeErrors become the status; anything else INTERNAL
-        ended = _RunEnded(error)
-    # With the loop closed nobody reads this; the run has cleaned up all the same.
-    _aio.call_soon_from_thread(loop, events.put_nowait, ended)
 
 
 async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox) -> None:
@@ -518,7 +497,7 @@ async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox
     inbox.put(StreamEnded())
 
 
-def _client_event(request: pb.LaunchVmRequest) -> InboxItem:
+def _client_event(request: pb.LaunchVmRequest) -> ClientItem:
     kind = request.WhichOneof("event")
     if kind == "vm_started":
         return VmStarted()
@@ -526,7 +505,7 @@ def _client_event(request: pb.LaunchVmRequest) -> InboxItem:
         return VmStartFailed(request.vm_start_failed.reason)
     if kind == "vm_stopped":
         return VmStopped()
-    return Unexpected(kind or "an empty message")
+    return Unexpected(kind or "event")
 
 
 # --- conversions ---------------------------------------------------------------------------------
@@ -605,7 +584,7 @@ def _delta(delta: BalloonDelta) -> pb.BalloonDelta:
 
 _VM_STATES = {
     VmState.STARTING: pb.VM_STATE_STARTING,
-    VmState.FAILED: pb.VM_STATE_STARTING,
+    VmState.FAILED: pb.VM_STATE_START_FAILED,
     VmState.RUNNING: pb.VM_STATE_RUNNING,
 }
 

@@ -1,9 +1,11 @@
 """The one pending start that mms allows, owned on behalf of one caller at a time.
 
-Every start mms opens is tracked by exactly one claim. LaunchVm calls queue for the claim in
-arrival order and hold it alone for the whole launch (a bare call on its VM is refused with
-START_IN_PROGRESS). Bare PrepareVm calls share one unary claim, and the start they open holds it
-under a lease, so a caller that vanished cannot block every later start.
+Every start mms opens is tracked by exactly one claim. LaunchVm coroutines queue for the claim
+in arrival order (an asyncio future each: a queued launch holds no thread) and hold it alone for
+the whole launch (a bare call on its VM is refused with START_IN_PROGRESS). A launch that leaves
+the queue (its caller left, its deadline passed) leaves no trace here. Bare PrepareVm calls
+share one unary claim, and the start they open holds it under a lease, so a caller that
+vanished cannot block every later start.
 
 The claim follows the wire, as the books do; that is what makes it race-free:
 
@@ -27,6 +29,7 @@ The claim follows the wire, as the books do; that is what makes it race-free:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import enum
 import logging
@@ -37,12 +40,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
-from ._errors import (
-    DeadlineExceededError,
-    LaunchAbortedError,
-    MmsConnectionError,
-    StartInProgressError,
-)
+from . import _aio
+from ._errors import MmsConnectionError, StartInProgressError
 from ._messages import (
     RES_ENOMEM,
     RES_OK,
@@ -72,7 +71,11 @@ class Claim:
     owner: Owner
     token: object
     vm_id: int | None = None  # the start's VM, once mms answered the PrepareVm that opened it
-    lease_timer: threading.Timer | None = None
+    # When the lease of a start opened by bare PrepareVm runs out (wall clock), or None. A lease
+    # timer that fires for an older lease, or after the claim ended, does nothing.
+    lease_expire_unix_s: float | None = None
+    lease_generation: int = 0
+    lease_ran_out: bool = False  # the lease timer fired while this claim held the start
     # Bare PrepareVm calls sent under this claim and not yet answered (unary claims).
     prepares_in_flight: int = 0
     # FinishAddVm / RemoveVm of ``vm_id`` queued or on the wire: a join now could land after.
@@ -90,80 +93,125 @@ class BarePrepare:
     claim: Claim
     request: PrepareVmRequest
     future: Future[PrepareVmResponse]
+    # No start was pending in mms when it answered (the slot follows the wire): then a -22
+    # can only mean the VM is too large for the CrOS guest.
+    answered_idle: bool = False
     opened: bool = False  # mms answered, and the answer opened the claim's start
     caller_left: bool = False
 
 
 RemoveStart = Callable[[int, str], None]  # send RemoveVm for (vm_id, why); must not block
+# Run a callback after a delay, from any thread; must not block. Never cancelled: a lease
+# callback checks whether its lease still holds.
+CallLater = Callable[[float, Callable[[], None]], None]
+
+
+def thread_timer(delay_s: float, callback: Callable[[], None]) -> None:
+    """A CallLater for a slot without an event loop (unit tests, tools): a daemon Timer."""
+    timer = threading.Timer(delay_s, callback)
+    timer.daemon = True
+    timer.name = "start-lease"
+    timer.start()
+
+
+def loop_timer(loop: asyncio.AbstractEventLoop) -> CallLater:
+    """A CallLater on the server's event loop: a lease costs a timer entry, not a thread."""
+
+    def call_later(delay_s: float, callback: Callable[[], None]) -> None:
+        _aio.call_soon_from_thread(loop, loop.call_later, delay_s, callback)
+
+    return call_later
+
+
+@dataclass(slots=True, eq=False)
+class _LaunchWaiter:
+    """A queued launch: woken (its future completed) when it may take the free slot."""
+
+    token: object
+    wake: asyncio.Future[None]
 
 
 class StartSlot:
     """Who owns mms's pending start, a ConnectionObserver; see the module docstring."""
 
     def __init__(
-        self, connection: MmsConnection, lease_s: float, remove_start: RemoveStart
+        self,
+        connection: MmsConnection,
+        lease_s: float,
+        remove_start: RemoveStart,
+        call_later: CallLater = thread_timer,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._connection = connection
         self._lease_s = lease_s
         self._remove_start = remove_start
+        self._call_later = call_later
+        self._clock = clock
         # Reentrant: a future that is already done runs its callback at once, under the lock.
-        self._cond = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
         self._claim: Claim | None = None
-        self._waiters: collections.deque[object] = collections.deque()
-        self._aborted: set[object] = set()
+        self._waiters: collections.deque[_LaunchWaiter] = collections.deque()
+
+    @property
+    def lease_s(self) -> float:
+        return self._lease_s
+
+    def use_call_later(self, call_later: CallLater) -> None:
+        """Run lease timers with ``call_later`` from now on (the server's event loop)."""
+        self._call_later = call_later
 
     @property
     def claim(self) -> Claim | None:
         return self._claim
 
     def launches_waiting(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._waiters)
 
     # --- launches ------------------------------------------------------------------------------
 
-    def acquire_for_launch(self, token: object, timeout_s: float | None) -> None:
-        """Wait, in arrival order, until this launch owns the pending start."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._cond:
-            self._waiters.append(token)
-            try:
-                while not (self._claim is None and self._waiters[0] is token):
-                    if token in self._aborted:
-                        raise LaunchAbortedError("the launch was cancelled while queued")
-                    remaining_s = None if deadline is None else deadline - time.monotonic()
-                    if remaining_s is not None and remaining_s <= 0:
-                        raise DeadlineExceededError(
-                            "deadline passed while waiting for earlier launches to finish",
-                            launchesAhead=self._waiters.index(token),
-                        )
-                    self._cond.wait(remaining_s)
-                self._claim = Claim(Owner.LAUNCH, token)
-            finally:
-                self._waiters.remove(token)
-                self._aborted.discard(token)
-                self._cond.notify_all()
+    async def acquire_for_launch(self, token: object) -> None:
+        """Wait, in arrival order, until this launch owns the pending start.
 
-    def abort_waiter(self, token: object) -> None:
-        """Wake a queued launch whose caller went away (or stop it before it queues)."""
-        with self._cond:
-            if self._claim is None or self._claim.token is not token:
-                self._aborted.add(token)
-                self._cond.notify_all()
+        Cancelling the wait (the caller left, its deadline passed) takes the launch out of the
+        queue and hands its turn on; nothing of it stays here.
+        """
+        with self._lock:
+            if self._claim is None and not self._waiters:
+                self._claim = Claim(Owner.LAUNCH, token)
+                return
+            waiter = _LaunchWaiter(token, asyncio.get_running_loop().create_future())
+            self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter.wake
+                with self._lock:
+                    if self._claim is None and self._waiters[0] is waiter:
+                        self._waiters.popleft()
+                        self._claim = Claim(Owner.LAUNCH, token)
+                        return
+                    # Woken, but a bare start got in first: wait for the next release.
+                    waiter.wake = asyncio.get_running_loop().create_future()
+        except BaseException:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                self._wake_next()
+            raise
 
     def set_vm_id(self, token: object, vm_id: int) -> None:
-        with self._cond:
+        with self._lock:
             if self._claim is not None and self._claim.token is token:
                 self._claim.vm_id = vm_id
 
     def release(self, token: object) -> None:
-        with self._cond:
+        with self._lock:
             if self._claim is not None and self._claim.token is token:
                 self._drop_claim()
 
     def release_all(self) -> None:
         """mms forgot its pending start (the session reset): nobody owns it any more."""
-        with self._cond:
+        with self._lock:
             if self._claim is not None:
                 self._drop_claim()
 
@@ -171,7 +219,7 @@ class StartSlot:
 
     def submit_prepare(self, request: PrepareVmRequest) -> BarePrepare:
         """Send a bare PrepareVm under the unary claim, or refuse it (StartInProgressError)."""
-        with self._cond:
+        with self._lock:
             claim = self._claim
             if claim is not None and claim.owner is Owner.LAUNCH:
                 raise self._launch_in_progress_error()
@@ -201,7 +249,7 @@ class StartSlot:
 
     def caller_left(self, prepare: BarePrepare) -> None:
         """The caller stopped waiting for ``prepare``; if its answer opens the start, remove it."""
-        with self._cond:
+        with self._lock:
             prepare.caller_left = True
             if prepare.opened:
                 self._remove_unfinished(prepare.claim, "its PrepareVm caller went away")
@@ -224,7 +272,7 @@ class StartSlot:
         ``refuse_if_launching``: a caller's own call on the VM a launch is starting is refused
         (StartInProgressError): that start is not theirs.
         """
-        with self._cond:
+        with self._lock:
             claim = self._claim
             if claim is not None and claim.vm_id != request.vm_id:
                 claim = None  # another VM: this call cannot end the pending start
@@ -250,7 +298,7 @@ class StartSlot:
         self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
     ) -> None:
         del session, round_trip_s
-        with self._cond:
+        with self._lock:
             if isinstance(request, PrepareVmRequest) and isinstance(response, PrepareVmResponse):
                 # mms answers an id for a start it opened or topped up (res 0 or -12).
                 if response.res in (RES_OK, RES_ENOMEM):
@@ -284,8 +332,9 @@ class StartSlot:
 
     def _prepare_done(self, prepare: BarePrepare) -> None:
         # After on_response when mms answered; also when the call failed or was cancelled.
-        with self._cond:
+        with self._lock:
             claim = prepare.claim
+            prepare.answered_idle = claim.vm_id is None
             claim.prepares_in_flight -= 1
             prepare.opened = claim.opened_by is prepare.request
             self._drop_if_nothing_opened(claim)
@@ -293,7 +342,7 @@ class StartSlot:
                 self._remove_unfinished(claim, "its PrepareVm caller went away")
 
     def _end_done(self, claim: Claim) -> None:
-        with self._cond:
+        with self._lock:
             claim.ends_in_flight -= 1
             if claim.ends_in_flight == 0 and claim.remove_when_idle is not None:
                 why, claim.remove_when_idle = claim.remove_when_idle, None
@@ -318,16 +367,16 @@ class StartSlot:
             self._drop_claim()
 
     def _start_lease(self, claim: Claim) -> None:
-        if claim.lease_timer is not None:
-            claim.lease_timer.cancel()
-        timer = threading.Timer(self._lease_s, self._lease_expired, args=(claim,))
-        timer.daemon = True
-        timer.name = f"start-lease-{claim.vm_id}"
-        claim.lease_timer = timer
-        timer.start()
+        claim.lease_generation += 1
+        claim.lease_expire_unix_s = self._clock() + self._lease_s
+        generation = claim.lease_generation
+        self._call_later(self._lease_s, lambda: self._lease_expired(claim, generation))
 
-    def _lease_expired(self, claim: Claim) -> None:
-        with self._cond:
+    def _lease_expired(self, claim: Claim, generation: int) -> None:
+        with self._lock:
+            if claim is not self._claim or claim.lease_generation != generation:
+                return  # the start ended (or got a new lease) before this timer fired
+            claim.lease_ran_out = True
             self._remove_unfinished(claim, "its PrepareVm lease expired before FinishAddVm")
 
     def _launch_in_progress_error(self) -> StartInProgressError:
@@ -339,7 +388,10 @@ class StartSlot:
 
     def _drop_claim(self) -> None:
         assert self._claim is not None
-        if self._claim.lease_timer is not None:
-            self._claim.lease_timer.cancel()
         self._claim = None
-        self._cond.notify_all()
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        """The slot is free: let the first queued launch take it (on its own loop)."""
+        if self._claim is None and self._waiters:
+            _aio.wake_soon(self._waiters[0].wake)

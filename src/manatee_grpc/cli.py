@@ -84,8 +84,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--prepare-lease",
         type=float,
         default=defaults.prepare_lease_s,
-        help="seconds a bare PrepareVm start may wait for FinishAddVm or RemoveVm "
-        "(default %(default)s)",
+        help="the start lease: seconds a bare PrepareVm start may wait for FinishAddVm or "
+        "RemoveVm, and a LaunchVm for `vm_started` after `reserved` (default %(default)s)",
     )
     parser.add_argument(
         "--launch-attempt-delays",

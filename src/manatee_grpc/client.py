@@ -125,6 +125,12 @@ def _translated(request_id: str | None = None) -> Iterator[None]:
         raise translated from error
 
 
+# A launch waits for the launches queued ahead of it, up to 5 reservation attempts (5 s of
+# back-off) and the caller's own crosvm start: minutes at most. A launch must never hang for
+# ever on a server or network that went quiet, so it has a deadline unless the caller opts out.
+DEFAULT_LAUNCH_TIMEOUT_S = 300.0
+
+
 class Client:
     """A connection to a manatee-grpc server.
 
@@ -274,15 +280,16 @@ class Client:
         stop_vm: Callable[[int], None],
         init_mem_size_bytes: int | None = None,
         on_progress: Callable[[int, int], None] | None = None,
-        timeout_s: float | None = None,
+        timeout_s: float | None = DEFAULT_LAUNCH_TIMEOUT_S,
     ) -> pb.VmInfo:
         """Launch a sibling VM over one LaunchVm stream and return it once it runs.
 
         ``start_vm(vm_id, balloon_control_path)`` starts crosvm once memory is reserved and says
         whether it did; ``stop_vm(vm_id)`` stops it when the server asks; ``on_progress(attempt,
         shortfall_bytes)`` hears of each reservation attempt that fell short. ``timeout_s`` bounds
-        the whole launch (None: no deadline). If a callback raises, the call is cancelled (the
-        server releases the reservation) and the exception propagates.
+        the whole launch (default 5 min, enough for a queue of launches ahead; None: no
+        deadline). If a callback raises, the call is cancelled (the server releases the
+        reservation) and the exception propagates.
         """
         start = pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes)
         if init_mem_size_bytes is not None:

@@ -8,20 +8,29 @@ simulator's start state, and that the next launch still gets the one pending sta
 
 from __future__ import annotations
 
+import json
 import queue
+import select
+import socket
+import subprocess
+import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
 
-from manatee_grpc import ManateeServer
+from manatee_grpc import SERVICE_NAME, Client, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._memory_math import MIB, extra_bytes
 from manatee_grpc._messages import FinishAddVmRequest, MessageType, PrepareVmRequest
+from manatee_grpc.client import DEFAULT_LAUNCH_TIMEOUT_S
 from manatee_grpc.sim import StartState
 
 from .conftest import start_server
@@ -34,6 +43,7 @@ from .helpers import (
     simulator,
     wait_until,
 )
+from .test_grpcurl import GRPCURL
 
 # 2 GiB starts with concierge's default of 1000 MiB; the rest begins inside the VM's balloon.
 MEM_BYTES = 2048 * MIB
@@ -109,10 +119,7 @@ class LaunchClient:
         return response
 
     def expect_reserved(self) -> pb.LaunchVmResponse.Reserved:
-        """A first attempt that reserves everything, then `reserved`."""
-        progress = self.expect("progress").progress
-        assert (progress.attempt, progress.shortfall_bytes) == (1, 0)
-        assert not progress.HasField("next_attempt_delay")  # no further attempt
+        """A first attempt that reserves everything: `reserved` at once, no `progress`."""
         return self.expect("reserved").reserved
 
     def expect_ok_end(self) -> None:
@@ -461,8 +468,6 @@ def test_two_launches_are_served_one_after_the_other(
     def second_launch() -> int:
         with launch(stub) as client:
             client.start(SMALL_MEM_BYTES)
-            client.expect("progress")
-            record("B progress")
             reserved = client.expect("reserved").reserved
             record("B reserved")
             client.vm_started()
@@ -488,8 +493,8 @@ def test_two_launches_are_served_one_after_the_other(
 
     order = recorded()
     assert order[:2] == ["A reserved", "A vm_started"]
-    assert sorted(order[2:]) == ["A launched", "B launched", "B progress", "B reserved"]
-    assert order.index("B progress") < order.index("B reserved") < order.index("B launched")
+    assert sorted(order[2:]) == ["A launched", "B launched", "B reserved"]
+    assert order.index("B reserved") < order.index("B launched")
     assert first_vm_id != second_vm_id
     # mms saw A's start finish before B's reservation began.
     starts = [
@@ -558,7 +563,8 @@ def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
         with pytest.raises(grpc.RpcError) as caught:
             # The same sizes: mms itself would happily top up (and hand over) the launch's start.
             stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=MEM_BYTES), timeout=RPC_TIMEOUT_S)
-        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # ABORTED + RetryInfo: the condition clears by itself (gRPC's retry guidance).
+        assert caught.value.code() == grpc.StatusCode.ABORTED
         info = error_info(caught.value)
         assert info.reason == "START_IN_PROGRESS"
         assert info.metadata["vmId"] == str(reserved.vm_id)
@@ -574,7 +580,7 @@ def test_prepare_vm_is_refused_while_a_launch_holds_the_pending_start(
         ):
             with pytest.raises(grpc.RpcError) as caught:
                 call()
-            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert caught.value.code() == grpc.StatusCode.ABORTED
             assert error_info(caught.value).reason == "START_IN_PROGRESS"
         assert request_count(server, MessageType.FINISH_ADD_VM) == 0
         assert request_count(server, MessageType.REMOVE_VM) == 0
@@ -687,3 +693,403 @@ def test_session_reset_during_a_launch_stops_the_vm_and_ends_unavailable(
     wait_released(server, stub, cros_before)
     assert request_count(server, MessageType.REMOVE_VM) == 0  # mms forgot the VM by itself
     assert run_launch(stub) == reserved.vm_id + 1
+
+
+# --- safety: starts always move (I1) -------------------------------------------------------------
+
+LEASE_S = 1.0
+
+
+@pytest.fixture
+def short_lease_server() -> Iterator[ManateeServer]:
+    """A server whose start lease (and the time a client gets to stop its VM) is one second."""
+    server = start_server(prepare_lease_s=LEASE_S, launch_stop_timeout_s=LEASE_S)
+    yield server
+    server.stop(grace_s=1.0)
+
+
+@pytest.fixture
+def short_lease_stub(short_lease_server: ManateeServer) -> Iterator[pb_grpc.MemoryServiceStub]:
+    with grpc.insecure_channel(short_lease_server.address) as channel:
+        yield pb_grpc.MemoryServiceStub(channel)
+
+
+def test_a_quiet_launch_loses_the_start_when_its_lease_runs_out(
+    short_lease_server: ManateeServer, short_lease_stub: pb_grpc.MemoryServiceStub
+) -> None:
+    server, stub = short_lease_server, short_lease_stub
+    cros_before = cros_balloon_bytes(stub)
+    # Alive, connected, no deadline, and silent after `reserved`: it must not hold the start.
+    with launch(stub, timeout_s=None) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        stop = client.expect("stop_vm").stop_vm  # its VM may be running: it is asked to stop it
+        assert stop.vm_id == reserved.vm_id
+        assert "lease" in stop.reason
+        error = client.expect_error()  # it never answers: removed after the stop timeout
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = error_info(error)
+    assert (info.reason, info.metadata["vmId"]) == ("LEASE_EXPIRED", str(reserved.vm_id))
+    wait_released(server, stub, cros_before)
+    assert request_count(server, MessageType.FINISH_ADD_VM) == 0
+    assert run_launch(stub) == reserved.vm_id + 1
+
+
+def test_a_quiet_launch_that_answers_stop_vm_is_removed_once_it_stopped() -> None:
+    # A stop timeout far longer than the test: the removal can only follow `vm_stopped`.
+    server = start_server(prepare_lease_s=LEASE_S, launch_stop_timeout_s=600.0)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            cros_before = cros_balloon_bytes(stub)
+            with launch(stub, timeout_s=None) as client:
+                client.start(MEM_BYTES)
+                reserved = client.expect_reserved()
+                client.expect("stop_vm")
+                assert request_count(server, MessageType.REMOVE_VM) == 0  # its VM may still run
+                client.send(pb.LaunchVmRequest(vm_stopped=pb.LaunchVmRequest.VmStopped()))
+                error = client.expect_error()
+            assert error_info(error).reason == "LEASE_EXPIRED"
+            wait_released(server, stub, cros_before)
+            assert request_count(server, MessageType.REMOVE_VM) == 1
+            assert run_launch(stub) == reserved.vm_id + 1
+    finally:
+        server.stop(grace_s=1.0)
+
+
+def _unix_s(timestamp: object) -> float:
+    from google.protobuf import timestamp_pb2
+
+    assert isinstance(timestamp, timestamp_pb2.Timestamp)
+    return timestamp.seconds + timestamp.nanos / 1e9
+
+
+def test_reserved_and_prepare_vm_carry_the_lease_expiry(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    lease_s = server.config.prepare_lease_s
+    before_s = time.time()
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        after_s = time.time()
+        assert reserved.HasField("lease_expire_time")
+        assert before_s + lease_s <= _unix_s(reserved.lease_expire_time) <= after_s + lease_s
+        client.vm_started()
+        client.expect("launched")
+        client.expect_ok_end()
+
+    before_s = time.time()
+    prepared = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=SMALL_MEM_BYTES), timeout=RPC_TIMEOUT_S
+    )
+    after_s = time.time()
+    assert prepared.HasField("lease_expire_time")
+    assert before_s + lease_s <= _unix_s(prepared.lease_expire_time) <= after_s + lease_s
+    # A top-up of the same start keeps its lease: the start is not extended by retrying.
+    again = stub.PrepareVm(
+        pb.PrepareVmRequest(mem_size_bytes=SMALL_MEM_BYTES), timeout=RPC_TIMEOUT_S
+    )
+    assert again.vm_id == prepared.vm_id
+    assert again.lease_expire_time == prepared.lease_expire_time
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=RPC_TIMEOUT_S)
+
+
+class FreezableProxy:
+    """A TCP proxy that can stop forwarding without closing anything: to each end, the other
+    one has vanished (a host that lost power or network sends no FIN and no RST)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.frozen = threading.Event()
+        self._closing = threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        self._pumps: list[threading.Thread] = []
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target_port))
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                pump = threading.Thread(
+                    target=self._pump, args=(source, sink), name="proxy-pump", daemon=True
+                )
+                self._pumps.append(pump)
+                pump.start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while not self._closing.is_set():
+                ready, _, _ = select.select([source], [], [], 0.05)
+                if not ready or self.frozen.is_set():
+                    continue  # frozen: read nothing, send nothing, close nothing
+                data = source.recv(65536)
+                if not data:
+                    return
+                sink.sendall(data)
+        except (OSError, ValueError):
+            return  # the proxy is closing (a closed socket has fd -1)
+
+    def close(self) -> None:
+        self._closing.set()
+        for sock in self._sockets:
+            sock.close()
+        for pump in self._pumps:
+            pump.join(5.0)
+
+
+def test_a_client_whose_host_vanished_is_noticed_by_keepalive_and_its_launch_released() -> None:
+    # Keepalive shortened from 20 s + 10 s; the lease stays long, so only keepalive can act.
+    server = start_server(keepalive_time_s=0.5, keepalive_timeout_s=0.5, prepare_lease_s=600.0)
+    assert server.config.listen.startswith("127.0.0.1")
+    proxy = FreezableProxy(server.port)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            cros_before = cros_balloon_bytes(stub)
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as far_channel:
+                far_stub = pb_grpc.MemoryServiceStub(far_channel)
+                with launch(far_stub, timeout_s=None) as client:
+                    client.start(MEM_BYTES)
+                    client.expect_reserved()
+                    proxy.frozen.set()  # the client's host is gone, its socket still open
+                    # The server's pings go unanswered: it drops the connection and the launch.
+                    wait_released(server, stub, cros_before)
+            assert request_count(server, MessageType.REMOVE_VM) == 1
+    finally:
+        proxy.close()
+        server.stop(grace_s=1.0)
+
+
+def test_the_client_and_the_cli_give_a_launch_a_deadline_by_default(tmp_path: Path) -> None:
+    """A fake LaunchVm service records the deadline each launch arrives with."""
+    seen_remaining_s: list[float | None] = []
+
+    def launch_vm(requests: Iterator[object], context: grpc.ServicerContext) -> Iterator[bytes]:
+        seen_remaining_s.append(context.time_remaining())
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the fake only records the deadline")
+        yield b""
+
+    fake = grpc.server(ThreadPoolExecutor(max_workers=2))
+    handler: grpc.RpcMethodHandler[object, bytes] = grpc.stream_stream_rpc_method_handler(launch_vm)
+    fake.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE_NAME, {"LaunchVm": handler})]
+    )
+    port = fake.add_insecure_port("127.0.0.1:0")
+    fake.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client, pytest.raises(ManateeRpcError):
+            client.launch_vm(MEM_BYTES, start_vm=lambda vm_id, path: True, stop_vm=lambda _: None)
+        result = subprocess.run(
+            [sys.executable, "-m", "manatee_grpc", "launch", "512MiB", "--start-cmd", "true",
+             "--server", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode != 0
+    finally:
+        fake.stop(None)
+    assert len(seen_remaining_s) == 2
+    # A deadline of a few minutes, not none (gRPC reports no deadline as ~1e18 s or None).
+    assert all(r is not None and 60 < r <= DEFAULT_LAUNCH_TIMEOUT_S for r in seen_remaining_s)
+
+
+# --- safety: the start slot forgets, and a caller who left costs nothing (I6) --------------------
+
+
+def slot_is_empty(server: ManateeServer) -> bool:
+    """The slot remembers nothing: no claim, and every collection it owns is empty."""
+    slot = server.bridge.slot
+    held = [value for value in vars(slot).values() if isinstance(value, set | list | dict | deque)]
+    return slot.claim is None and all(len(value) == 0 for value in held)
+
+
+def test_the_start_slot_forgets_every_finished_launch(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    # Launches that end every way: launched, start failed, half-closed, cancelled while queued.
+    vm_ids = [run_launch(stub, SMALL_MEM_BYTES, SMALL_INIT_BYTES) for _ in range(3)]
+    with launch(stub) as client:
+        client.start(SMALL_MEM_BYTES)
+        client.expect_reserved()
+        client.send(pb.LaunchVmRequest(vm_start_failed=pb.LaunchVmRequest.VmStartFailed()))
+        client.expect_error()
+    with launch(stub) as client:
+        client.start(SMALL_MEM_BYTES)
+        client.expect_reserved()
+        client.close()
+        client.expect_error()
+    with launch(stub) as holder:
+        holder.start(SMALL_MEM_BYTES)
+        holder.expect_reserved()
+        with launch(stub) as queued:
+            queued.start(SMALL_MEM_BYTES)
+            wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "the launch queues")
+            queued.call.cancel()
+        holder.vm_started()
+        holder.expect("launched")
+        holder.expect_ok_end()
+    wait_until(lambda: slot_is_empty(server), "the start slot holds nothing")
+    assert len(set(vm_ids)) == 3
+
+
+@pytest.fixture
+def one_worker_server() -> Iterator[ManateeServer]:
+    """A server with one handler-pool thread (the pool serves the blocking unary steps)."""
+    server = start_server(max_workers=1)
+    yield server
+    server.stop(grace_s=1.0)
+
+
+def test_a_launch_whose_caller_left_before_it_queued_sends_nothing_to_mms(
+    one_worker_server: ManateeServer,
+) -> None:
+    server = one_worker_server
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        with launch(stub) as holder:
+            holder.start(SMALL_MEM_BYTES)
+            holder.expect_reserved()
+            counts_before = dict(simulator(server).request_counts)
+            with launch(stub) as gone:
+                gone.start(SMALL_MEM_BYTES)
+                # The server has its start: it is queued for the slot (or, were launches run on
+                # the pool, waiting for the pool's one thread, which the holder's launch holds).
+                pool = server._pool
+                wait_until(
+                    lambda: (
+                        server.bridge.slot.launches_waiting() == 1
+                        or (pool is not None and pool._work_queue.qsize() > 0)
+                    ),
+                    "the server has the second launch",
+                )
+                assert gone.call.cancel()
+            holder.vm_started()
+            holder.expect("launched")
+            holder.expect_ok_end()
+        # One more launch after both: behind anything the departed launch could still send.
+        next_vm_id = run_launch(stub, SMALL_MEM_BYTES, SMALL_INIT_BYTES)
+    counts = simulator(server).request_counts
+    # Only the holder's FinishAddVm and the last launch reached mms; nothing for the one that left.
+    assert counts[MessageType.PREPARE_VM] == counts_before[MessageType.PREPARE_VM] + 1
+    assert counts[MessageType.REMOVE_VM] == counts_before[MessageType.REMOVE_VM]
+    assert next_vm_id == 2
+
+
+# --- safety: LaunchVm is a deterministic protocol (I7) -------------------------------------------
+
+
+def _start_message(mem_size_bytes: int = SMALL_MEM_BYTES) -> pb.LaunchVmRequest:
+    return pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes))
+
+
+VM_STARTED = pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted())
+
+
+def test_start_vm_started_and_half_close_sent_at_once_always_launch(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    outcomes: list[tuple[str, tuple[str | None, ...]]] = []
+    for _ in range(20):
+        # A list as the request stream: both messages, then the half-close, as fast as gRPC can.
+        call = stub.LaunchVm(iter([_start_message(), VM_STARTED]), timeout=LAUNCH_TIMEOUT_S)
+        try:
+            events: list[str | None] = [response.WhichOneof("event") for response in call]
+            outcome: tuple[str, tuple[str | None, ...]] = (call.code().name, tuple(events))
+        except grpc.RpcError as error:
+            outcome = (error.code().name, (error.details(),))
+        outcomes.append(outcome)
+        if outcome[0] == "OK":
+            vm_id = stub.ListVms(pb.ListVmsRequest(), timeout=RPC_TIMEOUT_S).vms[-1].vm_id
+            stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=RPC_TIMEOUT_S)
+    assert outcomes == [("OK", ("reserved", "launched"))] * 20
+    assert request_count(server, MessageType.FINISH_ADD_VM) == 20
+
+
+def test_a_second_start_is_invalid_argument_whenever_it_arrives(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_before = cros_balloon_bytes(stub)
+    call = stub.LaunchVm(iter([_start_message(), _start_message()]), timeout=LAUNCH_TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start" in (caught.value.details() or "")
+    wait_released(server, stub, cros_before)
+
+
+def test_a_first_attempt_that_reserves_sends_no_progress(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        first = next(client.call)
+        assert first.WhichOneof("event") == "reserved"  # progress means an attempt fell short
+        client.vm_started()
+        client.expect("launched")
+        client.expect_ok_end()
+
+
+def test_grpcurl_launches_with_one_d_holding_start_and_vm_started(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    data = json.dumps({"start": {"mem_size_bytes": SMALL_MEM_BYTES}}) + " " + '{"vm_started":{}}'
+    result = subprocess.run(
+        [str(GRPCURL), "-plaintext", "-d", data, server.address,
+         "manatee.memory.v1.MemoryService/LaunchVm"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    decoder = json.JSONDecoder()
+    events, text = [], result.stdout.strip()
+    while text:
+        message, end = decoder.raw_decode(text)
+        events.append(message)
+        text = text[end:].strip()
+    assert [next(iter(event)) for event in events] == ["reserved", "launched"]
+    assert events[1]["launched"]["vm"]["state"] == "VM_STATE_RUNNING"
+    assert listed_vm_ids(stub) == [0, int(events[0]["reserved"]["vm_id"])]
+
+
+# --- safety: each failure names its own cause (I8) -----------------------------------------------
+
+
+def test_a_failed_start_has_its_own_state(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    sim = simulator(server)
+    sim.set_crosvm_connect_timeout(0.05)
+    sim.fail_crosvm_connect(count=1)
+    with launch(stub) as client:
+        client.start(MEM_BYTES)
+        reserved = client.expect_reserved()
+        client.vm_started()
+        client.expect("stop_vm")
+        # FinishAddVm failed; mms holds the VM until it is removed: not "starting" any more.
+        states = {vm.vm_id: vm.state for vm in stub.ListVms(pb.ListVmsRequest()).vms}
+        assert states[reserved.vm_id] == pb.VM_STATE_START_FAILED
+        client.send(pb.LaunchVmRequest(vm_stopped=pb.LaunchVmRequest.VmStopped()))
+        client.expect_error()
+
+
+def test_a_start_larger_than_the_cros_guest_is_invalid_argument(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    cros_bytes = simulator(server).with_model(lambda model: model.scenario.cros_mem_size_bytes)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=cros_bytes), timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["mem_size_bytes"]
+    assert "CrOS guest" in (caught.value.details() or "")
+    with launch(stub) as client:
+        client.start(cros_bytes)
+        error = client.expect_error()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(error) == ["start.mem_size_bytes"]
+    assert server.bridge.slot.claim is None

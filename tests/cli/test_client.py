@@ -184,7 +184,7 @@ def test_launch_vm_starts_the_vm_and_returns_it(client: Client) -> None:
     assert vm.init_mem_size_bytes == 256 * MIB
     assert [vm_id for vm_id, _ in started] == [1]
     assert started[0][1].endswith(".sock")
-    assert progress == [(1, 0)]
+    assert progress == []  # progress is only for attempts that fell short
     assert vm_ids(client) == [0, 1]
 
 

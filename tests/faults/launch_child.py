@@ -1,8 +1,10 @@
 """A LaunchVm client in a process of its own, for the orphan tests to SIGKILL at any step.
 
-Usage: ``python launch_child.py TARGET MEM_SIZE_BYTES INIT_MEM_SIZE_BYTES {hold,start}``.
+Usage: ``python launch_child.py TARGET MEM_SIZE_BYTES INIT_MEM_SIZE_BYTES {hold,start,quiet=N}``.
 With ``hold`` it never answers `reserved` (its VM "is still starting"); with ``start`` it
-answers `vm_started` at once.
+answers `vm_started` at once; with ``quiet=N`` it opens N launches on one channel, each sending
+`start` and nothing more (one is reserved, the others queue), printing ``reserved VM_ID`` for the
+one that is reserved. It uses grpc.aio there, so its N streams cost it no N threads.
 It prints one line per step it reaches, flushed, so the test can synchronise on them:
 ``calling``, ``progress ATTEMPT SHORTFALL_BYTES``, ``reserved VM_ID``, ``vm-started VM_ID``,
 ``launched VM_ID``, ``error CODE``. Then it waits (for the next event, or for its death).
@@ -10,6 +12,7 @@ It prints one line per step it reaches, flushed, so the test can synchronise on 
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 from collections.abc import Iterator
@@ -20,9 +23,31 @@ from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 
 
+async def quiet_launches(target: str, start: pb.LaunchVmRequest.Start, count: int) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        calls = [stub.LaunchVm() for _ in range(count)]
+        for call in calls:
+            await call.write(pb.LaunchVmRequest(start=start))
+        print("calling", flush=True)
+
+        async def watch(call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+            async for response in call:
+                if response.WhichOneof("event") == "reserved":
+                    print("reserved", response.reserved.vm_id, flush=True)
+
+        await asyncio.gather(*(watch(call) for call in calls), return_exceptions=True)
+
+
 def main() -> int:
     target, mode = sys.argv[1], sys.argv[4]
     mem_size_bytes, init_mem_size_bytes = int(sys.argv[2]), int(sys.argv[3])
+    if mode.startswith("quiet="):
+        start = pb.LaunchVmRequest.Start(
+            mem_size_bytes=mem_size_bytes, init_mem_size_bytes=init_mem_size_bytes
+        )
+        asyncio.run(quiet_launches(target, start, int(mode.removeprefix("quiet="))))
+        return 0
     outbox: queue.Queue[pb.LaunchVmRequest] = queue.Queue()
     start = pb.LaunchVmRequest.Start(
         mem_size_bytes=mem_size_bytes, init_mem_size_bytes=init_mem_size_bytes

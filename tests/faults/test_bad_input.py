@@ -12,8 +12,9 @@ of range. Each answer is exactly what an oracle written from the API's rules pre
   RebalanceMemory, FinishAddVm and RemoveVm of a VM the server does not know are NOT_FOUND
   (VM_NOT_FOUND, naming the field); FinishAddVm of the running sibling reaches mms, which refuses
   it (FAILED_PRECONDITION MMS_EINVAL: it is not the pending start); PrepareVm or a LaunchVm start
-  not smaller than the CrOS guest's memory reaches mms, which refuses it (FAILED_PRECONDITION
-  MMS_EINVAL); a LaunchVm mms cannot fully reserve in five attempts is RESOURCE_EXHAUSTED
+  not smaller than the CrOS guest's memory reaches mms (only mms knows that size), which refuses
+  it: INVALID_ARGUMENT naming the size, with reachedMms in ErrorInfo; a LaunchVm mms cannot fully
+  reserve in five attempts is RESOURCE_EXHAUSTED
   (MMS_ENOMEM); a LaunchVm client's second message decides the rest (vm_started: launched;
   vm_start_failed: FAILED_PRECONDITION VM_START_FAILED; anything else: INVALID_ARGUMENT
   ``request``; a half-close: ABORTED LAUNCH_ABORTED).
@@ -429,12 +430,13 @@ def test_prepare_vm(device: Device, mem_bytes: int, init_bytes: int | None) -> N
         # Leave nothing pending for the next example (and check it was really opened).
         assert response.reserved == (response.shortfall_bytes == 0)
         device.stub.RemoveVm(pb.RemoveVmRequest(vm_id=response.vm_id), timeout=CALL_TIMEOUT_S)
-    check_reached_mms(answer, watched, device)
     field = sizes_violation(mem_bytes, init_bytes)
+    check_reached_mms(answer, watched, device, refused=field is not None)
     if field is not None:
         assert_invalid(answer, field)
     elif mem_bytes >= CROS_MEM_BYTES:
-        assert (answer.code, answer.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MMS_EINVAL")
+        assert_invalid(answer, "mem_size_bytes")
+        assert dict(answer.metadata)["reachedMms"] == "true"
     else:
         assert answer.code == OK, answer
 
@@ -547,7 +549,8 @@ def test_launch_vm(
         assert events == []
         return
     if mem_bytes >= CROS_MEM_BYTES:
-        assert (answer.code, answer.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "MMS_EINVAL")
+        assert_invalid(answer, "start.mem_size_bytes")
+        assert dict(answer.metadata)["reachedMms"] == "true"
         return
     if "reserved" not in events:
         # Every attempt fell short: five progress reports, then out of memory.

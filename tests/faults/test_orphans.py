@@ -187,3 +187,51 @@ def test_the_child_is_a_real_launch_client(
     finally:
         child.kill()
     assert listed_vm_ids(stub) == [0, vm_id]
+
+
+# --- waiting costs no thread (I5) ----------------------------------------------------------------
+
+QUIET_LAUNCHES = 200
+# Threads the few calls below may add to the handler pool (it grows one thread per call that
+# finds none idle); the 200 launches must add none.
+THREAD_SLACK = 4
+
+
+def test_quiet_launches_hold_no_thread_and_leave_every_other_call_served(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    """200 launches that send `start` and then nothing (one reserved, 199 queued), from another
+    process so that only the server's threads are counted here, with the default 64 workers."""
+    assert server.config.max_workers == 64
+    running_vm_id = run_launch(stub)
+
+    def other_calls_answer() -> None:
+        # Each within a generous deadline; what "fast" means is `make bench`'s business.
+        stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT_S)
+        stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=CALL_TIMEOUT_S)
+        for delta_bytes in (-4 * MIB, 4 * MIB):
+            delta = pb.BalloonDelta(vm_id=running_vm_id, delta_bytes=delta_bytes)
+            stub.RebalanceMemory(pb.RebalanceMemoryRequest(deltas=[delta]), timeout=CALL_TIMEOUT_S)
+
+    other_calls_answer()  # the pool threads these calls use exist before counting
+    threads_before = threading.active_count()
+    child = Child(server.address, VM_MEM_BYTES, f"quiet={QUIET_LAUNCHES}")
+    try:
+        child.expect("calling")
+        child.expect("reserved")
+        # Nearly as many quiet launches as the handler pool has threads are queued.
+        wait_until(lambda: launches_waiting(server) >= 60, "60 launches queue", timeout_s=WAIT_S)
+        other_calls_answer()
+        wait_until(
+            lambda: launches_waiting(server) == QUIET_LAUNCHES - 1,
+            "every other launch queues",
+            timeout_s=3 * WAIT_S,
+        )
+        other_calls_answer()
+        assert threading.active_count() <= threads_before + THREAD_SLACK
+    finally:
+        child.kill()
+    # The child's death ends every launch: the queue empties and the reservation goes.
+    wait_until(lambda: launches_waiting(server) == 0, "the queue is empty", timeout_s=3 * WAIT_S)
+    wait_until(lambda: listed_vm_ids(stub) == [0, running_vm_id], "only the running VM is left")
+    assert_conserved(stub)

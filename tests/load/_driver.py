@@ -79,7 +79,7 @@ EXPECTED: dict[str, frozenset[tuple[str, str]]] = {
         {
             OK,
             # A launch owns mms's single pending start, or launches are queued for it.
-            ("FAILED_PRECONDITION", "START_IN_PROGRESS"),
+            ("ABORTED", "START_IN_PROGRESS"),
         }
     ),
     "FinishAddVm": frozenset(

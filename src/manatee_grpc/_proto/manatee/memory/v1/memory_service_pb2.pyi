@@ -39,6 +39,10 @@ class _VmStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VmState.Value
     """Memory is reserved or being reserved (PrepareVm) and FinishAddVm has not yet succeeded."""
     VM_STATE_RUNNING: _VmState.ValueType  # 2
     """The VM runs and mms controls its balloon. The CrOS guest is always running."""
+    VM_STATE_START_FAILED: _VmState.ValueType  # 3
+    """FinishAddVm failed: the VM never ran under mms control; mms holds its reservation until
+    RemoveVm (a LaunchVm does that itself).
+    """
 
 class VmState(_VmState, metaclass=_VmStateEnumTypeWrapper):
     """The lifecycle state of a VM, as the server tracks it."""
@@ -49,6 +53,10 @@ VM_STATE_STARTING: VmState.ValueType  # 1
 """Memory is reserved or being reserved (PrepareVm) and FinishAddVm has not yet succeeded."""
 VM_STATE_RUNNING: VmState.ValueType  # 2
 """The VM runs and mms controls its balloon. The CrOS guest is always running."""
+VM_STATE_START_FAILED: VmState.ValueType  # 3
+"""FinishAddVm failed: the VM never ran under mms control; mms holds its reservation until
+RemoveVm (a LaunchVm does that itself).
+"""
 Global___VmState: _TypeAlias = VmState  # noqa: Y015
 
 class _UnreadableReason:
@@ -749,6 +757,7 @@ class PrepareVmResponse(_message.Message):
     RESERVED_FIELD_NUMBER: _builtins.int
     SHORTFALL_BYTES_FIELD_NUMBER: _builtins.int
     BALLOON_CONTROL_PATH_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
     """The id mms assigned to the pending VM; the same on every attempt for the same start."""
@@ -762,6 +771,13 @@ class PrepareVmResponse(_message.Message):
     """The balloon control socket the new VM's crosvm must connect to."""
     session: _builtins.str
     """The mms session `vm_id` belongs to."""
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the start's lease runs out: unless FinishAddVm or RemoveVm reaches the server before
+        then, the server removes the pending start so that others can start VMs. Set whenever mms
+        answered with the start's id (`reserved` or not).
+        """
+
     def __init__(
         self,
         *,
@@ -769,11 +785,12 @@ class PrepareVmResponse(_message.Message):
         reserved: _builtins.bool = ...,
         shortfall_bytes: _builtins.int = ...,
         balloon_control_path: _builtins.str = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         session: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "reserved", b"reserved", "session", b"session", "shortfall_bytes", b"shortfall_bytes", "vm_id", b"vm_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "lease_expire_time", b"lease_expire_time", "reserved", b"reserved", "session", b"session", "shortfall_bytes", b"shortfall_bytes", "vm_id", b"vm_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -930,7 +947,9 @@ class LaunchVmRequest(_message.Message):
 
     @_typing.final
     class Start(_message.Message):
-        """Starts the launch; must be the stream's first message, and only once."""
+        """Starts the launch; must be the stream's first message, and only once (a second `start` is
+        INVALID_ARGUMENT, whenever it arrives).
+        """
 
         DESCRIPTOR: _descriptor.Descriptor
 
@@ -1052,7 +1071,9 @@ class LaunchVmResponse(_message.Message):
 
     @_typing.final
     class Progress(_message.Message):
-        """A reservation attempt left a shortfall; the server will try again after a delay."""
+        """A reservation attempt fell short (only such attempts are reported); unless it was the last
+        one, the server tries again after `next_attempt_delay`.
+        """
 
         DESCRIPTOR: _descriptor.Descriptor
 
@@ -1065,7 +1086,7 @@ class LaunchVmResponse(_message.Message):
         """Memory still missing after that attempt, in bytes."""
         @_builtins.property
         def next_attempt_delay(self) -> _duration_pb2.Duration:
-            """How long the server waits before the next attempt."""
+            """How long the server waits before the next attempt; unset after the last attempt."""
 
         def __init__(
             self,
@@ -1083,13 +1104,14 @@ class LaunchVmResponse(_message.Message):
     @_typing.final
     class Reserved(_message.Message):
         """The memory is reserved: the client must now start crosvm and answer `vm_started` or
-        `vm_start_failed`.
+        `vm_start_failed` before `lease_expire_time`.
         """
 
         DESCRIPTOR: _descriptor.Descriptor
 
         VM_ID_FIELD_NUMBER: _builtins.int
         BALLOON_CONTROL_PATH_FIELD_NUMBER: _builtins.int
+        LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
         SESSION_FIELD_NUMBER: _builtins.int
         vm_id: _builtins.int
         """The id mms assigned to the new VM."""
@@ -1097,24 +1119,31 @@ class LaunchVmResponse(_message.Message):
         """The balloon control socket the new VM's crosvm must connect to."""
         session: _builtins.str
         """The mms session `vm_id` belongs to."""
+        @_builtins.property
+        def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
+            """When the start lease runs out: with no `vm_started` by then, the server sends `stop_vm`,
+            releases the reservation and ends the stream with DEADLINE_EXCEEDED (LEASE_EXPIRED).
+            """
+
         def __init__(
             self,
             *,
             vm_id: _builtins.int = ...,
             balloon_control_path: _builtins.str = ...,
+            lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
             session: _builtins.str = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "session", b"session", "vm_id", b"vm_id"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["balloon_control_path", b"balloon_control_path", "lease_expire_time", b"lease_expire_time", "session", b"session", "vm_id", b"vm_id"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     @_typing.final
     class StopVm(_message.Message):
-        """The server asks the client to stop the VM it started, because finishing the start failed
-        or the mms session was reset. The client answers `vm_stopped`; the stream then ends with
-        the error status.
+        """The server asks the client to stop the VM it started, because finishing the start failed,
+        the start lease ran out, or the mms session was reset. The client answers `vm_stopped`; the
+        stream then ends with the error status.
         """
 
         DESCRIPTOR: _descriptor.Descriptor

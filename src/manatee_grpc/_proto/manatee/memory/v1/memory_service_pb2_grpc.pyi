@@ -57,27 +57,31 @@ class MemoryServiceStub:
     google.rpc.RetryInfo. The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
+                           One exception: a start not smaller than the CrOS guest's memory, which
+                           only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
                            mms session, or the request's `session` is not the current one
                            (SESSION_RESET).
       FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
-                           nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
-                           new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
-                           LaunchVm stream holds the device's one pending start, or a PrepareVm
-                           came while that start's FinishAddVm/RemoveVm was on its way to mms
-                           (START_IN_PROGRESS, with RetryInfo: retry once it settles); or the
-                           LaunchVm client sent `vm_start_failed` (VM_START_FAILED). A launch's
-                           reservation is always released.
+                           nothing reached mms); mms refused the call as a state conflict (mms -22,
+                           MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
+                           MMS_EIO); or the LaunchVm client sent `vm_start_failed`
+                           (VM_START_FAILED). A launch's reservation is always released.
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
-      ABORTED              the LaunchVm client closed its side of the stream before the launch
-                           finished (LAUNCH_ABORTED); the reservation is released.
+      ABORTED              the device's one pending start is held by a LaunchVm stream, by launches
+                           queued for it, or its FinishAddVm/RemoveVm is on its way to mms
+                           (START_IN_PROGRESS, with RetryInfo: it clears by itself, retry then);
+                           or the LaunchVm client closed its side of the stream before the launch
+                           finished (LAUNCH_ABORTED; the reservation is released).
       UNAVAILABLE          mms is unreachable or the connection to it was lost (MMS_UNAVAILABLE,
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
                            (MMS_PROTOCOL_ERROR).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
-                           completes: its effects are not undone.
+                           completes: its effects are not undone. Also a LaunchVm client that sent
+                           no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
+                           it was sent `stop_vm` and the reservation was released.
     Each RPC can return:
       GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
@@ -85,12 +89,12 @@ class MemoryServiceStub:
                            DEADLINE_EXCEEDED
       LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+      PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
                            DEADLINE_EXCEEDED
       FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+                           ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-                           INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -123,19 +127,31 @@ class MemoryServiceStub:
     LaunchVm: _grpc.StreamStreamMultiCallable[_memory_service_pb2.LaunchVmRequest, _memory_service_pb2.LaunchVmResponse]
     """Starts a sibling VM end to end: the recommended way to start one.
 
-    The server reserves memory (retrying PrepareVm with back-off and reporting `progress`),
-    sends `reserved` so the client starts crosvm, then completes the start once the client says
-    `vm_started`. The stream holds the device's one pending start: if it ends early (cancelled,
-    deadline, `vm_start_failed`), the server releases the reservation. The stream ends with OK
-    right after `launched`, or with an error status.
+    The client sends `start`. Launches queue in arrival order for the device's one pending
+    start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+    falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
+    completes the start once the client says `vm_started`, and sends `launched`.
+
+    Client messages are handled in order, whenever they arrive: a client may send `start` and
+    `vm_started` at once (the `vm_started` is applied once `reserved` is sent), and a half-close
+    after `vm_started` is a normal end. A second `start`, or a message out of turn, is
+    INVALID_ARGUMENT.
+
+    The wait for `vm_started` is bounded by the server's start lease (`--prepare-lease`,
+    default 60 s; `reserved.lease_expire_time`): past it the server sends `stop_vm`, releases
+    the reservation and ends the stream with DEADLINE_EXCEEDED (LEASE_EXPIRED). If the stream
+    ends early in any other way (cancelled, deadline, half-close, `vm_start_failed`), the server
+    also releases the reservation. The stream ends with OK right after `launched`, or with an
+    error status.
     """
     PrepareVm: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.PrepareVmRequest, _memory_service_pb2.PrepareVmResponse]
     """Reserves memory for a new sibling VM: one mms PrepareVm attempt (low-level step 1 of 3).
 
     Calling it again with the same sizes tops up the same pending start; this is how a caller
     retries. Not having enough memory yet is not an error: `reserved` is false and
-    `shortfall_bytes` says what is missing. Prefer LaunchVm, which also releases the
-    reservation if the caller goes away.
+    `shortfall_bytes` says what is missing. The start is leased: unless FinishAddVm or RemoveVm
+    comes before `lease_expire_time`, the server removes it. Prefer LaunchVm, which also
+    releases the reservation if the caller goes away.
     """
     FinishAddVm: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.FinishAddVmRequest, _memory_service_pb2.FinishAddVmResponse]
     """Completes the start of a reserved VM whose crosvm is running (low-level step 2 of 3).
@@ -180,27 +196,31 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     google.rpc.RetryInfo. The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
+                           One exception: a start not smaller than the CrOS guest's memory, which
+                           only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
                            mms session, or the request's `session` is not the current one
                            (SESSION_RESET).
       FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
-                           nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
-                           new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
-                           LaunchVm stream holds the device's one pending start, or a PrepareVm
-                           came while that start's FinishAddVm/RemoveVm was on its way to mms
-                           (START_IN_PROGRESS, with RetryInfo: retry once it settles); or the
-                           LaunchVm client sent `vm_start_failed` (VM_START_FAILED). A launch's
-                           reservation is always released.
+                           nothing reached mms); mms refused the call as a state conflict (mms -22,
+                           MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
+                           MMS_EIO); or the LaunchVm client sent `vm_start_failed`
+                           (VM_START_FAILED). A launch's reservation is always released.
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
-      ABORTED              the LaunchVm client closed its side of the stream before the launch
-                           finished (LAUNCH_ABORTED); the reservation is released.
+      ABORTED              the device's one pending start is held by a LaunchVm stream, by launches
+                           queued for it, or its FinishAddVm/RemoveVm is on its way to mms
+                           (START_IN_PROGRESS, with RetryInfo: it clears by itself, retry then);
+                           or the LaunchVm client closed its side of the stream before the launch
+                           finished (LAUNCH_ABORTED; the reservation is released).
       UNAVAILABLE          mms is unreachable or the connection to it was lost (MMS_UNAVAILABLE,
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
                            (MMS_PROTOCOL_ERROR).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
-                           completes: its effects are not undone.
+                           completes: its effects are not undone. Also a LaunchVm client that sent
+                           no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
+                           it was sent `stop_vm` and the reservation was released.
     Each RPC can return:
       GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
@@ -208,12 +228,12 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
                            DEADLINE_EXCEEDED
       LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+      PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
                            DEADLINE_EXCEEDED
       FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+                           ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-                           INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -243,19 +263,31 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     LaunchVm: _aio.StreamStreamMultiCallable[_memory_service_pb2.LaunchVmRequest, _memory_service_pb2.LaunchVmResponse]  # type: ignore[assignment]
     """Starts a sibling VM end to end: the recommended way to start one.
 
-    The server reserves memory (retrying PrepareVm with back-off and reporting `progress`),
-    sends `reserved` so the client starts crosvm, then completes the start once the client says
-    `vm_started`. The stream holds the device's one pending start: if it ends early (cancelled,
-    deadline, `vm_start_failed`), the server releases the reservation. The stream ends with OK
-    right after `launched`, or with an error status.
+    The client sends `start`. Launches queue in arrival order for the device's one pending
+    start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+    falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
+    completes the start once the client says `vm_started`, and sends `launched`.
+
+    Client messages are handled in order, whenever they arrive: a client may send `start` and
+    `vm_started` at once (the `vm_started` is applied once `reserved` is sent), and a half-close
+    after `vm_started` is a normal end. A second `start`, or a message out of turn, is
+    INVALID_ARGUMENT.
+
+    The wait for `vm_started` is bounded by the server's start lease (`--prepare-lease`,
+    default 60 s; `reserved.lease_expire_time`): past it the server sends `stop_vm`, releases
+    the reservation and ends the stream with DEADLINE_EXCEEDED (LEASE_EXPIRED). If the stream
+    ends early in any other way (cancelled, deadline, half-close, `vm_start_failed`), the server
+    also releases the reservation. The stream ends with OK right after `launched`, or with an
+    error status.
     """
     PrepareVm: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.PrepareVmRequest, _memory_service_pb2.PrepareVmResponse]  # type: ignore[assignment]
     """Reserves memory for a new sibling VM: one mms PrepareVm attempt (low-level step 1 of 3).
 
     Calling it again with the same sizes tops up the same pending start; this is how a caller
     retries. Not having enough memory yet is not an error: `reserved` is false and
-    `shortfall_bytes` says what is missing. Prefer LaunchVm, which also releases the
-    reservation if the caller goes away.
+    `shortfall_bytes` says what is missing. The start is leased: unless FinishAddVm or RemoveVm
+    comes before `lease_expire_time`, the server removes it. Prefer LaunchVm, which also
+    releases the reservation if the caller goes away.
     """
     FinishAddVm: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.FinishAddVmRequest, _memory_service_pb2.FinishAddVmResponse]  # type: ignore[assignment]
     """Completes the start of a reserved VM whose crosvm is running (low-level step 2 of 3).
@@ -299,27 +331,31 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     google.rpc.RetryInfo. The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
+                           One exception: a start not smaller than the CrOS guest's memory, which
+                           only mms knows, is refused by mms (ErrorInfo metadata reachedMms).
       NOT_FOUND            the VM id is unknown (reason VM_NOT_FOUND), or belongs to an earlier
                            mms session, or the request's `session` is not the current one
                            (SESSION_RESET).
       FAILED_PRECONDITION  the VM named is not running (VM_NOT_RUNNING: the server refused it,
-                           nothing reached mms); mms refused the call as a state conflict (mms -22, MMS_EINVAL); the
-                           new VM's crosvm never connected to its balloon (mms -5, MMS_EIO); a
-                           LaunchVm stream holds the device's one pending start, or a PrepareVm
-                           came while that start's FinishAddVm/RemoveVm was on its way to mms
-                           (START_IN_PROGRESS, with RetryInfo: retry once it settles); or the
-                           LaunchVm client sent `vm_start_failed` (VM_START_FAILED). A launch's
-                           reservation is always released.
+                           nothing reached mms); mms refused the call as a state conflict (mms -22,
+                           MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
+                           MMS_EIO); or the LaunchVm client sent `vm_start_failed`
+                           (VM_START_FAILED). A launch's reservation is always released.
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
-      ABORTED              the LaunchVm client closed its side of the stream before the launch
-                           finished (LAUNCH_ABORTED); the reservation is released.
+      ABORTED              the device's one pending start is held by a LaunchVm stream, by launches
+                           queued for it, or its FinishAddVm/RemoveVm is on its way to mms
+                           (START_IN_PROGRESS, with RetryInfo: it clears by itself, retry then);
+                           or the LaunchVm client closed its side of the stream before the launch
+                           finished (LAUNCH_ABORTED; the reservation is released).
       UNAVAILABLE          mms is unreachable or the connection to it was lost (MMS_UNAVAILABLE,
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
                            (MMS_PROTOCOL_ERROR).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
-                           completes: its effects are not undone.
+                           completes: its effects are not undone. Also a LaunchVm client that sent
+                           no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
+                           it was sent `stop_vm` and the reservation was released.
     Each RPC can return:
       GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
@@ -327,12 +363,12 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
                            DEADLINE_EXCEEDED
       LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
+      PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
                            DEADLINE_EXCEEDED
       FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+                           ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
+      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-      RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE,
-                           INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
     """
 
@@ -384,11 +420,22 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_memory_service_pb2.LaunchVmResponse], _abc.AsyncIterator[_memory_service_pb2.LaunchVmResponse]]:
         """Starts a sibling VM end to end: the recommended way to start one.
 
-        The server reserves memory (retrying PrepareVm with back-off and reporting `progress`),
-        sends `reserved` so the client starts crosvm, then completes the start once the client says
-        `vm_started`. The stream holds the device's one pending start: if it ends early (cancelled,
-        deadline, `vm_start_failed`), the server releases the reservation. The stream ends with OK
-        right after `launched`, or with an error status.
+        The client sends `start`. Launches queue in arrival order for the device's one pending
+        start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+        falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
+        completes the start once the client says `vm_started`, and sends `launched`.
+
+        Client messages are handled in order, whenever they arrive: a client may send `start` and
+        `vm_started` at once (the `vm_started` is applied once `reserved` is sent), and a half-close
+        after `vm_started` is a normal end. A second `start`, or a message out of turn, is
+        INVALID_ARGUMENT.
+
+        The wait for `vm_started` is bounded by the server's start lease (`--prepare-lease`,
+        default 60 s; `reserved.lease_expire_time`): past it the server sends `stop_vm`, releases
+        the reservation and ends the stream with DEADLINE_EXCEEDED (LEASE_EXPIRED). If the stream
+        ends early in any other way (cancelled, deadline, half-close, `vm_start_failed`), the server
+        also releases the reservation. The stream ends with OK right after `launched`, or with an
+        error status.
         """
 
     @_abc_1.abstractmethod
@@ -401,8 +448,9 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Calling it again with the same sizes tops up the same pending start; this is how a caller
         retries. Not having enough memory yet is not an error: `reserved` is false and
-        `shortfall_bytes` says what is missing. Prefer LaunchVm, which also releases the
-        reservation if the caller goes away.
+        `shortfall_bytes` says what is missing. The start is leased: unless FinishAddVm or RemoveVm
+        comes before `lease_expire_time`, the server removes it. Prefer LaunchVm, which also
+        releases the reservation if the caller goes away.
         """
 
     @_abc_1.abstractmethod
