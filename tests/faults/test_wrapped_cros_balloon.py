@@ -1,22 +1,17 @@
 """Issue 11, end to end: the real simulator wraps VM 0's balloon, and the gRPC API survives it.
 
-The simulator follows upstream mms: after the issue's five requests (case 2) and a hang-up, the
-CrOS balloon is below mms's own allocation and every stats answer reports VM 0's
-``balloon_actual`` as a wrapped u64. The server cannot send those requests itself (it appends the
-CrOS delta as minus the siblings' sum, and these deltas do not balance), so they go over a raw mms
-connection first, as tests/sim/test_sim_upstream.py does; only then does the gRPC server dial the
-same simulator. Through gRPC: VM 0 is unreadable (WRAPPED), a sibling launched through the server
-is served, the connection is the one the server dialled, health stays SERVING, a metric counts it.
+The simulator follows upstream mms: after the issue's five requests (case 2, sent over a raw mms
+connection by ``wrapped_cros``, since the server cannot send their unbalanced deltas) and a
+hang-up, every stats answer reports VM 0's ``balloon_actual`` as a wrapped u64. Only then does
+the gRPC server dial the same simulator. Through gRPC: VM 0 is unreadable (WRAPPED), a sibling
+launched through the server is served, the connection is the one the server dialled, health
+stays SERVING, a metric counts it.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import pytest
@@ -25,71 +20,26 @@ from api.helpers import health_status
 from google.protobuf import duration_pb2
 from metrics.conftest import scrape_until
 
-from manatee_grpc import ManateeServer, _transport
+from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._memory_math import MIB, extra_bytes
-from manatee_grpc._messages import MessageType
-from manatee_grpc.sim import Scenario, Simulator
+from manatee_grpc.sim import Simulator
 
 from .helpers import CALL_TIMEOUT_S, SERVICE_NAME, SERVING, start_vm
-
-GIB = 1024 * MIB
-# The issue's device: CrOS guest 4 GiB, 1.5 GiB of it in use, mms's allocation 32 MiB.
-ISSUE_DEVICE = Scenario(
-    cros_mem_size_bytes=4 * GIB,
-    cros_used_bytes=1536 * MIB,
-    cros_internal_allocation_bytes=32 * MIB,
-    # The sibling launched through the server later (VM 2: mms's ids go on after a hang-up)
-    # uses less than it starts with, so its balloon inflates in full.
-    vm_used_bytes={2: 2 * MIB},
+from .wrapped_cros import (
+    ALLOCATION_BYTES,
+    ISSUE_DEVICE,
+    WRAPPED_AFTER_HANG_UP,
+    wrap_the_cros_balloon,
 )
-ALLOCATION_BYTES = 32 * MIB
-# Case 2: crosvm's CrOS balloon ends at 0, 32 MiB below the allocation: 0 - 32 MiB as a u64.
-WRAPPED_AFTER_HANG_UP = 18446744073675997184
+
 # A sibling small enough that its reservation leaves the CrOS balloon below the allocation (so
 # VM 0 stays wrapped while the sibling runs): 64 MiB, 4 MiB of it at start.
 SIBLING_MEM_BYTES = 64 * MIB
 SIBLING_INIT_BYTES = 4 * MIB
 SIBLING_RESERVED_BYTES = SIBLING_INIT_BYTES + extra_bytes(SIBLING_MEM_BYTES)
 WRAPPED_WITH_SIBLING = 2**64 - (ALLOCATION_BYTES - SIBLING_RESERVED_BYTES)
-_HEADER = struct.Struct("<II")
-
-
-def _raw_call(sock: socket.socket, msg_type: MessageType, body: dict[str, Any]) -> Any:
-    """One mms request and its answer, as plain JSON (no bridge code on this side)."""
-    payload = json.dumps(body).encode()
-    sock.sendall(_HEADER.pack(len(payload), msg_type) + payload)
-    length, answered_type = _HEADER.unpack(_transport.recv_exactly(sock, _HEADER.size))
-    assert answered_type == msg_type
-    return json.loads(_transport.recv_exactly(sock, length))
-
-
-def _deltas(*deltas: tuple[int, int]) -> dict[str, Any]:
-    return {"deltas": [{"id": vm_id, "delta": delta} for vm_id, delta in deltas]}
-
-
-def _wrap_the_cros_balloon(sim: Simulator) -> None:
-    """The issue's case 2 on a raw connection, then hang up: mms drops VM 1 with it."""
-    sock = _transport.connect(sim.address, timeout_s=5.0)
-    sock.settimeout(10.0)  # a broken build fails here instead of hanging
-    try:
-        prepared = _raw_call(
-            sock, MessageType.PREPARE_VM, {"mem_size": 2 * GIB, "init_mem_size": 1000 * MIB}
-        )
-        assert prepared == {"res": 0, "id": 1, "shortfall": 0}
-        assert _raw_call(sock, MessageType.FINISH_ADD_VM, {"id": 1}) == {"res": 0}
-        first = _raw_call(
-            sock, MessageType.REBALANCE_MEMORY, _deltas((1, 1870659584), (0, -817889280))
-        )
-        assert first["actual_deltas"] == _deltas((1, 817889280), (0, -817889280))["deltas"]
-        second = _raw_call(
-            sock, MessageType.REBALANCE_MEMORY, _deltas((0, 983826432), (1, 1582301184))
-        )
-        assert second["actual_deltas"] == _deltas((0, -230686720), (1, 163577856))["deltas"]
-    finally:
-        sock.close()
-    assert sim.wait_until(lambda: sim.connections_closed == 1)
 
 
 @dataclass
@@ -114,7 +64,7 @@ class Device:
 @pytest.fixture
 def device() -> Iterator[Device]:
     with Simulator(ISSUE_DEVICE) as sim:
-        _wrap_the_cros_balloon(sim)
+        wrap_the_cros_balloon(sim)
         server = start_server(mms=str(sim.address), metrics_listen="127.0.0.1:0")
         try:
             with grpc.insecure_channel(server.address) as channel:
