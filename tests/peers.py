@@ -38,6 +38,7 @@ from manatee_grpc._messages import (
     Request,
     Response,
 )
+from manatee_grpc.sim._decode import RequestDecodeError, decode_request
 
 __all__ = [
     "ANSWER",
@@ -291,8 +292,8 @@ class ScriptedMms:
 
     def _record(self, connection: int, msg_type: int, body: bytes) -> Request | None:
         try:
-            request: Request | None = _wire.decode_request(msg_type, body)
-        except _wire.CodecError:
+            request: Request | None = decode_request(msg_type, body)
+        except RequestDecodeError:
             request = None
         with self._lock:
             self._requests.append(ReceivedRequest(connection, msg_type, request))

@@ -190,6 +190,23 @@ def _stats_row(stats: pb.VmBalloonStats) -> list[str]:
     return row
 
 
+def _reason_name(reason: pb.UnreadableReason.ValueType) -> str:
+    """``WRAPPED`` for UNREADABLE_REASON_WRAPPED; the number for a reason newer than this CLI."""
+    try:
+        return pb.UnreadableReason.Name(reason).removeprefix("UNREADABLE_REASON_")
+    except ValueError:
+        return str(reason)
+
+
+def _unreadable_json(unreadable: pb.UnreadableVm) -> dict[str, Any]:
+    return {
+        "vm_id": unreadable.vm_id,
+        "reason": _reason_name(unreadable.reason).lower(),
+        "mms_field": unreadable.mms_field,
+        "mms_value": unreadable.mms_value,
+    }
+
+
 def _deltas_json(deltas: Sequence[pb.BalloonDelta]) -> list[dict[str, int]]:
     return [{"vm_id": d.vm_id, "delta_bytes": d.delta_bytes} for d in deltas]
 
@@ -221,14 +238,23 @@ def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
                 "read_time": response.read_time.ToJsonString(),
                 "stats": [_stats_json(s) for s in response.stats],
                 "missing_vm_ids": list(response.missing_vm_ids),
+                "unreadable_vms": [_unreadable_json(u) for u in response.unreadable_vms],
             }
         )
         return 0
     header = ["VM", *(column for _, column, _ in _STAT_FIELDS)]
     rows = [_stats_row(s) for s in response.stats]
     print(format_table(header, rows, right=range(1, len(header))))
-    if response.missing_vm_ids:
-        print(f"no statistics for VM {', '.join(str(i) for i in response.missing_vm_ids)}")
+    # An unreadable VM is also in missing_vm_ids; say why mms's answer for it was refused.
+    for unreadable in response.unreadable_vms:
+        print(
+            f"VM {unreadable.vm_id}: unreadable ({_reason_name(unreadable.reason)}: "
+            f"{unreadable.mms_field}={unreadable.mms_value})"
+        )
+    unreadable_ids = {unreadable.vm_id for unreadable in response.unreadable_vms}
+    missing = [vm_id for vm_id in response.missing_vm_ids if vm_id not in unreadable_ids]
+    if missing:
+        print(f"no statistics for VM {', '.join(str(i) for i in missing)}")
     return 0
 
 

@@ -1,13 +1,13 @@
 """The mms wire codec: the 8-byte frame header and the JSON bodies of the five messages.
 
-Pure functions, no sockets. The bridge (client side) and the simulator (mms side) both frame and
-parse through here, so every protocol rule, and every way a peer can break it, lives in one place.
+Pure functions, no sockets. The bridge (client side) frames and parses through here, so every
+protocol rule, and every way a peer can break it, lives in one place; the simulator (mms side)
+frames its answers here and reads requests as serde_json did (sim/_decode.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import operator
 import struct
 from typing import Any, NamedTuple, TypeVar, cast
@@ -30,7 +30,6 @@ from manatee_grpc._messages import (
     RebalanceMemoryResponse,
     RemoveVmRequest,
     RemoveVmResponse,
-    Request,
     Response,
     UnreadableReason,
     UnreadableVm,
@@ -45,7 +44,6 @@ __all__ = [
     "RequestEncodeError",
     "check_response_header",
     "decode_header",
-    "decode_request",
     "decode_response",
     "encode_frame",
     "encode_request",
@@ -172,52 +170,8 @@ def decode_response(request: MmsRequest[_R], body: bytes) -> _R:
     return cast(_R, response)
 
 
-# --- server side (the simulator): requests in, responses out ----------------------------------
-
-
-def decode_request(msg_type: int, body: bytes) -> Request:
-    """Read a request the way mms did: sizes and deltas as f64 cast to integers, ids as u32."""
-    try:
-        kind = MessageType(msg_type)
-    except ValueError as exc:
-        raise CodecError(f"unknown message type {msg_type}") from exc
-    where = f"{_MESSAGE_NAMES[kind]} request"
-    # An empty dict travels as a zero-length body; mms then fails on the first missing key.
-    root: dict[str, object] = {} if len(body) == 0 else _load_json_object(body, where)
-    if kind is MessageType.GET_BALLOON_STATS:
-        ids = _list(_key(root, "ids", where), f"{where}: ids")
-        return GetBalloonStatsRequest(
-            vm_ids=tuple(
-                _int_in(vm_id, 0, U32_MAX, f"{where}: ids[{index}]")
-                for index, vm_id in enumerate(ids)
-            )
-        )
-    if kind is MessageType.REBALANCE_MEMORY:
-        entries = _list(_key(root, "deltas", where), f"{where}: deltas")
-        deltas = []
-        for index, entry in enumerate(entries):
-            entry_where = f"{where}: deltas[{index}]"
-            fields = _object(entry, entry_where)
-            deltas.append(
-                BalloonDelta(
-                    vm_id=_int_field(fields, "id", 0, U32_MAX, entry_where),
-                    delta_bytes=_f64_as_int(
-                        _number_as_f64(_key(fields, "delta", entry_where), f"{entry_where}.delta"),
-                        _I64_MIN,
-                        _I64_MAX,
-                    ),
-                )
-            )
-        return RebalanceMemoryRequest(deltas=tuple(deltas))
-    if kind is MessageType.PREPARE_VM:
-        return PrepareVmRequest(
-            mem_size_bytes=_size_field(root, "mem_size", where),
-            init_mem_size_bytes=_size_field(root, "init_mem_size", where),
-        )
-    vm_id = _int_field(root, "id", 0, U32_MAX, where)
-    if kind is MessageType.FINISH_ADD_VM:
-        return FinishAddVmRequest(vm_id=vm_id)
-    return RemoveVmRequest(vm_id=vm_id)
+# --- mms side (the simulator): responses out; it reads requests with its own serde-compatible
+# decoder (sim/_decode.py), since mms accepted more than the bridge ever sends.
 
 
 def encode_response(msg_type: MessageType, response: Response) -> bytes:
@@ -491,36 +445,3 @@ def _decode_delta(entry: object, where: str) -> BalloonDelta:
         vm_id=_int_field(fields, "id", 0, U32_MAX, where),
         delta_bytes=_int_field(fields, "delta", _I64_MIN, _I64_MAX, where),
     )
-
-
-def _number_as_f64(value: object, where: str) -> float:
-    """A JSON number as serde_json hands it to an f64 field: ints round, overflow is an error."""
-    if type(value) is int:
-        try:
-            number = float(value)
-        except OverflowError as exc:
-            raise CodecError(f"{where}: number out of range") from exc
-    elif type(value) is float:
-        number = value
-    else:
-        raise CodecError(f"{where}: expected a number, got {_brief(value)}")
-    # Python parses 1e400 as inf; serde_json refuses it as out of range.
-    if math.isinf(number):
-        raise CodecError(f"{where}: number out of range")
-    return number
-
-
-def _f64_as_int(number: float, lo: int, hi: int) -> int:
-    """Rust's ``f64 as u64/i64``: truncate toward zero, saturate at the bounds, NaN becomes 0."""
-    if math.isnan(number):
-        return 0
-    # int/float comparisons are exact in Python, so the bounds need no float rounding care.
-    if number <= lo:
-        return lo
-    if number >= hi:
-        return hi
-    return int(number)
-
-
-def _size_field(obj: dict[str, object], key: str, where: str) -> int:
-    return _f64_as_int(_number_as_f64(_key(obj, key, where), f"{where}.{key}"), 0, _U64_MAX)

@@ -10,8 +10,10 @@ import pytest
 from api.conftest import start_server
 from api.helpers import session_id, wait_until
 from faults.helpers import KillableMms
+from faults.wrapped_cros import ISSUE_DEVICE, WRAPPED_AFTER_HANG_UP, wrap_the_cros_balloon
 
 from manatee_grpc import Client, ManateeServer
+from manatee_grpc.sim import Simulator
 
 from .conftest import run_cli, vm_ids
 
@@ -77,12 +79,44 @@ def test_stats_table_json_and_missing_ids(server: ManateeServer) -> None:
     assert missing == "no statistics for VM 7"
 
     data = json.loads(run_cli("stats", "--json", "--server", server.address).stdout)
-    assert sorted(data) == ["missing_vm_ids", "read_time", "session", "stats"]
+    assert sorted(data) == ["missing_vm_ids", "read_time", "session", "stats", "unreadable_vms"]
     assert data["missing_vm_ids"] == []
+    assert data["unreadable_vms"] == []
     (cros,) = data["stats"]
     assert cros["vm_id"] == 0
     assert isinstance(cros["balloon_actual_bytes"], int)
     assert len(cros) == 14  # vm_id and all thirteen statistics, absent ones as null
+
+
+def test_stats_says_why_a_vm_is_unreadable() -> None:
+    """The real simulator with VM 0's balloon wrapped (issue 11): the reason, not "no stats"."""
+    with Simulator(ISSUE_DEVICE) as sim:
+        wrap_the_cros_balloon(sim)
+        server = start_server(mms=str(sim.address))
+        try:
+            table = run_cli("stats", "0", "7", "--server", server.address)
+            data = json.loads(
+                run_cli("stats", "0", "7", "--json", "--server", server.address).stdout
+            )
+        finally:
+            server.stop(grace_s=1.0)
+
+    assert table.returncode == 0, table.stderr
+    header, unreadable, missing = table.stdout.splitlines()
+    assert header.split()[:2] == ["VM", "BALLOON"]
+    assert unreadable == f"VM 0: unreadable (WRAPPED: balloon_actual={WRAPPED_AFTER_HANG_UP})"
+    assert missing == "no statistics for VM 7"  # 7 is unknown; 0 is named once, with its reason
+
+    assert data["stats"] == []
+    assert data["missing_vm_ids"] == [0, 7]
+    assert data["unreadable_vms"] == [
+        {
+            "vm_id": 0,
+            "reason": "wrapped",
+            "mms_field": "balloon_actual",
+            "mms_value": str(WRAPPED_AFTER_HANG_UP),
+        }
+    ]
 
 
 def test_rebalance_with_units_and_signs(server: ManateeServer, client: Client) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from manatee_grpc._messages import (
     BalloonDelta,
     FinishAddVmRequest,
     GetBalloonStatsRequest,
+    MessageType,
     PrepareVmRequest,
     RebalanceMemoryRequest,
     RemoveVmRequest,
@@ -16,7 +21,7 @@ from manatee_grpc._messages import (
 from manatee_grpc.sim._decode import RequestDecodeError, decode_request
 
 U64_MAX = 2**64 - 1
-I64_MAX = 2**63 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 
 
 @pytest.mark.parametrize(
@@ -66,9 +71,38 @@ def test_numbers_are_cast_like_rust() -> None:
 
 
 @pytest.mark.parametrize(
+    ("delta", "expected_bytes"),
+    [
+        (4096.9, 4096),
+        (-4096.9, -4096),
+        (-0.5, 0),
+        (1e300, I64_MAX),
+        (-1e300, I64_MIN),
+        (2**63 + 12345, I64_MAX),
+        (2**53 + 1, 2**53),  # rounds to the nearest double on the way in
+    ],
+)
+def test_deltas_are_cast_like_rust(delta: float, expected_bytes: int) -> None:
+    body = json.dumps({"deltas": [{"id": 1, "delta": delta}]}).encode()
+    request = decode_request(MessageType.REBALANCE_MEMORY, body)
+    assert request == RebalanceMemoryRequest(deltas=(BalloonDelta(1, expected_bytes),))
+
+
+@pytest.mark.parametrize(
+    ("size", "expected_bytes"),
+    [(8192.7, 8192), (-5.0, 0), (-(2**70), 0), (1e30, U64_MAX), (2**64 + 4096, U64_MAX)],
+)
+def test_sizes_are_cast_like_rust(size: float, expected_bytes: int) -> None:
+    body = json.dumps({"mem_size": size, "init_mem_size": 4096}).encode()
+    request = decode_request(MessageType.PREPARE_VM, body)
+    assert request == PrepareVmRequest(mem_size_bytes=expected_bytes, init_mem_size_bytes=4096)
+
+
+@pytest.mark.parametrize(
     ("msg_type", "body"),
     [
         (9, b'{"id": 1}'),  # unknown message type
+        (6, b'{"id": 1}'),
         (0, b"{}"),
         (5, b""),
         (5, b'{"id": 1} x'),  # trailing data
@@ -100,6 +134,20 @@ def test_numbers_are_cast_like_rust() -> None:
         (2, b'{"deltas": [[0]]}'),
         (1, b'{"ids": [0, 1.5]}'),
         (1, b'{"ids": null}'),
+        (1, b'{"ids": [4294967296]}'),
+        (1, b'{"ids": [-1]}'),
+        (1, b'{"ids": [true]}'),
+        (1, b'{"ids": "1"}'),
+        (1, b"[1, 2]"),
+        (2, b'{"deltas": [{"delta": 4096}]}'),
+        (2, b'{"deltas": [{"id": 1, "delta": "4096"}]}'),
+        (2, b'{"deltas": [{"id": 1, "delta": false}]}'),
+        (2, b'{"deltas": [{"id": 1, "delta": 1e400}]}'),
+        (2, b'{"deltas": [7]}'),
+        (3, b'{"mem_size": null, "init_mem_size": 0}'),
+        (4, b'{"id": 1.5}'),
+        (5, b'{"id": 1'),  # cut short
+        (5, b'\xff{"id": 1}'),
         (5, b'{"\\ud800": 0, "id": 1}'),  # a key is parsed as a string
         (5, b'{"\xff": 0, "id": 1}'),
         (5, b'\xef\xbb\xbf{"id": 1}'),  # a BOM is not whitespace
@@ -116,3 +164,39 @@ def test_bodies_mms_refused(msg_type: int, body: bytes) -> None:
 def test_nesting_up_to_serde_json_limit_is_accepted() -> None:
     body = b'{"id": 1, "x": ' + b"[" * 126 + b"]" * 126 + b"}"
     assert decode_request(5, body) == RemoveVmRequest(1)
+
+
+# --- anything else is either a request or a RequestDecodeError, never another exception ---------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["ids", "deltas", "id", "delta", "mem_size", "init_mem_size"]),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=30,
+)
+
+
+def _decoded_or_refused(msg_type: int, body: bytes) -> None:
+    try:
+        request = decode_request(msg_type, body)
+    except RequestDecodeError:
+        return
+    assert msg_type == request.TYPE
+
+
+@settings(deadline=None)
+@given(st.integers(-1, 8), st.binary(max_size=64))
+def test_fuzz_arbitrary_bytes(msg_type: int, body: bytes) -> None:
+    _decoded_or_refused(msg_type, body)
+
+
+@settings(deadline=None)
+@given(st.sampled_from(list(MessageType)), _json_values)
+def test_fuzz_json_with_the_protocols_keys(msg_type: MessageType, value: object) -> None:
+    _decoded_or_refused(msg_type, json.dumps(value).encode())
