@@ -108,7 +108,7 @@ def await_call(future: Future[R], ctx: CallContext, what: str) -> R:
     suffix = " (the request was sent and will complete)" if sent else " (never sent)"
     if ctx.gone:
         raise CallerGoneError(f"the caller went away waiting for mms {what}{suffix}")
-    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
+    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}", reached_mms=sent)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from ._bridge import MemoryBridge
-from ._connection import MmsConnection
+from ._connection import MmsConnection, Trouble
 from ._errors import MmsConnectionError
 from ._messages import (
     RES_OK,
@@ -238,6 +238,27 @@ class _StateCollector:
             "Number of the mms session: 1 for the first connect, +1 per reconnect (a reset).",
             value=connection.session,
         )
+        trouble = connection.trouble
+        for kind in Trouble:
+            yield GaugeMetricFamily(
+                f"manatee_mms_{kind.value}",
+                "1 while the mms stream is kept but not used because mms is "
+                + (
+                    "silent past its watchdog (health NOT_SERVING)."
+                    if kind is Trouble.HUNG
+                    else "out of step (health NOT_SERVING until an operator resets it)."
+                ),
+                value=1 if trouble is not None and trouble.kind is kind else 0,
+            )
+        at_stake = GaugeMetricFamily(
+            "manatee_mms_vm_at_stake",
+            "1 for each sibling VM a reset of the hung or out-of-step mms stream would drop.",
+            labels=["vm_id"],
+        )
+        if trouble is not None:
+            for vm_id in trouble.stakes.vm_ids:
+                at_stake.add_metric([str(vm_id)], 1)
+        yield at_stake
         claim = slot.claim
         yield GaugeMetricFamily(
             "manatee_reservations_pending",
