@@ -240,25 +240,22 @@ class _StateCollector:
         )
         trouble = connection.trouble
         for kind in Trouble:
-            yield GaugeMetricFamily(
+            gauge = GaugeMetricFamily(
                 f"manatee_mms_{kind.value}",
                 "1 while the mms stream is kept but not used because mms is "
                 + (
-                    "silent past its watchdog (health NOT_SERVING)."
+                    "silent past its watchdog (health NOT_SERVING)"
                     if kind is Trouble.HUNG
-                    else "out of step (health NOT_SERVING until an operator resets it)."
-                ),
-                value=1 if trouble is not None and trouble.kind is kind else 0,
+                    else "out of step (health NOT_SERVING until an operator resets it)"
+                )
+                + "; vms_at_stake names the sibling VMs a reset would drop.",
+                labels=["vms_at_stake"],
             )
-        at_stake = GaugeMetricFamily(
-            "manatee_mms_vm_at_stake",
-            "1 for each sibling VM a reset of the hung or out-of-step mms stream would drop.",
-            labels=["vm_id"],
-        )
-        if trouble is not None:
-            for vm_id in trouble.stakes.vm_ids:
-                at_stake.add_metric([str(vm_id)], 1)
-        yield at_stake
+            if trouble is not None and trouble.kind is kind:
+                gauge.add_metric([",".join(str(v) for v in trouble.stakes.vm_ids)], 1)
+            else:
+                gauge.add_metric([""], 0)
+            yield gauge
         claim = slot.claim
         yield GaugeMetricFamily(
             "manatee_reservations_pending",
