@@ -531,11 +531,15 @@ class MmsConnection:
                         return failure
                     deadline = time.monotonic() + watchdog_s  # look at the stakes again then
         except _OutOfStepError as exc:
-            _settle(call.future, self._protocol_error(session, msg_type, str(exc)))
-            return self._out_of_step(session, msg_type, str(exc))
+            error: MmsConnectionError = self._protocol_error(session, msg_type, str(exc))
+            failure = self._out_of_step(session, msg_type, str(exc))
+            error.stream_closed = failure is not None
+            _settle(call.future, error)
+            return failure
         except _wire.CodecError as exc:
             # Framing is broken (an absurd length): the stream cannot be used any more.
-            error: MmsConnectionError = self._protocol_error(session, msg_type, str(exc))
+            error = self._protocol_error(session, msg_type, str(exc))
+            error.stream_closed = True
             logger.error("closing the mms connection (session %d): %s", session, error.message)
             _settle(call.future, error)
             return error
@@ -552,10 +556,11 @@ class MmsConnection:
         except Exception as exc:
             # A bug of ours, halfway through a frame: where the stream stands is unknown.
             logger.exception("unexpected error in the mms round trip of %s", msg_type.name)
-            _settle(call.future, _internal_error(exc, msg_type, reached_mms=not outgoing.view))
-            return self._out_of_step(
+            failure = self._out_of_step(
                 session, msg_type, f"an unexpected {type(exc).__name__} while reading"
             )
+            _settle(call.future, _internal_error(exc, msg_type, reached_mms=not outgoing.view))
+            return failure
         self._answered(session, call, body, time.monotonic() - started)
         return None
 
@@ -607,6 +612,7 @@ class MmsConnection:
                 messageType=msg_type.name,
                 reached_mms=sent,
             )
+            error.stream_closed = True
             logger.error(
                 "RESETTING the mms connection (session %d): mms did not answer %s within "
                 "%.1f s and %s; mms drops what is at stake: %s",

@@ -150,14 +150,20 @@ class MmsConnectionError(ManateeError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "MMS_UNAVAILABLE"
     retry_delay_s: ClassVar[float | None] = 1.0
+    # Whether the stream this call was meant for is closed (mms dropped its VMs with it), or
+    # kept: a hung or out-of-step stream, or one answer with a bad body, leaves mms's VMs as
+    # they were.
+    stream_closed: bool = False
 
 
 class MmsUnavailableError(MmsConnectionError):
     reason = "MMS_UNAVAILABLE"
+    stream_closed = True
 
 
 class MmsConnectionLostError(MmsConnectionError):
     reason = "MMS_CONNECTION_LOST"
+    stream_closed = True
 
 
 class MmsHungError(MmsConnectionError):
