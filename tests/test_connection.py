@@ -471,11 +471,10 @@ def test_simulator_stopped_mid_call_fails_the_caller_at_once_and_the_next_call_r
                 assert first.wait_until(
                     lambda: first.request_counts[MessageType.GET_BALLOON_STATS] == 1
                 )
-                started = time.monotonic()
                 first.stop()
+                # At once (no deadline or watchdog is near): the stream is gone.
                 with pytest.raises(MmsConnectionLostError):
-                    future.result(timeout=30.0)
-                assert time.monotonic() - started < 5.0
+                    future.result(timeout=WAIT_S)
                 assert recorder.wait(lambda: len(recorder.disconnects) >= 1)
 
                 with Simulator(listen=address) as second:
@@ -502,11 +501,9 @@ def test_peer_hanging_up_mid_call_fails_the_caller_at_once_and_the_next_call_rec
     with open_connection(peer.address, recorder) as conn:
         future = conn.submit(GET_CROS_STATS)
         assert peer.wait_for_requests(1, WAIT_S)
-        started = time.monotonic()
         peer.drop_connection()
         with pytest.raises(MmsConnectionLostError):
-            future.result(timeout=30.0)
-        assert time.monotonic() - started < 5.0
+            future.result(timeout=WAIT_S)
         assert recorder.wait_session(2)
         assert conn.call(GET_CROS_STATS, WAIT_S).all_stats == ()
         assert conn.session == 2
@@ -928,11 +925,9 @@ def test_a_bad_body_fails_that_call_only_and_the_next_call_uses_the_same_stream(
 ) -> None:
     peer.script(behaviour)
     with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
-        started = time.monotonic()
+        # Failed by the bad answer itself: not DeadlineExceededError, not MmsHungError.
         with pytest.raises(MmsProtocolError) as caught:
-            prepare_with_timeout(conn, 30.0)
-        # Failed fast: well before the caller's deadline and any watchdog.
-        assert time.monotonic() - started < 5.0
+            prepare_with_timeout(conn, WAIT_S)
         assert caught.value.grpc_code.name == "INTERNAL"
         assert caught.value.reached_mms is True
         assert conn.usable
