@@ -30,7 +30,7 @@ from peers import (
     WrongType,
 )
 
-from manatee_grpc import _wire
+from manatee_grpc import _transport, _wire
 from manatee_grpc._connection import (
     DEFAULT_WATCHDOG_S,
     UNKNOWN_STAKES,
@@ -1053,6 +1053,30 @@ def test_an_unexpected_error_fails_the_call_in_flight_and_the_thread_goes_on(
         # The thread goes on, on the same stream.
         assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
         assert (conn.session, peer.connections, recorder.disconnects) == (1, 1, [])
+
+
+def test_an_unexpected_error_while_connecting_is_logged_and_the_thread_redials(
+    peer: ScriptedMms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    real_connect = _transport.connect
+    faults = [RuntimeError("injected connect fault")]
+
+    def connect_once_faulty(address: MmsAddress, timeout_s: float) -> Any:
+        if faults:
+            raise faults.pop()
+        return real_connect(address, timeout_s)
+
+    monkeypatch.setattr(_transport, "connect", connect_once_faulty)
+    connection = MmsConnection(ConnectionConfig(address=peer.address, backoff=FAST_BACKOFF))
+    connection.start()
+    try:
+        assert connection.wait_connected(WAIT_S)
+        assert connection.call(GET_CROS_STATS, WAIT_S).all_stats == ()
+    finally:
+        connection.stop()
+    (logged,) = [r for r in caplog.records if r.exc_info is not None]
+    assert "injected connect fault" in str(logged.exc_info[1])  # type: ignore[index]
 
 
 def test_stop_leaves_the_wake_sockets_to_a_thread_that_has_not_ended(

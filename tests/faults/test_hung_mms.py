@@ -27,6 +27,7 @@ import pytest
 from api.conftest import start_server
 from api.helpers import error_info, wait_until
 from load._process import ServerProcess
+from metrics.conftest import metrics_address, scrape_until
 from peers import Hang, ScriptedMms, Trickle
 
 from manatee_grpc import ManateeServer
@@ -265,3 +266,26 @@ def test_sigusr1_resets_the_mms_stream_of_a_running_server() -> None:
         assert server.wait_exit(CALL_TIMEOUT_S) == 0
     assert "RESETTING the mms connection" in server.log()
     assert "SIGUSR1" in server.log()
+
+
+def test_metrics_name_the_vms_at_stake_while_mms_is_silent() -> None:
+    with hung_server(metrics_listen="127.0.0.1:0") as hung:
+        peer, stub = hung.peer, hung.stub
+        address = metrics_address(hung.server)
+        vm_id = start_vm(stub)
+        hang = Hang()
+        peer.script(hang)
+        assert_deadline_exceeded(_stats(stub))
+        scrape_until(
+            address,
+            lambda s: s.value("manatee_mms_hung", vms_at_stake=str(vm_id)) == 1,
+            f"manatee_mms_hung names VM {vm_id}",
+            timeout_s=CALL_TIMEOUT_S,
+        )
+        hang.release()
+        scrape_until(
+            address,
+            lambda s: s.value("manatee_mms_hung", vms_at_stake="") == 0,
+            "manatee_mms_hung back to 0",
+            timeout_s=CALL_TIMEOUT_S,
+        )
