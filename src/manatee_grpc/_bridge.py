@@ -176,7 +176,10 @@ class MemoryBridge:
             record = self.books.require_vm(vm_id, f"deltas[{index}].vm_id")
             if record.state is not VmState.RUNNING:
                 raise MmsRefusedError(
-                    -22, f"VM {vm_id} is {record.state.value}, not running", vmId=vm_id
+                    -22,
+                    f"VM {vm_id} is {record.state.value}, not running",
+                    vmId=vm_id,
+                    reached_mms=False,  # refused here, before anything was sent
                 )
             requested.append(BalloonDelta(vm_id, align_down_page(delta_bytes)))
         cros_delta_bytes = -sum(delta.delta_bytes for delta in requested)
