@@ -152,6 +152,9 @@ class MemoryBridge:
         self.books.add_disconnect_listener(self._on_disconnected)
         self._reset_inboxes: list[Inbox] = []
         self._reset_lock = threading.Lock()
+        # Background removals that could not be sent while the stream was hung or out of step.
+        self._deferred_removals: list[tuple[int, str, Callable[[], None] | None]] = []
+        connection.add_usable_listener(self._usable_changed)
 
     # --- stats ---------------------------------------------------------------------------------
 
@@ -257,6 +260,18 @@ class MemoryBridge:
             if done.cancelled():
                 return
             error = done.exception()
+            if (
+                isinstance(error, MmsConnectionError)
+                and error.reached_mms is False
+                and not error.stream_closed
+            ):
+                # Not sent, and the stream is kept (mms hung or out of step): mms still holds
+                # the VM, so the start would be held by nobody. Try again once the stream is
+                # usable; if it closes instead, mms drops the VM with it.
+                logger.warning("could not remove VM %d yet (%s): %s", vm_id, why, error)
+                with self._reset_lock:
+                    self._deferred_removals.append((vm_id, why, then))
+                return
             if error is not None:
                 logger.warning("could not remove VM %d (%s): %s", vm_id, why, error)
             elif done.result().res != RES_OK:
@@ -268,11 +283,25 @@ class MemoryBridge:
 
         self.slot.submit_end(RemoveVmRequest(vm_id)).add_done_callback(removed)
 
+    def _usable_changed(self, usable: bool) -> None:
+        """The stream is usable again (mms answered late): send the removals it held back."""
+        if not usable:
+            return
+        with self._reset_lock:
+            deferred, self._deferred_removals = self._deferred_removals, []
+        for vm_id, why, then in deferred:
+            self.remove_in_background(vm_id, why, then)
+
     def _on_disconnected(self, session: int, error: MmsConnectionError) -> None:
         del error
-        # mms dropped its pending start with the connection; the slot saw it first.
+        # mms dropped its pending start with the connection; the slot saw it first. Removals
+        # held back for that stream are moot: mms dropped those VMs too.
         with self._reset_lock:
             inboxes = list(self._reset_inboxes)
+            deferred, self._deferred_removals = self._deferred_removals, []
+        for _, _, then in deferred:
+            if then is not None:
+                then()
         from ._launch import SessionReset  # the launch module builds on this one
 
         for inbox in inboxes:

@@ -289,3 +289,41 @@ def test_metrics_name_the_vms_at_stake_while_mms_is_silent() -> None:
             "manatee_mms_hung back to 0",
             timeout_s=CALL_TIMEOUT_S,
         )
+
+
+def test_a_start_abandoned_while_mms_is_silent_is_removed_once_it_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="manatee_grpc._bridge")
+    with hung_server() as hung:
+        peer, channel, stub = hung.peer, hung.channel, hung.stub
+        vm_id = start_vm(stub)
+        launch = LaunchStream(stub)
+        try:
+            launch.start(VM_MEM_BYTES, VM_INIT_BYTES)
+            pending_vm_id = launch.expect_reserved()
+            hang = Hang()
+            peer.script(hang)
+            assert_deadline_exceeded(_stats(stub))
+            wait_health(channel, NOT_SERVING)
+        finally:
+            # The launch's client goes away while nothing can be sent to mms.
+            launch.close()
+        wait_until(
+            lambda: any(
+                f"could not remove VM {pending_vm_id} yet" in r.getMessage() for r in caplog.records
+            ),
+            "the removal was held back",
+        )
+        assert peer.request_count(MessageType.REMOVE_VM) == 0
+        assert pending_vm_id in listed_vm_ids(stub)  # mms still holds it: so do the books
+        hang.release()
+        wait_health(channel, SERVING)
+        # In step again: the held-back removal goes out, and the start is free for others.
+        wait_until(lambda: pending_vm_id not in listed_vm_ids(stub), "the start was removed")
+        assert vm_id in listed_vm_ids(stub)
+        other = stub.PrepareVm(
+            pb.PrepareVmRequest(mem_size_bytes=2 * VM_MEM_BYTES, init_mem_size_bytes=VM_INIT_BYTES),
+            timeout=CALL_TIMEOUT_S,
+        )
+        assert other.reserved and other.vm_id != pending_vm_id
