@@ -318,8 +318,11 @@ class ScriptedMms:
             conn.sendall(frame)
         elif isinstance(behaviour, Trickle):
             for index in range(len(frame)):
+                # Pause between bytes, not after the last: the answer is whole then, and the
+                # client may send its next request at once.
+                if index:
+                    self._pause(conn, selector, behaviour.interval_s)
                 conn.sendall(frame[index : index + 1])
-                self._pause(conn, selector, behaviour.interval_s)
         elif isinstance(behaviour, WrongType):
             wrong_type = MessageType(request.TYPE % len(MessageType) + 1)
             conn.sendall(_wire.encode_response(wrong_type, self._responder(request)))

@@ -30,11 +30,15 @@ from peers import (
     WrongType,
 )
 
+from manatee_grpc import _transport, _wire
 from manatee_grpc._connection import (
     DEFAULT_WATCHDOG_S,
+    UNKNOWN_STAKES,
     BackoffPolicy,
     ConnectionConfig,
     MmsConnection,
+    Stakes,
+    Trouble,
 )
 from manatee_grpc._errors import (
     DeadlineExceededError,
@@ -42,6 +46,7 @@ from manatee_grpc._errors import (
     MmsConnectionError,
     MmsConnectionLostError,
     MmsHungError,
+    MmsOutOfStepError,
     MmsProtocolError,
     MmsUnavailableError,
     ServerShuttingDownError,
@@ -119,11 +124,19 @@ def open_connection(
     address: MmsAddress,
     recorder: Recorder | None = None,
     watchdog_s: Mapping[MessageType, float] = DEFAULT_WATCHDOG_S,
+    stakes: Callable[[], Stakes] = lambda: UNKNOWN_STAKES,
+    hang_reset: bool = False,
 ) -> Iterator[MmsConnection]:
-    """A started connection that has reached session 1; stopped on exit."""
+    """A started connection that has reached session 1; stopped on exit.
+
+    ``stakes`` stands in for the server's books: what a reset would lose.
+    """
     connection = MmsConnection(
-        ConnectionConfig(address=address, backoff=FAST_BACKOFF, watchdog_s=watchdog_s)
+        ConnectionConfig(
+            address=address, backoff=FAST_BACKOFF, watchdog_s=watchdog_s, hang_reset=hang_reset
+        )
     )
+    connection.set_stakes(stakes)
     if recorder is not None:
         recorder.connection = connection
         connection.add_observer(recorder)
@@ -458,11 +471,10 @@ def test_simulator_stopped_mid_call_fails_the_caller_at_once_and_the_next_call_r
                 assert first.wait_until(
                     lambda: first.request_counts[MessageType.GET_BALLOON_STATS] == 1
                 )
-                started = time.monotonic()
                 first.stop()
+                # At once (no deadline or watchdog is near): the stream is gone.
                 with pytest.raises(MmsConnectionLostError):
-                    future.result(timeout=30.0)
-                assert time.monotonic() - started < 5.0
+                    future.result(timeout=WAIT_S)
                 assert recorder.wait(lambda: len(recorder.disconnects) >= 1)
 
                 with Simulator(listen=address) as second:
@@ -489,11 +501,9 @@ def test_peer_hanging_up_mid_call_fails_the_caller_at_once_and_the_next_call_rec
     with open_connection(peer.address, recorder) as conn:
         future = conn.submit(GET_CROS_STATS)
         assert peer.wait_for_requests(1, WAIT_S)
-        started = time.monotonic()
         peer.drop_connection()
         with pytest.raises(MmsConnectionLostError):
-            future.result(timeout=30.0)
-        assert time.monotonic() - started < 5.0
+            future.result(timeout=WAIT_S)
         assert recorder.wait_session(2)
         assert conn.call(GET_CROS_STATS, WAIT_S).all_stats == ()
         assert conn.session == 2
@@ -665,18 +675,123 @@ def test_a_reply_that_never_comes_ends_the_callers_wait_but_not_the_connection(
         assert (conn.session, peer.connections) == (1, 1)
 
 
-def test_watchdog_resets_a_hung_mms_and_reconnects(
+# --- the watchdog: a silent mms turns the stream unusable, never resets it at a VM's cost (I4) --
+
+
+class Usability:
+    """A usable listener that remembers each change and lets tests wait for one."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.changes: list[bool] = []
+
+    def __call__(self, usable: bool) -> None:
+        with self._changed:
+            self.changes.append(usable)
+            self._changed.notify_all()
+
+    def wait_for(self, *sequence: bool) -> bool:
+        """Wait until the changes seen end with ``sequence``."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self.changes[-len(sequence) :] == list(sequence), WAIT_S
+            )
+
+
+VM_1_AT_STAKE = Stakes(vm_ids=(1,))
+SHORT_WATCHDOG_S = dict.fromkeys(MessageType, 0.3)
+
+
+def test_a_hung_mms_with_vms_at_stake_keeps_the_stream_and_a_late_answer_brings_it_back(
+    peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="manatee_grpc._connection")
+    hang = Hang()
+    peer.script(hang)
+    usability = Usability()
+    with open_connection(
+        peer.address, recorder, SHORT_WATCHDOG_S, stakes=lambda: VM_1_AT_STAKE
+    ) as conn:
+        conn.add_usable_listener(usability)
+        in_flight = conn.submit(GET_CROS_STATS)
+        assert peer.wait_for_requests(1, WAIT_S)
+        # Past the watchdog: unusable, logged at ERROR naming the VM at stake, but not closed.
+        assert usability.wait_for(False)
+        trouble = conn.trouble
+        assert trouble is not None and trouble.kind is Trouble.HUNG
+        assert trouble.stakes == VM_1_AT_STAKE
+        (logged,) = [r for r in caplog.records if "NOT resetting" in r.getMessage()]
+        assert logged.levelno == logging.ERROR and "VM 1" in logged.getMessage()
+        assert not in_flight.done()
+        # A new call is not queued behind the silent one: it fails at once, as itself.
+        with pytest.raises(MmsHungError, match="PREPARE_VM not sent") as caught:
+            conn.submit(PrepareVmRequest(512 * MIB, 512 * MIB)).result(timeout=0)
+        assert caught.value.reached_mms is False
+        assert caught.value.metadata["messageType"] == "PREPARE_VM"
+        # mms answers late: the answer is delivered, the stream is in step again.
+        hang.release()
+        assert in_flight.result(timeout=WAIT_S).all_stats == ()
+        assert usability.wait_for(False, True)
+        assert conn.trouble is None
+        assert conn.call(GET_CROS_STATS, WAIT_S).all_stats == ()
+        assert (conn.session, peer.connections, recorder.disconnects) == (1, 1, [])
+        assert peer.request_count() == 2  # the refused PrepareVm never went out
+
+
+def test_a_call_queued_behind_a_hung_one_fails_with_its_own_type_not_sent(
+    peer: ScriptedMms, recorder: Recorder
+) -> None:
+    hang = Hang()
+    peer.script(hang)
+    with open_connection(
+        peer.address, recorder, SHORT_WATCHDOG_S, stakes=lambda: VM_1_AT_STAKE
+    ) as conn:
+        in_flight = conn.submit(GET_CROS_STATS)
+        assert peer.wait_for_requests(1, WAIT_S)
+        queued = conn.submit(RemoveVmRequest(vm_id=1))
+        with pytest.raises(MmsHungError) as caught:
+            queued.result(timeout=WAIT_S)
+        error = caught.value
+        assert error.metadata["messageType"] == "REMOVE_VM"
+        assert "REMOVE_VM not sent" in error.message
+        assert error.reached_mms is False
+        hang.release()
+        assert in_flight.result(timeout=WAIT_S).all_stats == ()
+        assert peer.request_count(MessageType.REMOVE_VM) == 0
+
+
+def test_a_call_queued_when_the_link_drops_fails_with_its_own_type_not_sent(
+    peer: ScriptedMms, recorder: Recorder
+) -> None:
+    peer.script(Hang())
+    with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
+        in_flight = conn.submit(GET_CROS_STATS)
+        assert peer.wait_for_requests(1, WAIT_S)
+        queued = conn.submit(PrepareVmRequest(512 * MIB, 512 * MIB))
+        peer.drop_connection()
+        with pytest.raises(MmsConnectionLostError) as lost:
+            in_flight.result(timeout=WAIT_S)
+        assert (lost.value.reached_mms, lost.value.metadata["messageType"]) == (
+            True,
+            "GET_BALLOON_STATS",
+        )
+        with pytest.raises(MmsConnectionLostError, match="PREPARE_VM not sent") as caught:
+            queued.result(timeout=WAIT_S)
+        assert (caught.value.reached_mms, caught.value.metadata["messageType"]) == (
+            False,
+            "PREPARE_VM",
+        )
+
+
+def test_a_hung_mms_with_nothing_at_stake_is_reset_and_redialled(
     peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
     peer.script(Hang())
-    watchdog_s = {MessageType.GET_BALLOON_STATS: 0.5}
-    with open_connection(peer.address, recorder, watchdog_s=watchdog_s) as conn:
-        started = time.monotonic()
-        with pytest.raises(MmsHungError):
+    with open_connection(peer.address, recorder, SHORT_WATCHDOG_S, stakes=Stakes) as conn:
+        with pytest.raises(MmsHungError) as caught:
             conn.call(GET_CROS_STATS, 60.0)
-        elapsed_s = time.monotonic() - started
-        assert 0.5 <= elapsed_s < 30.0
+        assert caught.value.reached_mms is True
         assert recorder.wait(lambda: len(recorder.disconnects) == 1)
         assert isinstance(recorder.disconnects[0][1], MmsHungError)
         assert any(
@@ -688,13 +803,68 @@ def test_watchdog_resets_a_hung_mms_and_reconnects(
         assert peer.connections == 2
 
 
+def test_hang_reset_set_by_the_operator_resets_even_with_vms_at_stake(
+    peer: ScriptedMms, recorder: Recorder
+) -> None:
+    peer.script(Hang())
+    with open_connection(
+        peer.address, recorder, SHORT_WATCHDOG_S, stakes=lambda: VM_1_AT_STAKE, hang_reset=True
+    ) as conn:
+        with pytest.raises(MmsHungError, match="mms-hang-reset"):
+            conn.call(GET_CROS_STATS, 60.0)
+        assert recorder.wait_session(2)
+        assert conn.call(GET_CROS_STATS, WAIT_S).all_stats == ()
+
+
+def test_a_hung_stream_is_reset_once_nothing_is_at_stake_any_more(
+    peer: ScriptedMms, recorder: Recorder
+) -> None:
+    stakes = [VM_1_AT_STAKE]
+    usability = Usability()
+    peer.script(Hang())
+    with open_connection(
+        peer.address, recorder, SHORT_WATCHDOG_S, stakes=lambda: stakes[0]
+    ) as conn:
+        conn.add_usable_listener(usability)
+        in_flight = conn.submit(GET_CROS_STATS)
+        assert usability.wait_for(False)
+        assert recorder.disconnects == []
+        stakes[0] = Stakes()  # e.g. the launch that held the pending start gave up
+        with pytest.raises(MmsHungError):
+            in_flight.result(timeout=WAIT_S)
+        assert recorder.wait_session(2)
+
+
+def test_the_operator_reset_closes_a_hung_stream_and_redials(
+    peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    usability = Usability()
+    peer.script(Hang())
+    with open_connection(
+        peer.address, recorder, SHORT_WATCHDOG_S, stakes=lambda: VM_1_AT_STAKE
+    ) as conn:
+        conn.add_usable_listener(usability)
+        in_flight = conn.submit(GET_CROS_STATS)
+        assert usability.wait_for(False)
+        assert conn.reset("the test asked")
+        with pytest.raises(MmsConnectionLostError, match="operator reset it"):
+            in_flight.result(timeout=WAIT_S)
+        assert any(
+            "RESETTING" in r.getMessage() and "VM 1" in r.getMessage() for r in caplog.records
+        )
+        assert recorder.wait_session(2)
+        assert usability.wait_for(True)
+        assert conn.call(GET_CROS_STATS, WAIT_S).all_stats == ()
+
+
 def test_watchdog_covers_the_whole_answer_not_each_byte(
     peer: ScriptedMms, recorder: Recorder
 ) -> None:
     # Each byte comes well within the watchdog, the whole answer does not.
     peer.script(Trickle(interval_s=0.05))
     watchdog_s = {MessageType.PREPARE_VM: 0.5}
-    with open_connection(peer.address, recorder, watchdog_s=watchdog_s) as conn:
+    with open_connection(peer.address, recorder, watchdog_s=watchdog_s, stakes=Stakes) as conn:
         with pytest.raises(MmsHungError):
             prepare_with_timeout(conn, 60.0)
         assert recorder.wait_session(2)
@@ -712,35 +882,28 @@ def test_a_trickled_answer_within_the_watchdog_is_reassembled(
         assert conn.session == 1
 
 
-# --- a hostile mms: every broken answer resets the stream, the next call works ---------------
+# --- a hostile mms: only broken framing closes the stream (I3) ---------------------------------
 
 
 @pytest.mark.parametrize(
-    ("behaviour", "expected_error"),
+    "behaviour",
     [
-        (WrongType(), MmsProtocolError),
-        (HugeLen(), MmsProtocolError),
-        (Truncated(), MmsConnectionLostError),
-        (RawBody(b'{"res": "\xff\xfe", "id": 1, "shortfall": 0}'), MmsProtocolError),
-        (RawBody(b""), MmsProtocolError),
-        (RawBody(b'{"res": 0, "id": 1, '), MmsProtocolError),
-        (RawBody.json([0, 1, 0]), MmsProtocolError),
-        (RawBody.json("res"), MmsProtocolError),
-        (RawBody.json({"res": 0, "id": 1}), MmsProtocolError),
-        (RawBody.json({}), MmsProtocolError),
-        (RawBody.json({"res": "0", "id": 1, "shortfall": 0}), MmsProtocolError),
-        (RawBody.json({"res": 0, "id": -1, "shortfall": 0}), MmsProtocolError),
-        (RawBody.json({"res": 0, "id": 1, "shortfall": 1.5}), MmsProtocolError),
-        (RawBody.json({"res": True, "id": 1, "shortfall": 0}), MmsProtocolError),
-        (RawBody.json({"res": 0, "id": None, "shortfall": 0}), MmsProtocolError),
-        (RawBody(b'{"res": NaN, "id": 1, "shortfall": 0}'), MmsProtocolError),
-        (RawBody(b"[" * 100_000), MmsProtocolError),
-        (CloseConnection(), MmsConnectionLostError),
+        RawBody(b'{"res": "\xff\xfe", "id": 1, "shortfall": 0}'),
+        RawBody(b""),
+        RawBody(b'{"res": 0, "id": 1, '),
+        RawBody.json([0, 1, 0]),
+        RawBody.json("res"),
+        RawBody.json({"res": 0, "id": 1}),
+        RawBody.json({}),
+        RawBody.json({"res": "0", "id": 1, "shortfall": 0}),
+        RawBody.json({"res": 0, "id": -1, "shortfall": 0}),
+        RawBody.json({"res": 0, "id": 1, "shortfall": 1.5}),
+        RawBody.json({"res": True, "id": 1, "shortfall": 0}),
+        RawBody.json({"res": 0, "id": None, "shortfall": 0}),
+        RawBody(b'{"res": NaN, "id": 1, "shortfall": 0}'),
+        RawBody(b"[" * 100_000),
     ],
     ids=[
-        "wrong-type",
-        "4GiB-len",
-        "truncated-then-close",
         "invalid-utf8",
         "empty-body",
         "truncated-json",
@@ -755,29 +918,92 @@ def test_a_trickled_answer_within_the_watchdog_is_reassembled(
         "null-for-int",
         "nan",
         "deep-nesting",
-        "close-mid-request",
     ],
 )
-def test_a_broken_answer_resets_the_stream_and_the_next_call_works(
+def test_a_bad_body_fails_that_call_only_and_the_next_call_uses_the_same_stream(
+    peer: ScriptedMms, recorder: Recorder, behaviour: Any
+) -> None:
+    peer.script(behaviour)
+    with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
+        # Failed by the bad answer itself: not DeadlineExceededError, not MmsHungError.
+        with pytest.raises(MmsProtocolError) as caught:
+            prepare_with_timeout(conn, WAIT_S)
+        assert caught.value.grpc_code.name == "INTERNAL"
+        assert caught.value.reached_mms is True
+        assert conn.usable
+        assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
+        assert (conn.session, peer.connections, recorder.disconnects) == (1, 1, [])
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected_error"),
+    [
+        (HugeLen(), MmsProtocolError),
+        (Truncated(), MmsConnectionLostError),
+        (CloseConnection(), MmsConnectionLostError),
+    ],
+    ids=["4GiB-len", "truncated-then-close", "close-mid-request"],
+)
+def test_broken_framing_closes_the_stream_and_the_next_call_works(
     peer: ScriptedMms,
     recorder: Recorder,
     behaviour: Any,
     expected_error: type[MmsConnectionError],
 ) -> None:
     peer.script(behaviour)
-    with open_connection(peer.address, recorder) as conn:
-        started = time.monotonic()
+    with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
         with pytest.raises(expected_error) as caught:
             prepare_with_timeout(conn, 30.0)
-        # Failed fast: well before the caller's deadline and any watchdog.
-        assert time.monotonic() - started < 5.0
-        if expected_error is MmsProtocolError:
-            assert caught.value.grpc_code.name == "INTERNAL"
+        assert caught.value.reached_mms is True
         assert recorder.wait(lambda: len(recorder.disconnects) == 1)
         assert recorder.disconnects[0][0] == 1
         assert recorder.wait_session(2)
         assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
         assert (conn.session, peer.connections) == (2, 2)
+
+
+def test_a_wrong_type_with_vms_at_stake_stops_sending_but_keeps_the_stream(
+    peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    usability = Usability()
+    peer.script(WrongType())
+    with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
+        conn.add_usable_listener(usability)
+        with pytest.raises(MmsProtocolError) as caught:
+            prepare_with_timeout(conn, 30.0)
+        assert caught.value.grpc_code.name == "INTERNAL"
+        assert usability.wait_for(False)
+        trouble = conn.trouble
+        assert trouble is not None and trouble.kind is Trouble.OUT_OF_STEP
+        assert any(
+            r.levelno == logging.ERROR
+            and "OUT OF STEP" in r.getMessage()
+            and "VM 1" in r.getMessage()
+            for r in caplog.records
+        )
+        # Nothing more is sent on it: a call fails at once, UNAVAILABLE, not sent.
+        with pytest.raises(MmsOutOfStepError, match="GET_BALLOON_STATS not sent") as refused:
+            conn.call(GET_CROS_STATS, WAIT_S)
+        assert refused.value.grpc_code.name == "UNAVAILABLE"
+        assert refused.value.reached_mms is False
+        assert (conn.session, peer.connections, recorder.disconnects) == (1, 1, [])
+        assert peer.request_count() == 1
+        # The operator resets it: a new session, and calls work again.
+        assert conn.reset("the test asked")
+        assert recorder.wait_session(2)
+        assert conn.call(GET_CROS_STATS, WAIT_S).all_stats == ()
+
+
+def test_a_wrong_type_with_nothing_at_stake_resets_the_stream(
+    peer: ScriptedMms, recorder: Recorder
+) -> None:
+    peer.script(WrongType())
+    with open_connection(peer.address, recorder, stakes=Stakes) as conn:
+        with pytest.raises(MmsProtocolError):
+            prepare_with_timeout(conn, 30.0)
+        assert recorder.wait_session(2)
+        assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
 
 
 def test_a_4_gib_len_is_refused_without_allocating_it(
@@ -795,6 +1021,93 @@ def test_a_4_gib_len_is_refused_without_allocating_it(
         assert peak_bytes < 8 * MIB
         assert recorder.wait_session(2)
         assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
+
+
+# --- the connection thread never dies silently (I11) -------------------------------------------
+
+
+def test_an_unexpected_error_fails_the_call_in_flight_and_the_thread_goes_on(
+    peer: ScriptedMms,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    real_decode = _wire.decode_response
+    faults = [RuntimeError("injected decoder fault")]
+
+    def decode_once_faulty(request: Any, body: bytes) -> Any:
+        if faults:
+            raise faults.pop()
+        return real_decode(request, body)
+
+    monkeypatch.setattr(_wire, "decode_response", decode_once_faulty)
+    with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
+        with pytest.raises(ManateeError) as caught:
+            prepare_with_timeout(conn, WAIT_S)
+        assert caught.value.grpc_code.name == "INTERNAL"
+        assert "RuntimeError" in caught.value.message
+        tracebacks = [r for r in caplog.records if r.exc_info is not None]
+        assert len(tracebacks) == 1
+        assert "injected decoder fault" in str(tracebacks[0].exc_info[1])  # type: ignore[index]
+        # The thread goes on, on the same stream.
+        assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
+        assert (conn.session, peer.connections, recorder.disconnects) == (1, 1, [])
+
+
+def test_an_unexpected_error_while_connecting_is_logged_and_the_thread_redials(
+    peer: ScriptedMms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    real_connect = _transport.connect
+    faults = [RuntimeError("injected connect fault")]
+
+    def connect_once_faulty(address: MmsAddress, timeout_s: float) -> Any:
+        if faults:
+            raise faults.pop()
+        return real_connect(address, timeout_s)
+
+    monkeypatch.setattr(_transport, "connect", connect_once_faulty)
+    connection = MmsConnection(ConnectionConfig(address=peer.address, backoff=FAST_BACKOFF))
+    connection.start()
+    try:
+        assert connection.wait_connected(WAIT_S)
+        assert connection.call(GET_CROS_STATS, WAIT_S).all_stats == ()
+    finally:
+        connection.stop()
+    (logged,) = [r for r in caplog.records if r.exc_info is not None]
+    assert "injected connect fault" in str(logged.exc_info[1])  # type: ignore[index]
+
+
+def test_stop_leaves_the_wake_sockets_to_a_thread_that_has_not_ended(
+    peer: ScriptedMms,
+) -> None:
+    in_observer = threading.Event()
+    release = threading.Event()
+
+    class StuckObserver(Recorder):
+        def on_response(self, *args: Any) -> None:
+            in_observer.set()
+            release.wait(WAIT_S)
+
+    connection = MmsConnection(ConnectionConfig(address=peer.address, backoff=FAST_BACKOFF))
+    connection.add_observer(StuckObserver())
+    threads_before = set(threading.enumerate())
+    connection.start()
+    (thread,) = set(threading.enumerate()) - threads_before
+    try:
+        assert connection.wait_connected(WAIT_S)
+        connection.submit(GET_CROS_STATS)
+        assert in_observer.wait(WAIT_S)
+        connection.stop(timeout_s=0.05)
+        assert thread.is_alive()
+        # The thread still selects on these: they stay open until it ends.
+        assert connection._wake_r.fileno() != -1 and connection._wake_w.fileno() != -1
+    finally:
+        release.set()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    assert connection._wake_r.fileno() == -1 and connection._wake_w.fileno() == -1
 
 
 # --- fail fast: disconnected, and stopping ---------------------------------------------------

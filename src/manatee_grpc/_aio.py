@@ -99,5 +99,7 @@ async def await_mms(future: Future[R], timeout_s: float | None, msg_type: Messag
     sent = not future.cancel()
     suffix = " (the request was sent and will complete)" if sent else " (never sent)"
     raise DeadlineExceededError(
-        f"deadline passed waiting for mms {msg_type.name}{suffix}", messageType=msg_type.name
+        f"deadline passed waiting for mms {msg_type.name}{suffix}",
+        messageType=msg_type.name,
+        reached_mms=sent,
     )

@@ -113,7 +113,7 @@ def await_call(future: Future[R], ctx: CallContext, what: str) -> R:
     suffix = " (the request was sent and will complete)" if sent else " (never sent)"
     if ctx.gone:
         raise CallerGoneError(f"the caller went away waiting for mms {what}{suffix}")
-    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
+    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}", reached_mms=sent)
 
 
 def _await_outcome(
@@ -211,6 +211,9 @@ class MemoryBridge:
         # Called with the ended session when mms drops it (launches under way listen).
         self._reset_listeners: list[Callable[[int], None]] = []
         self._reset_lock = threading.Lock()
+        # Background removals that could not be sent while the stream was hung or out of step.
+        self._deferred_removals: list[tuple[int, str, Callable[[], None] | None]] = []
+        connection.add_usable_listener(self._usable_changed)
 
     # --- stats ---------------------------------------------------------------------------------
 
@@ -293,6 +296,7 @@ class MemoryBridge:
                     vmId=vm_id,
                     state=record.state.value,
                     field=f"deltas[{index}].vm_id",
+                    reached_mms=False,
                 )
             requested.append(BalloonDelta(vm_id, align_down_page(delta_bytes)))
         cros_delta_bytes = -sum(delta.delta_bytes for delta in requested)
@@ -444,6 +448,18 @@ class MemoryBridge:
             if done.cancelled():
                 return
             error = done.exception()
+            if (
+                isinstance(error, MmsConnectionError)
+                and error.reached_mms is False
+                and not error.stream_closed
+            ):
+                # Not sent, and the stream is kept (mms hung or out of step): mms still holds
+                # the VM, so the start would be held by nobody. Try again once the stream is
+                # usable; if it closes instead, mms drops the VM with it.
+                logger.warning("could not remove VM %d yet (%s): %s", vm_id, why, error)
+                with self._reset_lock:
+                    self._deferred_removals.append((vm_id, why, then))
+                return
             if error is not None:
                 logger.warning("could not remove VM %d (%s): %s", vm_id, why, error)
             elif done.result().res != RES_OK:
@@ -455,11 +471,25 @@ class MemoryBridge:
 
         self.slot.submit_end(RemoveVmRequest(vm_id)).add_done_callback(removed)
 
+    def _usable_changed(self, usable: bool) -> None:
+        """The stream is usable again (mms answered late): send the removals it held back."""
+        if not usable:
+            return
+        with self._reset_lock:
+            deferred, self._deferred_removals = self._deferred_removals, []
+        for vm_id, why, then in deferred:
+            self.remove_in_background(vm_id, why, then)
+
     def _on_disconnected(self, session: int, error: MmsConnectionError) -> None:
         del error
-        # mms dropped its pending start with the connection; the slot saw it first.
+        # mms dropped its pending start with the connection; the slot saw it first. Removals
+        # held back for that stream are moot: mms dropped those VMs too.
         with self._reset_lock:
             listeners = list(self._reset_listeners)
+            deferred, self._deferred_removals = self._deferred_removals, []
+        for _, _, then in deferred:
+            if then is not None:
+                then()
         for listener in listeners:
             listener(session)
 

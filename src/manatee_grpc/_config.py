@@ -58,3 +58,6 @@ class ServerConfig:
     mms_watchdog_s: Mapping[MessageType, float] = field(default_factory=lambda: DEFAULT_WATCHDOG_S)
     mms_backoff_initial_s: float = 0.05
     mms_backoff_max_s: float = 5.0
+    # Reset the stream when mms is silent past the watchdog even if VMs are at stake (mms then
+    # drops them all). Off: a hung mms only turns health NOT_SERVING until it answers.
+    mms_hang_reset: bool = False

@@ -19,10 +19,13 @@
         ├── MmsUnavailableError ..... UNAVAILABLE          MMS_UNAVAILABLE (+ RetryInfo)
         ├── MmsConnectionLostError .. UNAVAILABLE          MMS_CONNECTION_LOST (+ RetryInfo)
         ├── MmsHungError ............ UNAVAILABLE          MMS_HUNG (+ RetryInfo)
+        ├── MmsOutOfStepError ....... UNAVAILABLE          MMS_OUT_OF_STEP
         └── MmsProtocolError ........ INTERNAL             MMS_PROTOCOL_ERROR
 
 Each class carries its code and reason; `_status.py` is the one place that turns an error into
-a `google.rpc.Status`. Metadata keys are lowerCamelCase, as AIP-193 asks.
+a `google.rpc.Status`. Metadata keys are lowerCamelCase, as AIP-193 asks. An error about an mms
+request says whether that request reached mms (``reached_mms``, metadata ``reachedMms``): a
+caller may retry one that did not without fear of applying it twice.
 """
 
 from __future__ import annotations
@@ -44,9 +47,17 @@ class ManateeError(Exception):
     # Seconds a caller should wait before retrying; None when retrying cannot help.
     retry_delay_s: ClassVar[float | None] = None
 
+    # Whether the request this error is about reached mms; None when no mms request is
+    # concerned (bad input, a refusal of our own) or when it cannot be known.
+    reached_mms: bool | None = None
+
     def __init__(self, message: str, **metadata: object) -> None:
         super().__init__(message)
         self.message = message
+        # ``reached_mms=True|False`` is taken out of the metadata: `_status.py` writes it.
+        reached_mms = metadata.pop("reached_mms", None)
+        if reached_mms is not None:
+            self.reached_mms = bool(reached_mms)
         self.metadata: dict[str, str] = {k: str(v) for k, v in metadata.items()}
 
     @property
@@ -140,6 +151,8 @@ class MmsRefusedError(ManateeError):
         RES_EIO: (grpc.StatusCode.FAILED_PRECONDITION, "MMS_EIO"),
     }
 
+    reached_mms = True  # mms itself answered with the errno
+
     def __init__(self, res: int, message: str, **metadata: object) -> None:
         super().__init__(message, errno=res, **metadata)
         self.res = res
@@ -158,19 +171,38 @@ class MmsConnectionError(ManateeError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "MMS_UNAVAILABLE"
-    retry_delay_s = 1.0
+    retry_delay_s: ClassVar[float | None] = 1.0
+    # Whether the stream this call was meant for is closed (mms dropped its VMs with it), or
+    # kept: a hung or out-of-step stream, or one answer with a bad body, leaves mms's VMs as
+    # they were.
+    stream_closed: bool = False
 
 
 class MmsUnavailableError(MmsConnectionError):
     reason = "MMS_UNAVAILABLE"
+    stream_closed = True
 
 
 class MmsConnectionLostError(MmsConnectionError):
     reason = "MMS_CONNECTION_LOST"
+    stream_closed = True
 
 
 class MmsHungError(MmsConnectionError):
+    """mms has not answered a request within its watchdog; the stream is kept (see I4)."""
+
     reason = "MMS_HUNG"
+
+
+class MmsOutOfStepError(MmsConnectionError):
+    """mms answered out of turn, so the stream may be out of step: nothing more is sent on it.
+
+    Retrying cannot help until an operator resets the stream (or mms answers in step again), so
+    there is no RetryInfo.
+    """
+
+    reason = "MMS_OUT_OF_STEP"
+    retry_delay_s = None
 
 
 class MmsProtocolError(MmsConnectionError):

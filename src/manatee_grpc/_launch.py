@@ -262,12 +262,20 @@ class LaunchRun:
         self._bridge.add_session_reset_listener(self._inbox.reset)
         try:
             await self._run()
-        except MmsConnectionError:
-            # The link reset: mms dropped the VM with the old session, so there is nothing to
-            # remove, but a VM the client started has lost its memory service: it must stop.
-            self._settled = True
+        except MmsConnectionError as error:
+            # A VM the client started cannot go on: it must stop. If the link reset, mms dropped
+            # the VM with the old session and there is nothing to remove; if the stream was kept
+            # (a bad answer, a hung or out-of-step stream), the release below removes it.
+            self._settled = error.stream_closed
             if self._reserved_sent and self._vm_id is not None:
-                await self._send(StopVm(self._vm_id, "the mms session was reset; mms dropped it"))
+                await self._send(
+                    StopVm(
+                        self._vm_id,
+                        "the mms session was reset; mms dropped this VM"
+                        if error.stream_closed
+                        else f"the launch failed: {error.message}",
+                    )
+                )
             raise
         except asyncio.CancelledError:
             logger.info("launch: the client went away; releasing what it reserved")

@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from ._bridge import MemoryBridge
-from ._connection import MmsConnection
+from ._connection import MmsConnection, Trouble
 from ._errors import MmsConnectionError
 from ._messages import (
     RES_OK,
@@ -255,6 +255,24 @@ class _StateCollector:
             "Number of the mms session: 1 for the first connect, +1 per reconnect (a reset).",
             value=connection.session,
         )
+        trouble = connection.trouble
+        for kind in Trouble:
+            gauge = GaugeMetricFamily(
+                f"manatee_mms_{kind.value}",
+                "1 while the mms stream is kept but not used because mms is "
+                + (
+                    "silent past its watchdog (health NOT_SERVING)"
+                    if kind is Trouble.HUNG
+                    else "out of step (health NOT_SERVING until an operator resets it)"
+                )
+                + "; vms_at_stake names the sibling VMs a reset would drop.",
+                labels=["vms_at_stake"],
+            )
+            if trouble is not None and trouble.kind is kind:
+                gauge.add_metric([",".join(str(v) for v in trouble.stakes.vm_ids)], 1)
+            else:
+                gauge.add_metric([""], 0)
+            yield gauge
         claim = slot.claim
         yield GaugeMetricFamily(
             "manatee_reservations_pending",

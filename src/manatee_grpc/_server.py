@@ -33,9 +33,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from . import _aio, _listen, _transport
 from ._bridge import BridgeConfig, CallContext, MemoryBridge
 from ._config import ServerConfig
-from ._connection import BackoffPolicy, ConnectionConfig, MmsConnection
-from ._errors import MmsConnectionError
+from ._connection import BackoffPolicy, ConnectionConfig, MmsConnection, Stakes
 from ._launch import LaunchPolicy
+from ._messages import CROS_GUEST_VM_ID
 from ._metrics import Metrics, attach_metrics
 from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from ._reflection import enable_reflection
@@ -56,7 +56,8 @@ SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
 class _HealthFollower:
-    """Health follows the mms link: SERVING only while mms is connected.
+    """Health follows the mms link: SERVING only while the stream is usable (connected, not
+    hung past its watchdog, not out of step).
 
     The health servicer is the aio one (its Watch streams are coroutines, so a watcher that
     hangs up holds no thread); the connection thread hands each change to the event loop,
@@ -81,15 +82,6 @@ class _HealthFollower:
         )
         for name in ("", SERVICE_NAME):
             self._loop.create_task(self._health.set(name, status))
-
-    def on_connected(self, session: int) -> None:
-        self.set(True)
-
-    def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
-        self.set(False)
-
-    def on_response(self, *args: object) -> None:
-        pass
 
 
 class ManateeServer:
@@ -141,6 +133,7 @@ class ManateeServer:
                 backoff=BackoffPolicy(
                     initial_s=config.mms_backoff_initial_s, max_s=config.mms_backoff_max_s
                 ),
+                hang_reset=config.mms_hang_reset,
             )
         )
         self.bridge = MemoryBridge(
@@ -167,7 +160,8 @@ class ManateeServer:
         self.health = health.aio.HealthServicer()
         health_follower = _HealthFollower(self.health, loop)
         health_follower.set(False)
-        self.connection.add_observer(health_follower)
+        self.connection.add_usable_listener(health_follower.set)
+        self.connection.set_stakes(self._stakes)
 
         self._pool = futures.ThreadPoolExecutor(
             max_workers=config.max_workers, thread_name_prefix="rpc"
@@ -239,6 +233,19 @@ class ManateeServer:
         loop.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _stakes(self) -> Stakes:
+        """What mms would drop if the stream closed now: its sibling VMs and the pending start."""
+        vm_ids = tuple(vm.vm_id for vm in self.bridge.books.vms() if vm.vm_id != CROS_GUEST_VM_ID)
+        return Stakes(vm_ids=vm_ids, pending_start=self.bridge.slot.claim is not None)
+
+    def reset_mms(self, reason: str) -> bool:
+        """The operator's reset of the mms stream: mms drops every sibling VM; then redial.
+
+        Returns False when there is no stream to reset (not connected, or stopping).
+        """
+        assert self.connection is not None
+        return self.connection.reset(reason)
 
     def _session_changed(self, previous_session: int, session: int) -> None:
         if previous_session:  # the first connect is not a reset

@@ -24,6 +24,9 @@ def to_status(error: ManateeError, session: int | str | None = None) -> grpc.Sta
     metadata = dict(error.metadata)
     if session is not None:
         metadata.setdefault("session", str(session))
+    if error.reached_mms is not None:
+        # Whether a retry could apply the request twice: "false" means mms never saw it.
+        metadata["reachedMms"] = "true" if error.reached_mms else "false"
     details = [
         _pack(
             error_details_pb2.ErrorInfo(

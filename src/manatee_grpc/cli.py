@@ -21,6 +21,8 @@ logger = logging.getLogger("manatee_grpc")
 
 # SIGTERM stops the server gracefully, SIGINT too; a SIGINT during the grace period exits at once.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1 is the operator's reset of the mms stream (mms drops every sibling VM with it).
+_RESET_SIGNAL = signal.SIGUSR1
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +112,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TYPE=SECONDS",
-        help="how long mms may take to answer one message type before the (destructive) reset; "
+        help="how long mms may take to answer one message type before health goes NOT_SERVING "
+        "(and the stream is reset if that loses no VM, or with --mms-hang-reset); "
         "repeatable; TYPE is one of "
         + ", ".join(t.name for t in MessageType)
         + "; defaults: "
@@ -118,6 +121,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mms-backoff-initial", type=float, default=defaults.mms_backoff_initial_s)
     parser.add_argument("--mms-backoff-max", type=float, default=defaults.mms_backoff_max_s)
+    parser.add_argument(
+        "--mms-hang-reset",
+        action="store_true",
+        help="reset the mms stream when mms stays silent past its watchdog even if VMs are at "
+        "stake (mms then drops them all); default off: only health goes NOT_SERVING",
+    )
     parser.add_argument(
         "--launch-stop-timeout",
         type=float,
@@ -199,6 +208,7 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         mms_watchdog_s=_watchdog_from(args.mms_watchdog),
         mms_backoff_initial_s=args.mms_backoff_initial,
         mms_backoff_max_s=args.mms_backoff_max,
+        mms_hang_reset=args.mms_hang_reset,
         launch_stop_timeout_s=args.launch_stop_timeout,
     )
 
@@ -225,17 +235,30 @@ def serve(args: argparse.Namespace) -> int:
         logger.info("received %s: shutting down", name)
         stop_requested.set()
 
+    server: ManateeServer | None = None
+
+    def on_reset_signal(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        if server is None or stop_requested.is_set():
+            logger.warning("received SIGUSR1 while not serving: no mms stream to reset")
+            return
+        # Non-blocking: it shuts the stream down; the connection thread closes and redials.
+        if not server.reset_mms("SIGUSR1"):
+            logger.warning("received SIGUSR1: no mms stream to reset (not connected)")
+
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
+    previous[_RESET_SIGNAL] = signal.signal(_RESET_SIGNAL, on_reset_signal)
     # Python runs signal handlers on the main thread, but the kernel hands a process signal to
     # any thread that does not block it, and a main thread asleep on a lock never hears of it
     # (under load, SIGTERM went unheard). So the server's threads, which inherit the signal mask
     # of the thread that starts them, start with the stop signals blocked: only the main thread
     # takes them. One that comes during start-up is handled once the server has started.
-    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    mask_before = signal.pthread_sigmask(signal.SIG_BLOCK, (*_STOP_SIGNALS, _RESET_SIGNAL))
     try:
         try:
-            server = ManateeServer(_config_from(args))
-            server.start()
+            starting = ManateeServer(_config_from(args))
+            starting.start()
+            server = starting
         except (_UsageError, AddressError, ScenarioError, ListenError, OSError) as error:
             # A bad flag or an address we cannot use: say which, no traceback.
             print(f"manatee-grpc: error: {error}", file=sys.stderr)
