@@ -605,22 +605,32 @@ def _targets(rows: list[Row], start_s: list[float]) -> list[Target]:
             f"<= {MINIMAL_P50_RATIO:g} x minimal bridge p50 ({limit_ms:.3f})",
             at_most=limit_ms,
         )
-        # What the targets were before the reference existed, kept to show what gRPC and mms
-        # alone cost: the same server's no-op, and raw mms reads without gRPC.
+        # The floor ratios (the targets before the reference existed), for information: what
+        # gRPC alone costs on this server's settings, and what raw mms reads cost.
         floor32 = _find(rows, FLOOR_ROW, transport, 32).calls_per_s
-        for name, calls_per_s in (("bridge", bridge32), ("minimal bridge", minimal32)):
+        floor_p50 = _find(rows, FLOOR_ROW, transport, 1).p50_ms or 0.0
+        old_p50_ms = floor_p50 + 1.5 * (direct.p50_ms or 0.0)
+        for name, calls_per_s, was in (
+            ("bridge", bridge32, "; was a target, >= 0.8"),
+            ("minimal bridge", minimal32, ""),
+        ):
             info(
                 f"{name} calls/s @32 {transport} / floor",
                 calls_per_s / floor32 if calls_per_s is not None and floor32 else None,
-                f"floor {_fmt(floor32, 0)} calls/s (the old target: bridge >= 0.8)",
+                f"floor {_fmt(floor32, 0)} calls/s{was}",
             )
-        floor_p50 = _find(rows, FLOOR_ROW, transport, 1).p50_ms or 0.0
-        for name, p50 in (("bridge", bridge_p50), ("minimal bridge", minimal_p50)):
+        for name, p50, was in (
+            (
+                "bridge",
+                bridge_p50,
+                f"; was a target, <= floor + 1.5 x direct p50 ({old_p50_ms:.3f})",
+            ),
+            ("minimal bridge", minimal_p50, ""),
+        ):
             info(
                 f"{name} p50 @1 {transport} / floor p50",
                 p50 / floor_p50 if p50 is not None and floor_p50 else None,
-                f"floor p50 {floor_p50:.3f} ms; old target: bridge <= floor + 1.5 x direct p50 "
-                f"({floor_p50 + 1.5 * (direct.p50_ms or 0.0):.3f} ms)",
+                f"floor p50 {floor_p50:.3f} ms{was}",
             )
     on = _find(rows, ON_ROW, "tcp", 32)
     off = _find(rows, OFF_ROW, "tcp", 32)
