@@ -36,3 +36,20 @@ def test_architecture_note_has_diagrams_and_names_real_modules() -> None:
     package = ROOT / "src" / "manatee_grpc"
     for name in set(re.findall(r"`(_[a-z_]+\.py)`", text)):
         assert (package / name).exists(), f"docs/architecture.md names {name}, which is gone"
+
+
+def test_every_test_the_safety_section_names_exists() -> None:
+    text = (ROOT / "README.md").read_text()
+    safety = text[text.index("## Safety") : text.index("## The mms simulator")]
+    module = ""
+    named = 0
+    for reference in re.findall(r"`((?:tests/[\w/]+\.py)?(?:::\w+)?)`", safety):
+        path, _, test = reference.partition("::")
+        if path:
+            module = path
+        assert (ROOT / module).exists(), f"README Safety names {module}, which is gone"
+        if test:
+            source = (ROOT / module).read_text()
+            assert re.search(rf"def {test}\b", source), f"{module} has no test {test}"
+            named += 1
+    assert named >= 12
