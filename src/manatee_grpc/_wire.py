@@ -8,9 +8,10 @@ frames its answers here and reads requests as serde_json did (sim/_decode.py).
 from __future__ import annotations
 
 import json
-import operator
 import struct
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Annotated, Any, NamedTuple, TypeVar, cast
+
+import msgspec
 
 from manatee_grpc._memory_math import MAX_JSON_SAFE_INT
 from manatee_grpc._messages import (
@@ -144,28 +145,21 @@ def decode_response(request: MmsRequest[_R], body: bytes) -> _R:
     ):
         raise TypeError(f"not an mms request: {request!r}")
     where = f"{_MESSAGE_NAMES[request.TYPE]} response"
-    root = _load_json_object(body, where)
     response: Response
     if isinstance(request, GetBalloonStatsRequest):
-        response = _decode_balloon_stats_response(root, where)
+        response = _decode_balloon_stats(body, where)
     elif isinstance(request, RebalanceMemoryRequest):
-        entries = _list(_key(root, "actual_deltas", where), f"{where}: actual_deltas")
-        response = RebalanceMemoryResponse(
-            actual_deltas=tuple(
-                _decode_delta(entry, f"{where}: actual_deltas[{index}]")
-                for index, entry in enumerate(entries)
-            )
-        )
+        deltas = _decode(_REBALANCE_MEMORY, body, where).actual_deltas
+        response = RebalanceMemoryResponse(tuple(BalloonDelta(d.id, d.delta) for d in deltas))
     elif isinstance(request, PrepareVmRequest):
-        response = PrepareVmResponse(
-            res=_int_field(root, "res", _I32_MIN, _I32_MAX, where),
-            vm_id=_int_field(root, "id", 0, U32_MAX, where),
-            shortfall_bytes=_int_field(root, "shortfall", 0, _U64_MAX, where),
-        )
+        prepared = _decode(_PREPARE_VM, body, where)
+        if prepared.shortfall > _U64_MAX:
+            raise CodecError(f"{where}: shortfall {prepared.shortfall} does not fit a u64")
+        response = PrepareVmResponse(prepared.res, prepared.id, prepared.shortfall)
     elif isinstance(request, FinishAddVmRequest):
-        response = FinishAddVmResponse(res=_int_field(root, "res", _I32_MIN, _I32_MAX, where))
+        response = FinishAddVmResponse(_decode(_RES, body, where).res)
     else:
-        response = RemoveVmResponse(res=_int_field(root, "res", _I32_MIN, _I32_MAX, where))
+        response = RemoveVmResponse(_decode(_RES, body, where).res)
     # The request's type parameter is its response class, which the branch above just built.
     return cast(_R, response)
 
@@ -279,135 +273,130 @@ def _dump_json(payload: dict[str, object]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-# --- decoding helpers: every failure here is the peer's, so every one is a CodecError ---------
+# --- decoding: every failure here is the peer's, so every one is a CodecError -----------------
+#
+# Typed msgspec Structs check a body in one C pass: types (exactly int: no bools, no floats such
+# as 1.0), ranges and required keys; unknown keys are ignored. A GetBalloonStats answer is
+# checked entry by entry, so that one VM's impossible numbers cost no other VM its statistics.
+
+_I32 = Annotated[int, msgspec.Meta(ge=_I32_MIN, le=_I32_MAX)]
+_I64 = Annotated[int, msgspec.Meta(ge=_I64_MIN, le=_I64_MAX)]
+_U32 = Annotated[int, msgspec.Meta(ge=0, le=U32_MAX)]
+_U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec takes no bound past 2^63: checked by hand
+# A byte amount or count a VM can really have (_byte_count_problem says why the others can't).
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_JSON_SAFE_INT)]
 
 
-def _reject_constant(name: str) -> object:
-    # Python's json accepts NaN/Infinity; neither mms nor Chromium's JSONReader do.
-    raise ValueError(f"{name} is not valid JSON")
+# crosvm's BalloonStats, built from BalloonStats so the order matches; absent or null is None.
+_Stats = msgspec.defstruct(
+    "_Stats", [(name, _Count | None, None) for name in BALLOON_STAT_FIELDS], gc=False
+)
 
 
-def _load_json_object(body: bytes, where: str) -> dict[str, object]:
+class _StatsEntry(msgspec.Struct, gc=False):
+    id: _U32
+    stats: _Stats  # type: ignore[valid-type]  # built above, from the field names
+    balloon_actual: _Count
+
+
+class _BalloonStatsBody(msgspec.Struct, gc=False):
+    all_stats: list[msgspec.Raw]  # each entry checked on its own
+
+
+class _Delta(msgspec.Struct, gc=False):
+    id: _U32
+    delta: _I64
+
+
+class _RebalanceMemoryBody(msgspec.Struct, gc=False):
+    actual_deltas: list[_Delta]
+
+
+class _PrepareVmBody(msgspec.Struct, gc=False):
+    res: _I32
+    id: _U32
+    shortfall: _U64
+
+
+class _ResBody(msgspec.Struct, gc=False):
+    res: _I32
+
+
+_BALLOON_STATS = msgspec.json.Decoder(_BalloonStatsBody)
+_STATS_ENTRY = msgspec.json.Decoder(_StatsEntry)
+_REBALANCE_MEMORY = msgspec.json.Decoder(_RebalanceMemoryBody)
+_PREPARE_VM = msgspec.json.Decoder(_PrepareVmBody)
+_RES = msgspec.json.Decoder(_ResBody)
+_T = TypeVar("_T")
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], body: bytes, where: str) -> _T:
     try:
-        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, which mms never sends.
-        text = bytes(body).decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and integers longer than Python's digit limit.
+        # UTF-8 first and explicitly: msgspec does not check the strings it skips.
+        return decoder.decode(bytes(body).decode("utf-8"))
+    except msgspec.ValidationError as exc:  # "Expected `int` <= 2147483647 - at `$.res`"
+        raise CodecError(f"{where}: {exc}") from exc
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError) as exc:
         raise CodecError(f"{where}: body is not valid UTF-8 JSON: {exc}") from exc
-    return _object(value, f"{where}: body")
 
 
-def _brief(value: object) -> str:
-    # Never repr a container: a deeply nested one would recurse, a large one would flood logs.
-    if isinstance(value, dict):
-        return "a JSON object"
-    if isinstance(value, list):
-        return "a JSON array"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _object(value: object, where: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise CodecError(f"{where}: expected a JSON object, got {_brief(value)}")
-    return cast(dict[str, object], value)
-
-
-def _list(value: object, where: str) -> list[object]:
-    if not isinstance(value, list):
-        raise CodecError(f"{where}: expected a JSON array, got {_brief(value)}")
-    return cast(list[object], value)
-
-
-def _key(obj: dict[str, object], key: str, where: str) -> object:
-    if key not in obj:
-        raise CodecError(f"{where}: missing key {key!r}")
-    return obj[key]
-
-
-def _int_in(value: object, lo: int, hi: int, where: str) -> int:
-    # Exactly int: rejects bools (an int subclass) and floats such as 1.0.
-    if type(value) is not int:
-        raise CodecError(f"{where}: expected an integer, got {_brief(value)}")
-    if not lo <= value <= hi:
-        raise CodecError(f"{where}: {value} is outside {lo}..{hi}")
-    return value
-
-
-def _int_field(obj: dict[str, object], key: str, lo: int, hi: int, where: str) -> int:
-    return _int_in(_key(obj, key, where), lo, hi, f"{where}.{key}")
-
-
-# Every stat crosvm reports, in BalloonStats order; a KeyError means some were not reported.
-_ALL_STATS = operator.itemgetter(*BALLOON_STAT_FIELDS)
-
-
-def _decode_balloon_stats_response(root: dict[str, object], where: str) -> GetBalloonStatsResponse:
-    entries = _list(_key(root, "all_stats", where), f"{where}: all_stats")
+def _decode_balloon_stats(body: bytes, where: str) -> GetBalloonStatsResponse:
     all_stats: list[VmBalloonStats] = []
     unreadable: list[UnreadableVm] = []
-    for index, entry in enumerate(entries):
-        # The hot path of every stats read (on the connection thread, under the GIL): check
-        # values in bulk and build the "where" text of an error only when there is one.
-        if type(entry) is dict and type(raw_stats := entry.get("stats")) is dict:
-            try:
-                values: tuple[object, ...] = _ALL_STATS(raw_stats)
-            except KeyError:
-                values = tuple(raw_stats.get(name) for name in BALLOON_STAT_FIELDS)
-            present = [value for value in values if value is not None]
-            vm_id, actual = entry.get("id"), entry.get("balloon_actual")
-            if (
-                # Exactly int: no bools (an int subclass), no floats such as 1.0.
-                all(type(value) is int for value in present)
-                and (not present or (min(present) >= 0 and max(present) <= MAX_JSON_SAFE_INT))  # type: ignore[type-var,operator]
-                and type(vm_id) is int
-                and 0 <= vm_id <= U32_MAX
-                and type(actual) is int
-                and 0 <= actual <= MAX_JSON_SAFE_INT
-            ):
-                stats = BalloonStats._make(cast(tuple[int | None, ...], values))
-                all_stats.append(VmBalloonStats(vm_id, stats, actual))
-                continue
-        decoded = _checked_stats_entry(entry, f"{where}: all_stats[{index}]")
-        if isinstance(decoded, UnreadableVm):
-            unreadable.append(decoded)
-        else:
-            all_stats.append(decoded)
+    for index, raw in enumerate(_decode(_BALLOON_STATS, body, where).all_stats):
+        try:
+            entry = _STATS_ENTRY.decode(raw)
+        except (msgspec.DecodeError, RecursionError):
+            decoded = _checked_stats_entry(raw, f"{where}: all_stats[{index}]")
+            if isinstance(decoded, UnreadableVm):
+                unreadable.append(decoded)
+            else:
+                all_stats.append(decoded)
+            continue
+        stats = BalloonStats._make(msgspec.structs.astuple(entry.stats))
+        all_stats.append(VmBalloonStats(entry.id, stats, entry.balloon_actual))
     return GetBalloonStatsResponse(all_stats=tuple(all_stats), unreadable=tuple(unreadable))
 
 
 _ABSENT = object()
 
 
-def _checked_stats_entry(entry: object, entry_where: str) -> VmBalloonStats | UnreadableVm:
-    """The slow path: decode one entry field by field.
+def _checked_stats_entry(raw: msgspec.Raw, where: str) -> VmBalloonStats | UnreadableVm:
+    """One entry that failed the typed check, read again and checked field by field.
 
     An entry that names no VM (not an object, no valid id) breaks the whole answer: CodecError.
     One that names its VM but holds an impossible value makes only that VM unreadable: mms
     passes crosvm's figures through unchecked and wraps its own CrOS balloon arithmetic, so the
     other VMs' entries are still good.
     """
-    fields = _object(entry, entry_where)
-    vm_id = _int_field(fields, "id", 0, U32_MAX, entry_where)
-    actual = fields.get("balloon_actual", _ABSENT)
+    try:
+        # The standard library, not msgspec: it keeps integers of any size exact, so a value
+        # past 2^64 is reported as TOO_LARGE, with its digits.
+        entry = json.loads(bytes(raw))
+    except (ValueError, RecursionError) as exc:  # ValueError: past Python's digit limit
+        raise CodecError(f"{where}: not valid JSON: {exc}") from exc
+    if type(entry) is not dict:
+        raise CodecError(f"{where}: expected a JSON object, got {_json_brief(entry)}")
+    vm_id = entry.get("id", _ABSENT)
+    if type(vm_id) is not int or not 0 <= vm_id <= U32_MAX:
+        raise CodecError(
+            f"{where}.id: expected an integer in 0..{U32_MAX}, got {_json_brief(vm_id)}"
+        )
+    actual = entry.get("balloon_actual", _ABSENT)
     if (reason := _byte_count_problem(actual)) is not None:
         return UnreadableVm(vm_id, reason, "balloon_actual", _json_brief(actual))
-    raw_stats = fields.get("stats", _ABSENT)
+    raw_stats = entry.get("stats", _ABSENT)
     if raw_stats is None or raw_stats is _ABSENT:
         return UnreadableVm(vm_id, UnreadableReason.MISSING, "stats", _json_brief(raw_stats))
     if type(raw_stats) is not dict:
         return UnreadableVm(vm_id, UnreadableReason.NOT_AN_OBJECT, "stats", _json_brief(raw_stats))
-    stats: dict[str, int | None] = {}
-    for name in BALLOON_STAT_FIELDS:
-        raw = raw_stats.get(name)
+    values = [raw_stats.get(name) for name in BALLOON_STAT_FIELDS]
+    for name, value in zip(BALLOON_STAT_FIELDS, values, strict=True):
         # Not reported is not zero: a guest that never sent free_memory has not run out.
-        if raw is not None and (reason := _byte_count_problem(raw)) is not None:
-            return UnreadableVm(vm_id, reason, f"stats.{name}", _json_brief(raw))
-        stats[name] = cast(int | None, raw)
-    return VmBalloonStats(
-        vm_id=vm_id, stats=BalloonStats(**stats), balloon_actual_bytes=cast(int, actual)
-    )
+        if value is not None and (reason := _byte_count_problem(value)) is not None:
+            return UnreadableVm(vm_id, reason, f"stats.{name}", _json_brief(value))
+    # Good after all: a key given twice, whose last value (the one that counts) is good.
+    return VmBalloonStats(vm_id, BalloonStats._make(values), cast(int, actual))
 
 
 def _byte_count_problem(value: object) -> UnreadableReason | None:
@@ -433,15 +422,8 @@ def _json_brief(value: object) -> str:
     """``value`` as mms wrote it, short enough for a log line and an API field."""
     if value is _ABSENT:
         return "(absent)"
+    # Never dump a container: a deeply nested one would recurse, a large one would flood logs.
     if isinstance(value, dict | list):
-        return _brief(value)
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _decode_delta(entry: object, where: str) -> BalloonDelta:
-    fields = _object(entry, where)
-    return BalloonDelta(
-        vm_id=_int_field(fields, "id", 0, U32_MAX, where),
-        delta_bytes=_int_field(fields, "delta", _I64_MIN, _I64_MAX, where),
-    )
