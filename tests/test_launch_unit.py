@@ -21,6 +21,7 @@ from manatee_grpc._errors import (
     InvalidArgumentError,
     LaunchLeaseExpiredError,
     MmsConnectionLostError,
+    MmsProtocolError,
     StartInProgressError,
 )
 from manatee_grpc._launch import (
@@ -356,4 +357,50 @@ def test_a_session_reset_overtakes_queued_client_messages_and_asks_to_stop_the_v
     # mms dropped the VM with the session: nothing to remove, and the listener is gone.
     assert bridge.connection.kinds() == ["PrepareVm"]
     assert bridge.listeners == []
+    assert slot_is_empty(bridge.slot)
+
+
+def test_a_reservation_answered_as_the_caller_leaves_is_removed() -> None:
+    # mms answers PrepareVm (a start is open) and the caller cancels before the launch resumes
+    # to read that answer: the launch never learns the VM id, but the slot (which follows the
+    # wire) does, and the start must be removed, not left pending with nobody holding it.
+    bridge = FakeBridge()
+
+    async def scenario() -> None:
+        inbox = Inbox(asyncio.get_running_loop())
+        task = asyncio.create_task(new_launch(bridge, inbox).run(Recorder().emit, 10.0))
+        await settle()
+        ((request, future),) = bridge.connection.pending
+        bridge.connection.answer(request, future, PrepareVmResponse(RES_OK, 7, 0))
+        task.cancel()  # in the same loop pass: the launch is cancelled before it resumes
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario())
+    assert bridge.connection.kinds() == ["PrepareVm", "RemoveVm"]
+    assert bridge.removed == [7]
+    assert slot_is_empty(bridge.slot)
+
+
+def test_a_short_reservation_is_removed_if_the_next_attempt_fails_after_the_caller_left() -> None:
+    # Attempt 1 fell short (start 3 is open in mms); attempt 2 is on the wire when the caller
+    # leaves, and then fails without closing the stream: start 3 is still open and is removed.
+    bridge = FakeBridge()
+    bridge.connection.answers[PrepareVmRequest].append(PrepareVmResponse(RES_ENOMEM, 3, 4096))
+
+    async def scenario() -> None:
+        inbox = Inbox(asyncio.get_running_loop())
+        launch = new_launch(bridge, inbox, attempt_delays_s=(0.0, 0.0))
+        task = asyncio.create_task(launch.run(Recorder().emit, 10.0))
+        await settle()
+        ((request, future),) = bridge.connection.pending
+        assert isinstance(request, PrepareVmRequest)
+        assert future.set_running_or_notify_cancel()  # on the wire: it cannot be cancelled
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert bridge.removed == []  # not before the answer: it could still open the start
+        future.set_exception(MmsProtocolError("a bad PrepareVm body", reached_mms=True))
+
+    run(scenario())
+    assert bridge.connection.kinds() == ["PrepareVm", "PrepareVm", "RemoveVm"]
+    assert bridge.removed == [3]
     assert slot_is_empty(bridge.slot)

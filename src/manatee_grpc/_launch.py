@@ -41,6 +41,7 @@ from ._messages import (
     RES_ENOMEM,
     RES_OK,
     FinishAddVmRequest,
+    FinishAddVmResponse,
     PrepareVmRequest,
     PrepareVmResponse,
     Response,
@@ -231,6 +232,7 @@ class LaunchRun:
         self._token = object()
         self._vm_id: int | None = None
         self._prepare_future: Future[PrepareVmResponse] | None = None
+        self._finish_future: Future[FinishAddVmResponse] | None = None
         self._settled = False  # launched, or mms already forgot the VM: nothing to roll back
         self._reserved_sent = False  # the client may have started the VM
         self._step = "waiting for earlier launches to finish"
@@ -316,7 +318,7 @@ class LaunchRun:
                 vmId=vm_id,
             )
         self._step = "waiting for mms FinishAddVm"
-        finish = self._bridge.connection.submit(FinishAddVmRequest(vm_id))
+        finish = self._finish_future = self._bridge.connection.submit(FinishAddVmRequest(vm_id))
         finish_response = await self._await(finish)
         if finish_response.res == RES_OK:
             self._settled = True  # the slot is freed by the answer itself (it follows the wire)
@@ -430,29 +432,34 @@ class LaunchRun:
         future = self._prepare_future
         if future is not None and not future.done():
             # The answer is still coming: remove whatever it reserves once it arrives.
-            future.add_done_callback(self._remove_after)
+            future.add_done_callback(lambda _: self._remove_open_start("its launch ended"))
             return
-        if self._vm_id is None:
-            slot.release(self._token)
-            return
-        self._bridge.remove_in_background(
-            self._vm_id, "its launch did not complete", then=lambda: slot.release(self._token)
-        )
+        self._remove_open_start("its launch did not complete")
 
-    def _remove_after(self, done: Future[PrepareVmResponse]) -> None:
+    def _remove_open_start(self, why: str) -> None:
+        """Remove the start mms opened for this launch, if any, then release the slot.
+
+        Which start is open comes from the slot, which follows the wire, not from what this
+        coroutine read: a PrepareVm answer can arrive just as the caller leaves, so the
+        coroutine is cancelled before it resumes to read it (and ``_vm_id`` is still unset).
+        """
         slot = self._bridge.slot
-        if done.cancelled() or done.exception() is not None:
+        vm_id = slot.open_start_vm_id(self._token)
+        finish = self._finish_future
+        if (
+            vm_id is None
+            and finish is not None
+            and finish.done()
+            and not finish.cancelled()
+            and finish.exception() is None
+            and finish.result().res == RES_OK
+        ):
+            # It launched as the caller left, unseen: nobody will use that VM (as before).
+            vm_id = self._vm_id
+        if vm_id is None:
             slot.release(self._token)
             return
-        response = done.result()
-        if response.res not in (RES_OK, RES_ENOMEM):
-            slot.release(self._token)
-            return
-        self._bridge.remove_in_background(
-            response.vm_id,
-            "its launch ended before the reservation came back",
-            then=lambda: slot.release(self._token),
-        )
+        self._bridge.remove_in_background(vm_id, why, then=lambda: slot.release(self._token))
 
 
 def _field_of(item: ClientItem) -> str:

@@ -204,6 +204,15 @@ class StartSlot:
             if self._claim is not None and self._claim.token is token:
                 self._claim.vm_id = vm_id
 
+    def open_start_vm_id(self, token: object) -> int | None:
+        """The VM of the start mms opened for ``token``'s claim and has not ended, or None.
+
+        Set on the connection thread before the PrepareVm caller sees the answer.
+        """
+        with self._lock:
+            claim = self._claim
+            return claim.vm_id if claim is not None and claim.token is token else None
+
     def release(self, token: object) -> None:
         with self._lock:
             if self._claim is not None and self._claim.token is token:
