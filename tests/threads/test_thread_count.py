@@ -71,6 +71,10 @@ def test_threads_stay_flat_with_30_watchers_12_launches_and_20_prepares_waiting(
             assert native_while <= native_before + NATIVE_SLACK
         except BaseException:
             child.kill()
+            child.wait(WAIT_S)
+            for pipe in (child.stdin, child.stdout):
+                if pipe is not None:
+                    pipe.close()
             raise
     try:
         # mms answers: one start, leased, shared by the 20 callers; the launches wait on it.
@@ -86,3 +90,6 @@ def test_threads_stay_flat_with_30_watchers_12_launches_and_20_prepares_waiting(
     finally:
         child.kill()
         child.wait(WAIT_S)
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
