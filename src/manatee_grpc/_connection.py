@@ -251,9 +251,12 @@ class MmsConnection:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sock: socket.socket | None = None
-        # True while the thread may be parked in select() with nothing queued: only then does
-        # a submit need to wake it (a busy thread looks at the queue after each round trip).
+        # True while the thread may be parked waiting for work with nothing queued: only then
+        # does a submit need to wake it (a busy thread looks at the queue after each round trip).
         self._idle = True
+        # What an idle, connected thread waits on: a submit notifies it (the loop → thread
+        # hand-off is this queue and this condition, no syscall of our own on the hot path).
+        self._work = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="mms-connection", daemon=True)
         self._rng = random.Random()
         self._requests_sent = 0
@@ -332,9 +335,9 @@ class MmsConnection:
                 future.set_exception(error)
                 return future
             self._queue.append(_Call(request, future, frame))
-            wake, self._idle = self._idle, False
-        if wake:
-            self._wake()
+            if self._idle:
+                self._idle = False
+                self._work.notify()
         return future
 
     def call(self, request: MmsRequest[R], timeout_s: float | None) -> R:
@@ -366,6 +369,7 @@ class MmsConnection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            self._work.notify_all()  # an idle thread looks at the socket now
         return True
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -373,6 +377,7 @@ class MmsConnection:
         with self._lock:
             self._stopping = True
             self._connected_event.notify_all()
+            self._work.notify_all()
             sock = self._sock
         self._wake()
         # Shut the stream even when nothing looks in flight: the thread may have just taken a
@@ -488,15 +493,14 @@ class MmsConnection:
                     return self._wait_out_of_step(sock, selector, session)
                 call = self._next_call()
                 if call is None:
-                    # Idle: watch the socket too, so a dead mms is noticed at once, not at the
-                    # next request (mms never speaks unprompted; readable means EOF or garbage).
-                    for key, _ in selector.select():
-                        if key.fileobj is sock:
-                            failure = self._idle_readable(sock, session)
-                            if failure is not None:
-                                return failure
-                            break
-                    self._drain_wake()
+                    # Idle: wait for a submit; between waits, look at the socket, so a dead mms
+                    # is noticed within _IDLE_CHECK_S, not at the next request (mms never speaks
+                    # unprompted; readable means EOF or garbage).
+                    self._wait_for_work()
+                    if not self._queue and _readable(sock):
+                        failure = self._idle_readable(sock, session)
+                        if failure is not None:
+                            return failure
                     continue
                 if not call.future.set_running_or_notify_cancel():
                     continue  # the caller gave up before it was sent: never send it
@@ -760,6 +764,12 @@ class MmsConnection:
             logger.exception("could not learn what an mms reset would lose; assuming the worst")
             return UNKNOWN_STAKES
 
+    def _wait_for_work(self) -> None:
+        """Park until a submit (or stop, or reset) notifies, or for _IDLE_CHECK_S at most."""
+        with self._lock:
+            if not self._queue and not self._stopping and self._idle:
+                self._work.wait(_IDLE_CHECK_S)
+
     def _next_call(self) -> _Call | None:
         with self._lock:
             if self._queue:
@@ -813,8 +823,7 @@ class MmsConnection:
 
     def _drain_wake(self) -> None:
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)  # what is left wakes the next select, which drains it
         except (BlockingIOError, OSError):
             pass
 
@@ -888,6 +897,16 @@ def _internal_error(exc: BaseException, msg_type: MessageType, reached_mms: bool
 
 # One read takes up to this much; a response is a few hundred bytes, stats for 64 VMs ~20 KiB.
 _READ_CHUNK_BYTES = 1 << 16
+
+
+# How often an idle connection thread looks at the socket for a dead or babbling mms.
+_IDLE_CHECK_S = 0.05
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _wait(sock: socket.socket, events: int, deadline: float) -> None:

@@ -415,7 +415,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             start.init_mem_size_bytes if start.HasField("init_mem_size_bytes") else None,
             prefix="start.",
         )
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         reader = asyncio.create_task(_read_client(request_iterator, inbox))
         run = LaunchRun(
             self.bridge,
