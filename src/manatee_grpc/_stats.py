@@ -1,9 +1,16 @@
 """Balloon-stats reads, coalesced: callers arriving while a read is in flight share the next one.
 
 mms serves one request at a time, so throughput comes from doing less: every caller waiting for
-stats is served by one GetBalloonStats for the union of their ids. A caller that finds mms idle
-sends its read at once (a lone caller never waits); callers that arrive while a read is in
-flight join the next one, which the connection thread sends as soon as the answer is in.
+stats is served by one GetBalloonStats for the union of their ids. Callers that arrive while a
+read is in flight join the next one, which the connection thread sends as soon as the answer
+is in.
+
+With mms idle, a read is sent at once unless the last read served several callers: then it
+waits until as many callers have joined as that read served, or ``gather_window_s`` at most.
+Under load, callers answered together come back together, and without this the first of them
+would find mms idle and go alone. A lone caller (the last read served one) never waits. (An
+earlier version looked at the loop's private ready queue to see whether more callers were on
+their way; this looks only at what the reader itself saw.)
 
 Callers are coroutines on the server's event loop. The read's answer comes back to them through
 the one hand-off from the connection thread (``_aio.call_soon_from_thread``): one per read,
@@ -73,10 +80,15 @@ class _Answer:
         )
 
 
+# The longest a read waits for callers expected to join it while mms is idle.
+DEFAULT_GATHER_WINDOW_S = 0.001
+
+
 @dataclass(slots=True)
 class _Batch:
     loop: asyncio.AbstractEventLoop
     vm_ids: set[int] = field(default_factory=set)
+    gathering: bool = False  # a loop timer will send it if enough callers have not joined
     answer: _Answer | None = None
     error: BaseException | None = None
     # Coroutines waiting on this batch, woken together by one hand-off to their loop (so a
@@ -88,9 +100,16 @@ class _Batch:
 class StatsReader:
     """Reads balloon stats through the connection, coalescing concurrent callers if enabled."""
 
-    def __init__(self, connection: MmsConnection, coalesce: bool = True) -> None:
+    def __init__(
+        self,
+        connection: MmsConnection,
+        coalesce: bool = True,
+        gather_window_s: float = DEFAULT_GATHER_WINDOW_S,
+    ) -> None:
         self._connection = connection
         self._coalesce = coalesce
+        self._gather_window_s = gather_window_s
+        self._last_batch_callers = 0  # how many callers the last answered read served
         # Taken on the loop (a caller joins) and on the connection thread (a read is answered).
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
@@ -118,9 +137,12 @@ class StatsReader:
             batch.vm_ids.update(vm_ids)
             assert batch.waiters is not None  # only the batch being gathered is joined
             batch.waiters.append(waiter)
-            send = not self._in_flight
-            if send:
-                self._send_next_locked()
+            if not self._in_flight:
+                if len(batch.waiters) >= self._last_batch_callers:
+                    self._send_next_locked()
+                elif not batch.gathering:
+                    batch.gathering = True
+                    loop.call_later(self._gather_window_s, self._gathered, batch)
         # The batch is shared: this caller's deadline ends only its own wait, never the read.
         expiry = None if timeout_s is None else loop.call_later(timeout_s, _wake, waiter)
         try:
@@ -139,6 +161,12 @@ class StatsReader:
         if snapshot is None:
             snapshot = batch.picks[vm_ids] = _pick(vm_ids, answer)
         return snapshot
+
+    def _gathered(self, batch: _Batch) -> None:
+        """The gather window ended: send ``batch`` unless it went already (or mms is busy)."""
+        with self._lock:
+            if self._next is batch and not self._in_flight:
+                self._send_next_locked()
 
     def _send_next_locked(self) -> None:
         batch = self._next
@@ -162,9 +190,10 @@ class StatsReader:
             batch.answer = _Answer.of(session, done.result())
         with self._lock:
             self._in_flight = False
+            waiters, batch.waiters = batch.waiters, None
+            self._last_batch_callers = len(waiters) if waiters else 0
             if self._next is not None:
                 self._send_next_locked()
-            waiters, batch.waiters = batch.waiters, None
         if waiters:
             _aio.call_soon_from_thread(batch.loop, _wake_all, waiters)
 
