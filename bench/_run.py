@@ -338,7 +338,13 @@ class _Launch:
         self._channel = grpc.insecure_channel(target)
         self._outbox: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
         self._outbox.put(
-            pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes))
+            # All of it initial memory: the 7 GiB launch must fall short (what the CrOS guest
+            # can give up front), not reserve a mostly-deflated VM.
+            pb.LaunchVmRequest(
+                start=pb.LaunchVmRequest.Start(
+                    mem_size_bytes=mem_size_bytes, init_mem_size_bytes=mem_size_bytes
+                )
+            )
         )
         stub = pb_grpc.MemoryServiceStub(self._channel)
         self.call = stub.LaunchVm(self._requests(), timeout=60)

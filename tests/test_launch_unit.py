@@ -247,7 +247,7 @@ def test_vm_started_sent_with_start_is_applied_once_reserved_and_progress_only_i
     recorder = Recorder()
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         inbox.put(VmStarted())  # sent right after `start`, before anything was reserved
         inbox.put(StreamEnded())  # and the client half-closed: a normal end after vm_started
         await new_launch(bridge, inbox, attempt_delays_s=(0.0, 0.001)).run(recorder.emit, 10.0)
@@ -268,7 +268,7 @@ def test_a_second_start_is_invalid_argument_and_the_reservation_is_removed() -> 
     recorder = Recorder()
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         inbox.put(Unexpected("start"))
         inbox.put(VmStarted())
         with pytest.raises(InvalidArgumentError):
@@ -286,7 +286,7 @@ def test_a_quiet_client_loses_the_start_when_the_lease_runs_out() -> None:
     recorder = Recorder()
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         with pytest.raises(LaunchLeaseExpiredError):
             # No deadline of its own: only the lease ends it.
             await new_launch(bridge, inbox, stop_timeout_s=0.01).run(recorder.emit, None)
@@ -305,7 +305,7 @@ def test_a_launch_whose_caller_left_before_it_queued_sends_nothing() -> None:
             bridge,  # type: ignore[arg-type]
             mem_size_bytes=512 * MIB,
             init_mem_size_bytes=256 * MIB,
-            inbox=Inbox(asyncio.get_running_loop()),
+            inbox=Inbox(),
             policy=LaunchPolicy(),
             caller_gone=lambda: True,  # the stream was cancelled before the launch queued
         )
@@ -322,7 +322,7 @@ def test_a_launch_cancelled_while_mms_has_its_prepare_queued_never_sends_it() ->
     recorder = Recorder()
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         task = asyncio.create_task(new_launch(bridge, inbox).run(recorder.emit, 10.0))
         await settle()
         ((request, future),) = bridge.connection.pending
@@ -342,7 +342,7 @@ def test_a_session_reset_overtakes_queued_client_messages_and_asks_to_stop_the_v
     recorder = Recorder()
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         launch = asyncio.create_task(new_launch(bridge, inbox).run(recorder.emit, 10.0))
         await settle()
         assert [type(event) for event in recorder.events] == [Reserved]

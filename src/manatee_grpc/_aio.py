@@ -1,10 +1,16 @@
-"""Waiting on the mms connection thread from the gRPC event loop.
+"""The one way back from the mms connection thread to the server's event loop.
 
-The connection thread resolves ``concurrent.futures.Future``s. A coroutine that awaited one
-through ``asyncio.wrap_future`` would, on cancellation or timeout, cancel the thread future too;
-that is wrong for a coalesced stats batch (other callers share it) and must be decided
-explicitly for a request that may already be on the wire. So the loop only gets a *wake-up*
-future here, and the caller decides what to do with the thread future.
+Into the thread, the loop's only door is ``MmsConnection.submit`` (a request queue). Out of it,
+the connection thread resolves ``concurrent.futures.Future``s, and a coroutine waits for one
+through ``wake_on_done``: the future's done-callback completes a loop future by
+``loop.call_soon_threadsafe`` (``call_soon_from_thread``), the model aiosqlite follows. The
+stats reader uses ``call_soon_from_thread`` directly, once per read for all its callers.
+
+A coroutine that awaited the thread future through ``asyncio.wrap_future`` would, on
+cancellation or timeout, cancel the thread future too; that is wrong for a coalesced stats
+batch (other callers share it) and must be decided explicitly for a request that may already be
+on the wire. So the loop only gets a *wake-up* future here, and the caller decides what to do
+with the thread future.
 """
 
 from __future__ import annotations
@@ -27,68 +33,53 @@ def call_soon_from_thread(
     """Hand ``callback(*args)`` to ``loop`` from another thread.
 
     A closed loop means the server has stopped: nobody is left to run it, and the thread
-    handing it over (the connection thread, a launch, a watch ticker) must not fail for that.
+    handing it over (the connection thread) must not fail for that.
     """
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback, *args)
 
 
-def has_ready_work(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` has callbacks queued to run besides the one asking (a busy loop).
-
-    asyncio has no public API for this; its event loops keep the queue in ``_ready``. A loop
-    without one (another implementation) counts as idle, which only means no waiting.
-    """
-    return bool(getattr(loop, "_ready", None))
-
-
-def wake(waiter: asyncio.Future[None]) -> None:
-    """Complete a wake-up future (on its loop); a second wake is a no-op."""
+def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
 
-def wake_all(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        wake(waiter)
-
-
-def wake_soon(waiter: asyncio.Future[None]) -> None:
-    """Complete ``waiter`` from any thread: directly on its loop, else by a loop hand-off."""
-    loop = waiter.get_loop()
-    try:
-        on_loop = asyncio.get_running_loop() is loop
-    except RuntimeError:
-        on_loop = False
-    if on_loop:
-        wake(waiter)
-    else:
-        call_soon_from_thread(loop, wake, waiter)
-
-
 def wake_on_done(future: Future[Any]) -> asyncio.Future[None]:
     """A loop future that completes (with None) once ``future`` is done; never cancels it."""
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    # One hand-off to the loop per completion; an inline completion (already done) costs none.
-    future.add_done_callback(lambda _: wake_soon(waiter))
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    # One hand-off to the loop per completion. A future completed inline (refused at submit)
+    # completes on the loop itself: no hand-off.
+    if future.done():
+        waiter.set_result(None)
+    else:
+        future.add_done_callback(lambda _: call_soon_from_thread(loop, _wake, waiter))
     return waiter
 
 
 async def wait_done(future: Future[Any], timeout_s: float | None) -> bool:
-    """Wait until ``future`` is done or ``timeout_s`` passes; True if it is done."""
+    """Wait until ``future`` is done or ``timeout_s`` passes; True if it is done.
+
+    Cancelling the caller cancels only its wait, never ``future``.
+    """
     if future.done():
         return True
     waiter = wake_on_done(future)
+    if timeout_s is None:
+        await waiter
+        return True
+    loop = asyncio.get_running_loop()
+    expiry = loop.call_later(timeout_s, _wake, waiter)
     try:
-        await asyncio.wait_for(waiter, timeout_s)
-    except TimeoutError:
-        return future.done()
-    return True
+        await waiter
+    finally:
+        expiry.cancel()
+    return future.done()
 
 
 async def await_mms(future: Future[R], timeout_s: float | None, msg_type: MessageType) -> R:
-    """Like ``_bridge.await_call`` for the loop: a queued request is cancelled (never sent) if
-    the caller's deadline passes or the caller cancels; one on the wire runs to completion."""
+    """An mms answer within ``timeout_s``. A request still queued is cancelled (never sent) if
+    the deadline passes or the caller is cancelled; one on the wire runs to completion."""
     try:
         done = await wait_done(future, timeout_s)
     except asyncio.CancelledError:

@@ -1,26 +1,28 @@
 """The memory operations the gRPC API offers, in domain terms: no protobuf, no gRPC context.
 
-Each operation validates against the books, sends what mms needs through the one connection,
-waits within the caller's deadline, and turns mms's ``res`` codes into ManateeErrors.
+Each operation is a coroutine on the server's event loop: it validates against the books, sends
+what mms needs through the one connection, waits within the caller's deadline (``timeout_s``),
+and turns mms's ``res`` codes into ManateeErrors. A caller that leaves cancels the coroutine:
+a request still queued stays off the wire; one on the wire runs to completion.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
-import time
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from . import _aio
 from ._books import Books, VmRecord, VmState
 from ._connection import MmsConnection
 from ._errors import (
     DeadlineExceededError,
     InvalidArgumentError,
-    ManateeError,
     MmsConnectionError,
     MmsRefusedError,
     MmsUnavailableError,
@@ -35,6 +37,7 @@ from ._messages import (
     RES_OK,
     BalloonDelta,
     FinishAddVmRequest,
+    MessageType,
     PrepareVmRequest,
     PrepareVmResponse,
     RebalanceMemoryRequest,
@@ -53,71 +56,8 @@ R = TypeVar("R", bound=Response)
 T = TypeVar("T")
 
 
-class CallerGoneError(ManateeError):
-    """The caller cancelled or hung up; nobody will read the answer."""
-
-    reason = "CANCELLED"
-
-
-class CallContext:
-    """One caller's patience: a deadline, and whether it has gone away (cancelled, hung up)."""
-
-    def __init__(self, deadline_monotonic: float | None = None) -> None:
-        self.deadline_monotonic = deadline_monotonic
-        self._lock = threading.Lock()
-        self._gone = False
-        self._listeners: list[Callable[[], None]] = []
-
-    @classmethod
-    def with_timeout(cls, timeout_s: float | None) -> CallContext:
-        return cls(None if timeout_s is None else time.monotonic() + timeout_s)
-
-    def remaining_s(self) -> float | None:
-        if self.deadline_monotonic is None:
-            return None
-        return max(0.0, self.deadline_monotonic - time.monotonic())
-
-    @property
-    def gone(self) -> bool:
-        return self._gone
-
-    def mark_gone(self) -> None:
-        with self._lock:
-            if self._gone:
-                return
-            self._gone = True
-            listeners, self._listeners = self._listeners, []
-        for listener in listeners:
-            listener()
-
-    def on_gone(self, listener: Callable[[], None]) -> None:
-        with self._lock:
-            if not self._gone:
-                self._listeners.append(listener)
-                return
-        listener()
-
-
-def await_call(future: Future[R], ctx: CallContext, what: str) -> R:
-    """Wait for an mms call until it answers, the deadline passes, or the caller goes.
-
-    A request still queued is cancelled (never sent); one on the wire runs to completion.
-    """
-    wake = threading.Event()
-    future.add_done_callback(lambda _: wake.set())
-    ctx.on_gone(wake.set)
-    wake.wait(ctx.remaining_s())
-    if future.done():
-        return future.result()
-    sent = not future.cancel()
-    suffix = " (the request was sent and will complete)" if sent else " (never sent)"
-    if ctx.gone:
-        raise CallerGoneError(f"the caller went away waiting for mms {what}{suffix}")
-    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}", reached_mms=sent)
-
-
-def _await_outcome(
-    outcome: Future[T], ctx: CallContext, what: str, sent: Future[Any] | None = None
+async def _await_outcome(
+    outcome: Future[T], timeout_s: float | None, what: str, sent: Future[Any] | None = None
 ) -> T | None:
     """Wait for a request id's shared outcome; None if its request was never sent (run it).
 
@@ -125,11 +65,13 @@ def _await_outcome(
     request is still queued, the request stays off the wire and repeats run it afresh. Other
     callers (repeats) never cancel what they wait for.
     """
-    wake = threading.Event()
-    outcome.add_done_callback(lambda _: wake.set())
-    ctx.on_gone(wake.set)
-    wake.wait(ctx.remaining_s())
-    if outcome.done():
+    try:
+        done = await _aio.wait_done(outcome, timeout_s)
+    except asyncio.CancelledError:
+        if sent is not None:
+            sent.cancel()  # still queued: it stays off the wire; its callback drops the id
+        raise
+    if done:
         return None if outcome.cancelled() else outcome.result()
     if sent is None:
         suffix = " (a repeat of a request_id whose first call is still in flight)"
@@ -137,8 +79,6 @@ def _await_outcome(
         suffix = " (never sent)"
     else:
         suffix = " (the request was sent and will complete)"
-    if ctx.gone:
-        raise CallerGoneError(f"the caller went away waiting for mms {what}{suffix}")
     raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
 
 
@@ -217,12 +157,6 @@ class MemoryBridge:
 
     # --- stats ---------------------------------------------------------------------------------
 
-    def get_balloon_stats(
-        self, vm_ids: tuple[int, ...], ctx: CallContext, session_id: str = ""
-    ) -> StatsSnapshot:
-        self.check_session(session_id, "GetBalloonStats")
-        return self.stats.read(self._stats_ids(vm_ids), ctx.remaining_s())
-
     async def get_balloon_stats_async(
         self, vm_ids: tuple[int, ...], timeout_s: float | None, session_id: str = ""
     ) -> StatsSnapshot:
@@ -244,10 +178,10 @@ class MemoryBridge:
 
     # --- rebalance -----------------------------------------------------------------------------
 
-    def rebalance(
+    async def rebalance(
         self,
         deltas: Mapping[int, int],
-        ctx: CallContext,
+        timeout_s: float | None,
         session_id: str = "",
         request_id: str = "",
     ) -> RebalanceResult:
@@ -270,7 +204,8 @@ class MemoryBridge:
                         raise
             if outcome is None:
                 assert sent is not None
-                return _rebalance_result(requested, await_call(sent, ctx, "RebalanceMemory"))
+                response = await _aio.await_mms(sent, timeout_s, MessageType.REBALANCE_MEMORY)
+                return _rebalance_result(requested, response)
             if sent is not None:
                 self._settle_id(
                     "RebalanceMemory",
@@ -279,7 +214,9 @@ class MemoryBridge:
                     sent,
                     functools.partial(_rebalance_result, requested),
                 )
-            result: RebalanceResult | None = _await_outcome(outcome, ctx, "RebalanceMemory", sent)
+            result: RebalanceResult | None = await _await_outcome(
+                outcome, timeout_s, "RebalanceMemory", sent
+            )
             if result is not None:
                 return result
             # The first call with this id was never sent: run it now.
@@ -334,11 +271,11 @@ class MemoryBridge:
 
     # --- one-by-one start ----------------------------------------------------------------------
 
-    def prepare_vm(
+    async def prepare_vm(
         self,
         mem_size_bytes: int,
         init_mem_size_bytes: int,
-        ctx: CallContext,
+        timeout_s: float | None,
         request_id: str = "",
     ) -> PrepareResult:
         """One PrepareVm attempt; with ``request_id``, a repeat gets the first attempt's result.
@@ -362,8 +299,10 @@ class MemoryBridge:
             if outcome is None:
                 assert prepare is not None
                 try:
-                    response = await_call(prepare.future, ctx, "PrepareVm")
-                except (DeadlineExceededError, CallerGoneError):
+                    response = await _aio.await_mms(
+                        prepare.future, timeout_s, MessageType.PREPARE_VM
+                    )
+                except (DeadlineExceededError, asyncio.CancelledError):
                     # A start this call opens has nobody to finish it: the slot removes it.
                     self.slot.caller_left(prepare)
                     raise
@@ -376,8 +315,8 @@ class MemoryBridge:
                     prepare.future,
                     functools.partial(self._prepare_result, prepare),
                 )
-            result: PrepareResult | None = _await_outcome(
-                outcome, ctx, "PrepareVm", None if prepare is None else prepare.future
+            result: PrepareResult | None = await _await_outcome(
+                outcome, timeout_s, "PrepareVm", None if prepare is None else prepare.future
             )
             if result is not None:
                 return result
@@ -409,24 +348,26 @@ class MemoryBridge:
             prepare.claim.lease_expire_unix_s,
         )
 
-    def finish_add_vm(self, vm_id: int, ctx: CallContext, session_id: str = "") -> VmRecord:
+    async def finish_add_vm(
+        self, vm_id: int, timeout_s: float | None, session_id: str = ""
+    ) -> VmRecord:
         with self.books.pinned(session_id, "FinishAddVm"):
             self.books.require_vm(vm_id)
             future = self.slot.submit_end(FinishAddVmRequest(vm_id), refuse_if_launching=True)
-        response = await_call(future, ctx, "FinishAddVm")
+        response = await _aio.await_mms(future, timeout_s, MessageType.FINISH_ADD_VM)
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, _finish_message(response.res), vmId=vm_id)
         # Finished, but a RemoveVm (or a reset) may have landed right behind it: then say the
         # VM is gone (NOT_FOUND), not INTERNAL.
         return self.books.require_vm(vm_id)
 
-    def remove_vm(self, vm_id: int, ctx: CallContext, session_id: str = "") -> None:
+    async def remove_vm(self, vm_id: int, timeout_s: float | None, session_id: str = "") -> None:
         if vm_id == CROS_GUEST_VM_ID:
             raise InvalidArgumentError("vm_id", "VM 0 is the CrOS guest and cannot be removed")
         with self.books.pinned(session_id, "RemoveVm"):
             self.books.require_vm(vm_id)
             future = self.slot.submit_end(RemoveVmRequest(vm_id), refuse_if_launching=True)
-        response = await_call(future, ctx, "RemoveVm")
+        response = await _aio.await_mms(future, timeout_s, MessageType.REMOVE_VM)
         if response.res != RES_OK:
             raise MmsRefusedError(response.res, "mms refused RemoveVm", vmId=vm_id)
 

@@ -34,8 +34,8 @@ class ServerConfig:
     sim_scenario: str | None = None
     # Prometheus endpoint (HOST:PORT, port 0 picks one); None serves no metrics.
     metrics_listen: str | None = None
-    # Thread pool for the blocking unary RPC steps (PrepareVm, FinishAddVm, RemoveVm,
-    # RebalanceMemory); launches and watches are coroutines and hold none.
+    # Deprecated and ignored: every handler is a coroutine on the one event loop, so there is
+    # no handler thread pool to size any more. Kept so that old configurations still load.
     max_workers: int = 64
     # RPCs in progress beyond this are refused with RESOURCE_EXHAUSTED (None: no cap).
     max_concurrent_rpcs: int | None = 1000

@@ -22,9 +22,11 @@ What is at stake comes from ``set_stakes`` (the server asks its books and start 
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import math
+import queue
 import random
 import select
 import selectors
@@ -251,9 +253,13 @@ class MmsConnection:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sock: socket.socket | None = None
-        # True while the thread may be parked in select() with nothing queued: only then does
-        # a submit need to wake it (a busy thread looks at the queue after each round trip).
+        # True while the thread may be parked waiting for work with nothing queued: only then
+        # does a submit need to wake it (a busy thread looks at the queue after each round trip).
         self._idle = True
+        # What an idle, connected thread blocks on: a submit that finds it idle rings it (the
+        # loop → thread hand-off is the call queue plus this doorbell; a C queue, so ringing
+        # and waking cost less than a wake-pipe write and a select, or a Python Condition).
+        self._doorbell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mms-connection", daemon=True)
         self._rng = random.Random()
         self._requests_sent = 0
@@ -332,9 +338,9 @@ class MmsConnection:
                 future.set_exception(error)
                 return future
             self._queue.append(_Call(request, future, frame))
-            wake, self._idle = self._idle, False
-        if wake:
-            self._wake()
+            ring, self._idle = self._idle, False
+        if ring:
+            self._doorbell.put(None)
         return future
 
     def call(self, request: MmsRequest[R], timeout_s: float | None) -> R:
@@ -366,6 +372,7 @@ class MmsConnection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            self._doorbell.put(None)  # an idle thread looks at the socket now
         return True
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -374,6 +381,7 @@ class MmsConnection:
             self._stopping = True
             self._connected_event.notify_all()
             sock = self._sock
+        self._doorbell.put(None)
         self._wake()
         # Shut the stream even when nothing looks in flight: the thread may have just taken a
         # call off the queue and be about to send it. Shutting down (not closing) leaves the
@@ -488,15 +496,14 @@ class MmsConnection:
                     return self._wait_out_of_step(sock, selector, session)
                 call = self._next_call()
                 if call is None:
-                    # Idle: watch the socket too, so a dead mms is noticed at once, not at the
-                    # next request (mms never speaks unprompted; readable means EOF or garbage).
-                    for key, _ in selector.select():
-                        if key.fileobj is sock:
-                            failure = self._idle_readable(sock, session)
-                            if failure is not None:
-                                return failure
-                            break
-                    self._drain_wake()
+                    # Idle: wait for a submit; between waits, look at the socket, so a dead mms
+                    # is noticed within _IDLE_CHECK_S, not at the next request (mms never speaks
+                    # unprompted; readable means EOF or garbage).
+                    self._wait_for_work()
+                    if not self._queue and _readable(sock):
+                        failure = self._idle_readable(sock, session)
+                        if failure is not None:
+                            return failure
                     continue
                 if not call.future.set_running_or_notify_cancel():
                     continue  # the caller gave up before it was sent: never send it
@@ -760,6 +767,13 @@ class MmsConnection:
             logger.exception("could not learn what an mms reset would lose; assuming the worst")
             return UNKNOWN_STAKES
 
+    def _wait_for_work(self) -> None:
+        """Block until a submit (or stop, or reset) rings, or for _IDLE_CHECK_S at most."""
+        if self._queue or self._stopping:
+            return
+        with contextlib.suppress(queue.Empty):
+            self._doorbell.get(timeout=_IDLE_CHECK_S)
+
     def _next_call(self) -> _Call | None:
         with self._lock:
             if self._queue:
@@ -813,8 +827,7 @@ class MmsConnection:
 
     def _drain_wake(self) -> None:
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)  # what is left wakes the next select, which drains it
         except (BlockingIOError, OSError):
             pass
 
@@ -888,6 +901,16 @@ def _internal_error(exc: BaseException, msg_type: MessageType, reached_mms: bool
 
 # One read takes up to this much; a response is a few hundred bytes, stats for 64 VMs ~20 KiB.
 _READ_CHUNK_BYTES = 1 << 16
+
+
+# How often an idle connection thread looks at the socket for a dead or babbling mms.
+_IDLE_CHECK_S = 0.05
+
+
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _wait(sock: socket.socket, events: int, deadline: float) -> None:

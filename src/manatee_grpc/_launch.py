@@ -144,27 +144,16 @@ class LaunchPolicy:
 class Inbox:
     """The client's messages in arrival order, and a session reset that overtakes them.
 
-    Lives on one event loop; ``put`` may be called from any thread (the connection thread
-    reports a reset) and hands the item to that loop.
+    Lives on the event loop and is used there only: the launch hands a reset reported on the
+    connection thread over to the loop first (``LaunchRun._session_reset``).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._items: collections.deque[ClientItem] = collections.deque()
         self._reset: SessionReset | None = None
         self._changed = asyncio.Event()
 
     def put(self, item: InboxItem) -> None:
-        try:
-            on_loop = asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            self._put(item)
-        else:
-            _aio.call_soon_from_thread(self._loop, self._put, item)
-
-    def _put(self, item: InboxItem) -> None:
         if isinstance(item, SessionReset):
             self._reset = self._reset or item
         else:
@@ -174,10 +163,6 @@ class Inbox:
     @property
     def session_reset(self) -> SessionReset | None:
         return self._reset
-
-    def reset(self, session: int) -> None:
-        """mms dropped ``session`` (a bridge session-reset listener; any thread)."""
-        self.put(SessionReset(session))
 
     async def get(self, timeout_s: float | None) -> InboxItem | None:
         """The reset if any, else the next client message; None when ``timeout_s`` passes."""
@@ -237,6 +222,7 @@ class LaunchRun:
         self._reserved_sent = False  # the client may have started the VM
         self._step = "waiting for earlier launches to finish"
         self._emit: Emit | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, emit: Emit, timeout_s: float | None) -> None:
         """Run the launch to its end, telling the client through ``emit``; raises how it failed.
@@ -261,7 +247,8 @@ class LaunchRun:
             # The caller left before the launch queued: nothing may reach mms on its behalf.
             raise asyncio.CancelledError
         await slot.acquire_for_launch(self._token)
-        self._bridge.add_session_reset_listener(self._inbox.reset)
+        self._loop = asyncio.get_running_loop()
+        self._bridge.add_session_reset_listener(self._session_reset)
         try:
             await self._run()
         except MmsConnectionError as error:
@@ -283,8 +270,22 @@ class LaunchRun:
             logger.info("launch: the client went away; releasing what it reserved")
             raise
         finally:
-            self._bridge.remove_session_reset_listener(self._inbox.reset)
+            self._bridge.remove_session_reset_listener(self._session_reset)
             self._release()
+
+    def _session_reset(self, session: int) -> None:
+        """mms dropped ``session`` (a bridge listener, on the connection thread): to the loop."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._inbox.put(SessionReset(session))
+        else:
+            _aio.call_soon_from_thread(loop, self._inbox.put, SessionReset(session))
 
     async def _send(self, event: LaunchEvent) -> None:
         assert self._emit is not None

@@ -7,16 +7,14 @@ Nothing here sends anything to mms: a scrape reads what already passed through t
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler
+from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from ._bridge import MemoryBridge
 from ._connection import MmsConnection, Trouble
@@ -106,7 +104,7 @@ class Metrics:
         )
         self._unreadable_children = {r: unreadable.labels(r.value) for r in UnreadableReason}
         self.vm_memory = VmMemory()
-        self._http: _HttpServer | None = None
+        self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
         self.address: str | None = None  # HOST:PORT the endpoint bound, once serving
 
@@ -130,17 +128,13 @@ class Metrics:
             self._unreadable_children[entry.reason].inc()
 
     def serve(self, listen: str) -> str:
-        """Serve ``/metrics`` over HTTP on ``listen`` (HOST:PORT); returns the bound HOST:PORT."""
+        """Serve ``/metrics`` over HTTP on ``listen`` (HOST:PORT); returns the bound HOST:PORT.
+
+        prometheus_client's own exposition server (a WSGI server on one daemon thread, which
+        picks the IPv4 or IPv6 family of ``host``); who may listen where is ``_listen``'s call.
+        """
         host, port = parse_listen(listen)
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        http = _HttpServer((host, port), family[0][0])
-        http.set_app(make_wsgi_app(self.registry))
-        # prometheus_client's start_http_server polls for shutdown every 0.5 s, which every
-        # server stop would wait out; 0.1 s costs a few idle wake-ups a second.
-        thread = threading.Thread(
-            target=http.serve_forever, args=(_SHUTDOWN_POLL_S,), name="metrics-http", daemon=True
-        )
-        thread.start()
+        http, thread = start_http_server(port, host, registry=self.registry)
         self._http, self._http_thread = http, thread
         bound_port = http.server_address[1]
         self.address = f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
@@ -153,25 +147,9 @@ class Metrics:
         self._http = self._http_thread = None
         if http is None or thread is None:
             return
-        http.shutdown()  # returns once serve_forever has left its loop
+        http.shutdown()  # returns once serve_forever has left its loop (it polls every 0.5 s)
         http.server_close()
         thread.join(5.0)
-
-
-_SHUTDOWN_POLL_S = 0.1
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a line per scrape would drown the server's own log
-
-
-class _HttpServer(ThreadingWSGIServer):
-    """prometheus_client's threaded WSGI server, for an IPv4 or IPv6 address."""
-
-    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
-        self.address_family = family
-        super().__init__(address, _QuietHandler)
 
 
 class VmMemory:

@@ -6,9 +6,11 @@ gRPC runs as a ``grpc.aio`` server on its own event-loop thread, and every handl
 health, reflection) is a coroutine on that loop: a call costs no thread hand-off of its own, a
 thousand watchers cost no thousand threads, coalesced stats callers all wake in one loop pass,
 and a caller that hangs up cancels its coroutine, which is how the bridge learns it left. A
-launch is a coroutine too (waiting for the start slot or for its client costs no thread), and
-start leases are loop timers. The unary start/rebalance operations still block, on the ``rpc``
-thread pool under a coroutine. Everything reaches mms only through the one connection thread.
+launch is a coroutine too (waiting for the start slot or for its client costs no thread), start
+leases are loop timers and watch tickers are loop tasks. The process runs two threads of its
+own: the loop and the mms connection thread (plus the metrics HTTP server's when served).
+Everything reaches mms only through the connection thread's request queue (``submit``); its
+answers come back to the loop through ``_aio`` (``loop.call_soon_threadsafe``).
 
 HTTP/2 keepalive: the server pings every connection that has been quiet for
 ``keepalive_time_s`` and drops it if the ping is not answered within ``keepalive_timeout_s``,
@@ -22,8 +24,7 @@ import asyncio
 import logging
 import tempfile
 import threading
-from collections.abc import Coroutine, Sequence
-from concurrent import futures
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from . import _aio, _listen, _transport
-from ._bridge import BridgeConfig, CallContext, MemoryBridge
+from ._bridge import BridgeConfig, MemoryBridge
 from ._config import ServerConfig
 from ._connection import BackoffPolicy, ConnectionConfig, MmsConnection, Stakes
 from ._launch import LaunchPolicy
@@ -99,7 +100,6 @@ class ManateeServer:
         self._grpc: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
-        self._pool: futures.ThreadPoolExecutor | None = None
         self.port = 0
         self.address = ""
         self.metrics = Metrics()
@@ -151,10 +151,7 @@ class ManateeServer:
         loop = self._loop = asyncio.new_event_loop()
         self.bridge.slot.use_call_later(loop_timer(loop))
         self.watch_hub = WatchHub(
-            lambda vm_ids: self.bridge.get_balloon_stats(
-                vm_ids, CallContext.with_timeout(WATCH_POLL_TIMEOUT_S)
-            ),
-            dispatch=lambda work: _aio.call_soon_from_thread(loop, work),
+            lambda vm_ids: self.bridge.get_balloon_stats_async(vm_ids, WATCH_POLL_TIMEOUT_S)
         )
         self.bridge.books.add_session_listener(self._session_changed)
         self.health = health.aio.HealthServicer()
@@ -162,15 +159,10 @@ class ManateeServer:
         health_follower.set(False)
         self.connection.add_usable_listener(health_follower.set)
         self.connection.set_stakes(self._stakes)
-
-        self._pool = futures.ThreadPoolExecutor(
-            max_workers=config.max_workers, thread_name_prefix="rpc"
-        )
         self.servicer = MemoryServicer(
             self.bridge,
             LaunchPolicy(config.launch_attempt_delays_s, config.launch_stop_timeout_s),
             self.watch_hub,
-            self._pool,
             observe_rpc=None if metrics is None else metrics.observe_rpc,
         )
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
@@ -196,7 +188,6 @@ class ManateeServer:
         # aio objects belong to the loop that made them: create the server on its own thread.
         config = self.config
         self._grpc = grpc.aio.server(
-            migration_thread_pool=self._pool,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", config.max_receive_message_bytes),
@@ -231,8 +222,6 @@ class ManateeServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _stakes(self) -> Stakes:
         """What mms would drop if the stream closed now: its sibling VMs and the pending start."""
@@ -248,8 +237,12 @@ class ManateeServer:
         return self.connection.reset(reason)
 
     def _session_changed(self, previous_session: int, session: int) -> None:
-        if previous_session:  # the first connect is not a reset
-            self.watch_hub.session_changed(previous_session, session)
+        # On the connection thread; the watch hub lives on the loop. The loop's FIFO keeps the
+        # reset ahead of the new session's first answers, which come back the same way.
+        if previous_session and self._loop is not None:  # the first connect is not a reset
+            _aio.call_soon_from_thread(
+                self._loop, self.watch_hub.session_changed, previous_session, session
+            )
 
     def _mms_address(self) -> _transport.MmsAddress:
         if self.config.mms is not None:
@@ -283,7 +276,7 @@ class ManateeServer:
             # 2. Refuse new work, let in-flight RPCs finish within the grace period; launches
             #    that are cut off release their reservations as their streams end.
             self.servicer.begin_shutdown()
-            self.watch_hub.close()
+            self._on_loop(_call(self.watch_hub.close))
             self._on_loop(self._grpc_stop(grace_s))
             self._stop_loop()
             logger.info("gRPC stopped; releasing what is left")
@@ -318,6 +311,10 @@ class ManateeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace_s=1.0)
+
+
+async def _call(function: Callable[[], None]) -> None:
+    function()
 
 
 async def _finish_tasks() -> None:

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -24,7 +23,7 @@ from grpc import aio
 
 from . import _validation as validate
 from ._books import VmRecord, VmState
-from ._bridge import CallContext, MemoryBridge
+from ._bridge import MemoryBridge
 from ._errors import InvalidArgumentError, ManateeError, ServerShuttingDownError
 from ._launch import (
     ClientItem,
@@ -224,7 +223,7 @@ def _timeout_s(context: grpc.ServicerContext | aio.ServicerContext) -> float | N
     """How long this call may wait for mms: the caller's deadline, less a margin."""
     remaining_s: float | None = context.time_remaining()
     # A call without a deadline reports ~9.2e18 s remaining (gRPC's infinite future);
-    # waiting that long overflows threading's timeout (OverflowError -> INTERNAL).
+    # waiting that long overflows the loop's timers (OverflowError -> INTERNAL).
     if remaining_s is None or remaining_s > _NO_DEADLINE_S:
         return None
     # Give up a little before the caller does, so it gets our DEADLINE_EXCEEDED with its
@@ -238,14 +237,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         bridge: MemoryBridge,
         launch_policy: LaunchPolicy,
         watch_hub: WatchHub,
-        blocking_pool: Executor,
         observe_rpc: RpcObserver | None = None,
     ) -> None:
         self.bridge = bridge
         self._launch_policy = launch_policy
         self._watch_hub = watch_hub
-        # Where the blocking unary steps run (the server's RPC thread pool); launches need none.
-        self._blocking_pool = blocking_pool
         self._shutting_down = threading.Event()
         # Called with (method, final code, seconds) once per RPC: the metrics hook.
         self.observe_rpc = observe_rpc
@@ -262,27 +258,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if self._shutting_down.is_set():
             raise ServerShuttingDownError("the server is shutting down")
 
-    async def _blocking(
-        self,
-        context: aio.ServicerContext[Any, Any],
-        operation: Callable[[CallContext], T],
-    ) -> T:
-        """Run a bridge operation that blocks (on mms, on the start slot) on the thread pool.
-
-        If the caller cancels or hangs up, this coroutine is cancelled: the operation is told
-        through its CallContext, so a queued request stays off the wire and a reservation that
-        comes back for nobody is rolled back, and its thread finishes promptly.
-        """
-        self._check_open()
-        ctx = CallContext.with_timeout(_timeout_s(context))
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._blocking_pool, operation, ctx)
-        except asyncio.CancelledError:
-            ctx.mark_gone()
-            raise
-
-    # --- stats (async: the hot path, served on the event loop without a thread per call) ------
+    # --- stats ---------------------------------------------------------------------------------
 
     @_guard_async
     async def GetBalloonStats(
@@ -344,9 +320,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         deltas = validate.balloon_deltas([(d.vm_id, d.delta_bytes) for d in request.deltas])
         session_id = validate.session_id(request.session)
         request_id = validate_request_id(request.request_id)
-        result = await self._blocking(
-            context, lambda ctx: self.bridge.rebalance(deltas, ctx, session_id, request_id)
-        )
+        self._check_open()
+        result = await self.bridge.rebalance(deltas, _timeout_s(context), session_id, request_id)
         return pb.RebalanceMemoryResponse(
             requested_deltas=[_delta(d) for d in result.requested],
             actual_deltas=[_delta(d) for d in result.actual],
@@ -366,11 +341,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.init_mem_size_bytes if request.HasField("init_mem_size_bytes") else None,
         )
         request_id = validate_request_id(request.request_id)
-        result = await self._blocking(
-            context,
-            lambda ctx: self.bridge.prepare_vm(
-                mem_size_bytes, init_mem_size_bytes, ctx, request_id
-            ),
+        self._check_open()
+        result = await self.bridge.prepare_vm(
+            mem_size_bytes, init_mem_size_bytes, _timeout_s(context), request_id
         )
         response = pb.PrepareVmResponse(
             vm_id=result.vm_id,
@@ -391,9 +364,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.FinishAddVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
         session_id = validate.session_id(request.session)
-        record = await self._blocking(
-            context, lambda ctx: self.bridge.finish_add_vm(vm_id, ctx, session_id)
-        )
+        self._check_open()
+        record = await self.bridge.finish_add_vm(vm_id, _timeout_s(context), session_id)
         return pb.FinishAddVmResponse(vm=self._vm_info(record))
 
     @_guard_async
@@ -404,7 +376,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.RemoveVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
         session_id = validate.session_id(request.session)
-        await self._blocking(context, lambda ctx: self.bridge.remove_vm(vm_id, ctx, session_id))
+        self._check_open()
+        await self.bridge.remove_vm(vm_id, _timeout_s(context), session_id)
         return pb.RemoveVmResponse()
 
     @_guard_async
@@ -442,7 +415,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             start.init_mem_size_bytes if start.HasField("init_mem_size_bytes") else None,
             prefix="start.",
         )
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         reader = asyncio.create_task(_read_client(request_iterator, inbox))
         run = LaunchRun(
             self.bridge,

@@ -403,4 +403,11 @@ class StartSlot:
     def _wake_next(self) -> None:
         """The slot is free: let the first queued launch take it (on its own loop)."""
         if self._claim is None and self._waiters:
-            _aio.wake_soon(self._waiters[0].wake)
+            # From the loop or the connection thread (an answer freed it): a loop hand-off.
+            wake = self._waiters[0].wake
+            _aio.call_soon_from_thread(wake.get_loop(), _set_if_pending, wake)
+
+
+def _set_if_pending(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

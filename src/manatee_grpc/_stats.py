@@ -1,14 +1,20 @@
 """Balloon-stats reads, coalesced: callers arriving while a read is in flight share the next one.
 
 mms serves one request at a time, so throughput comes from doing less: every caller waiting for
-stats is served by one GetBalloonStats for the union of their ids, sent after they all arrived.
+stats is served by one GetBalloonStats for the union of their ids. Callers that arrive while a
+read is in flight join the next one, which the connection thread sends as soon as the answer
+is in.
 
-Under load a read is also *gathered*: with mms idle, a read for callers on the event loop is
-sent once the loop has nothing else ready to run (at most ``gather_window_s`` later). Work still
-queued on the loop is mostly more requests arriving, which then share the read; without this a
-busy server sends a read per two or three callers, and on a server bound by one interpreter lock
-every read (its thread hand-offs, decode and response build) is time taken from the callers. A
-lone caller never waits: an idle loop sends at once.
+With mms idle, a read is sent at once unless the last read served several callers: then it
+waits until as many callers have joined as that read served, or ``gather_window_s`` at most.
+Under load, callers answered together come back together, and without this the first of them
+would find mms idle and go alone. A lone caller (the last read served one) never waits. (An
+earlier version looked at the loop's private ready queue to see whether more callers were on
+their way; this looks only at what the reader itself saw.)
+
+Callers are coroutines on the server's event loop. The read's answer comes back to them through
+the one hand-off from the connection thread (``_aio.call_soon_from_thread``): one per read,
+whatever the number of callers it serves.
 """
 
 from __future__ import annotations
@@ -55,11 +61,6 @@ class StatsSnapshot:
     source: object = field(default=None, compare=False, repr=False)
 
 
-# The longest a read waits for a busy loop (callers still arriving) while mms is idle: a few
-# mms round trips, so a loop that never goes idle still sends a read this often.
-DEFAULT_GATHER_WINDOW_S = 0.002
-
-
 @dataclass(frozen=True, slots=True)
 class _Answer:
     """One mms stats answer, indexed by VM id, with the session it was read in."""
@@ -79,18 +80,20 @@ class _Answer:
         )
 
 
+# The longest a read waits for callers expected to join it while mms is idle.
+DEFAULT_GATHER_WINDOW_S = 0.001
+
+
 @dataclass(slots=True)
 class _Batch:
+    loop: asyncio.AbstractEventLoop
     vm_ids: set[int] = field(default_factory=set)
-    # A caller on a plain thread (a watch ticker) joined: send as soon as mms is idle.
-    urgent: bool = False
-    # loop.time() after which the batch is sent however busy the loop (set when it first waits).
-    gather_until: float | None = None
-    done: Future[_Answer] = field(default_factory=Future)
+    gathering: bool = False  # a loop timer will send it if enough callers have not joined
+    answer: _Answer | None = None
+    error: BaseException | None = None
     # Coroutines waiting on this batch, woken together by one hand-off to their loop (so a
     # batch of N callers costs the connection thread one wake-up, not N); None once woken.
-    loop_waiters: list[asyncio.Future[None]] | None = field(default_factory=list)
-    loop: asyncio.AbstractEventLoop | None = None
+    waiters: list[asyncio.Future[None]] | None = field(default_factory=list)
     picks: dict[tuple[int, ...], StatsSnapshot] = field(default_factory=dict)
 
 
@@ -106,31 +109,19 @@ class StatsReader:
         self._connection = connection
         self._coalesce = coalesce
         self._gather_window_s = gather_window_s
+        self._last_batch_callers = 0  # how many callers the last answered read served
+        # Taken on the loop (a caller joins) and on the connection thread (a read is answered).
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
         self._in_flight = False
-        self._flush_scheduled = False  # a loop callback will send the next batch soon
         self._next: _Batch | None = None
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
         connection.add_observer(UnreadableVmLog())
 
-    def read(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
-        """Blocking read, for callers on plain threads (the watch tickers)."""
-        if not self._coalesce:
-            return self._read_direct(vm_ids, timeout_s)
-        batch = self._join_batch(vm_ids)
-        try:
-            # Not wait_for(): the batch is shared, so one caller's deadline must not cancel it.
-            answer = batch.done.result(timeout=timeout_s)
-        except TimeoutError:
-            raise _stats_deadline() from None
-        return _pick(vm_ids, answer)
-
     async def read_async(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
-        """The same read for a coroutine on the gRPC event loop."""
+        """Stats for ``vm_ids``, read after this call; a coroutine on the server's loop."""
         if not self._coalesce:
-            with self._lock:
-                self.mms_reads += 1
+            self.mms_reads += 1
             session = self._connection.session
             future = self._connection.submit(GetBalloonStatsRequest(vm_ids))
             response: GetBalloonStatsResponse = await _aio.await_mms(
@@ -138,86 +129,44 @@ class StatsReader:
             )
             return _pick(vm_ids, _Answer.of(session, response))
         loop = asyncio.get_running_loop()
-        batch = self._join_batch(vm_ids, loop)
         waiter = loop.create_future()
-        if self._add_loop_waiter(batch, waiter):
-            # The batch is shared: this caller's deadline ends only its own wait, never the read.
-            expiry = None if timeout_s is None else loop.call_later(timeout_s, _aio.wake, waiter)
-            try:
-                await waiter
-            finally:
-                if expiry is not None:
-                    expiry.cancel()
-        if not batch.done.done():
+        with self._lock:
+            batch = self._next
+            if batch is None:
+                batch = self._next = _Batch(loop)
+            batch.vm_ids.update(vm_ids)
+            assert batch.waiters is not None  # only the batch being gathered is joined
+            batch.waiters.append(waiter)
+            if not self._in_flight:
+                if len(batch.waiters) >= self._last_batch_callers:
+                    self._send_next_locked()
+                elif not batch.gathering:
+                    batch.gathering = True
+                    loop.call_later(self._gather_window_s, self._gathered, batch)
+        # The batch is shared: this caller's deadline ends only its own wait, never the read.
+        expiry = None if timeout_s is None else loop.call_later(timeout_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+        answer = batch.answer
+        if answer is None:
+            if batch.error is not None:
+                raise batch.error
             raise _stats_deadline()
         # Callers of one read asking for the same VMs get the same snapshot (only the loop
         # touches ``picks``), so the servicer converts it once for all of them.
         snapshot = batch.picks.get(vm_ids)
         if snapshot is None:
-            snapshot = batch.picks[vm_ids] = _pick(vm_ids, batch.done.result())
+            snapshot = batch.picks[vm_ids] = _pick(vm_ids, answer)
         return snapshot
 
-    def _flush(self) -> None:
-        """On the loop: send the next batch once mms is idle and the loop has no other work
-        (callers still arriving in this burst join it), or once it has waited its window."""
+    def _gathered(self, batch: _Batch) -> None:
+        """The gather window ended: send ``batch`` unless it went already (or mms is busy)."""
         with self._lock:
-            self._flush_scheduled = False
-            batch = self._next
-            if self._in_flight or batch is None:
-                return
-            assert batch.loop is not None
-            now = batch.loop.time()
-            if batch.gather_until is None:
-                batch.gather_until = now + self._gather_window_s
-            if batch.urgent or now >= batch.gather_until or not _aio.has_ready_work(batch.loop):
+            if self._next is batch and not self._in_flight:
                 self._send_next_locked()
-            else:
-                self._flush_scheduled = True
-                batch.loop.call_soon(self._flush)
-
-    def _add_loop_waiter(self, batch: _Batch, waiter: asyncio.Future[None]) -> bool:
-        """Park ``waiter`` on ``batch``; False if the batch is already answered (no wait)."""
-        with self._lock:
-            if batch.loop_waiters is None:
-                return False
-            batch.loop_waiters.append(waiter)
-            return True
-
-    def _answered_on_loop(self, waiters: list[asyncio.Future[None]], flush: bool) -> None:
-        # One hand-off per answered read: wake its callers, then maybe send the next read.
-        _aio.wake_all(waiters)
-        if flush:
-            self._flush()
-
-    def _join_batch(
-        self, vm_ids: tuple[int, ...], loop: asyncio.AbstractEventLoop | None = None
-    ) -> _Batch:
-        """Join the next read. From a thread it is sent at once if mms is idle; from the event
-        loop it is sent once the loop has no other work ready (see the module docstring)."""
-        with self._lock:
-            if self._next is None:
-                self._next = _Batch(loop=loop)
-            batch = self._next
-            batch.vm_ids.update(vm_ids)
-            if loop is None:
-                batch.urgent = True
-            elif batch.loop is None:
-                batch.loop = loop
-            if self._in_flight:
-                pass  # the in-flight read's answer sends this batch, or hands it to the loop
-            elif loop is None or (not self._flush_scheduled and not _aio.has_ready_work(loop)):
-                self._send_next_locked()  # nobody else is about to join: no loop pass to wait
-            elif not self._flush_scheduled:
-                self._flush_scheduled = True
-                loop.call_soon(self._flush)
-        return batch
-
-    def _read_direct(self, vm_ids: tuple[int, ...], timeout_s: float | None) -> StatsSnapshot:
-        with self._lock:
-            self.mms_reads += 1
-        session = self._connection.session
-        response = self._connection.call(GetBalloonStatsRequest(vm_ids), timeout_s)
-        return _pick(vm_ids, _Answer.of(session, response))
 
     def _send_next_locked(self) -> None:
         batch = self._next
@@ -227,39 +176,37 @@ class StatsReader:
         self.mms_reads += 1
         session = self._connection.session
         mms_future = self._connection.submit(GetBalloonStatsRequest(tuple(sorted(batch.vm_ids))))
+        mms_future.add_done_callback(lambda done: self._answered(batch, session, done))
 
-        def finished(done: Future[GetBalloonStatsResponse]) -> None:
-            # Runs on the connection thread (or inline if submit failed at once).
-            flush_on_loop = False
-            with self._lock:
-                self._in_flight = False
-                following = self._next
-                if following is not None:
-                    if following.urgent or following.loop is None:
-                        self._send_next_locked()
-                    elif not self._flush_scheduled:
-                        # The loop sends it once its own callers have gathered.
-                        self._flush_scheduled = flush_on_loop = True
-            if done.cancelled():
-                batch.done.cancel()
-            elif (error := done.exception()) is not None:
-                batch.done.set_exception(error)
-            else:
-                batch.done.set_result(_Answer.of(session, done.result()))
-            with self._lock:  # after the answer is set: a caller parking later need not wait
-                waiters, batch.loop_waiters = batch.loop_waiters, None
-            flush_loop = following.loop if flush_on_loop and following is not None else None
-            if waiters and batch.loop is not None and flush_loop in (None, batch.loop):
-                _aio.call_soon_from_thread(
-                    batch.loop, self._answered_on_loop, waiters, flush_loop is not None
-                )
-                return
-            if waiters and batch.loop is not None:
-                _aio.call_soon_from_thread(batch.loop, _aio.wake_all, waiters)
-            if flush_loop is not None:
-                _aio.call_soon_from_thread(flush_loop, self._flush)
+    def _answered(self, batch: _Batch, session: int, done: Future[GetBalloonStatsResponse]) -> None:
+        # On the connection thread (or inline, if submit failed at once): settle the batch,
+        # send the next one (its callers arrived while this read was in flight), then hand the
+        # wake-up of this batch's callers to their loop in one go.
+        if done.cancelled():
+            batch.error = None
+        elif (error := done.exception()) is not None:
+            batch.error = error
+        else:
+            batch.answer = _Answer.of(session, done.result())
+        with self._lock:
+            self._in_flight = False
+            waiters, batch.waiters = batch.waiters, None
+            self._last_batch_callers = len(waiters) if waiters else 0
+            if self._next is not None:
+                self._send_next_locked()
+        if waiters:
+            _aio.call_soon_from_thread(batch.loop, _wake_all, waiters)
 
-        mms_future.add_done_callback(finished)
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def _stats_deadline() -> DeadlineExceededError:

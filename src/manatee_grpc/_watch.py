@@ -1,5 +1,9 @@
 """WatchBalloonStats fan-out: one backend poll per tick serves every watcher of that interval.
 
+Everything here lives on the server's event loop: a ticker is a task, a watcher's mailbox wakes
+its stream through a loop future, and nothing holds a thread. Intervals are rounded to a 100 ms
+grid (``round_interval_s``) so that watchers asking for nearly the same period share one ticker.
+
 Each watcher has a one-slot mailbox: a slow watcher sees the latest snapshot and a count of the
 ones it missed, never an unbounded queue. Events are queued apart, in order, so none is dropped:
 session resets, and the start of each mms outage (a failed read after a good one). A watcher
@@ -10,25 +14,28 @@ not at the interval's next tick (which may be an hour away).
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import _aio
 from ._errors import ManateeError
 from ._stats import StatsSnapshot
 
 logger = logging.getLogger(__name__)
 
-ReadStats = Callable[[tuple[int, ...]], StatsSnapshot]  # () = every known VM
-Dispatch = Callable[[Callable[[], None]], None]
+ReadStats = Callable[[tuple[int, ...]], Awaitable[StatsSnapshot]]  # () = every known VM
+
+# Tickers run on a grid of this step: 0.1 s, 0.2 s, ...; an hour-long interval is kept to the
+# same step (an interval's drift of 50 ms at most is nothing next to its length).
+INTERVAL_GRID_S = 0.1
 
 
-def _call_now(work: Callable[[], None]) -> None:
-    work()
+def round_interval_s(interval_s: float) -> float:
+    """The ticker interval that serves ``interval_s``: the nearest 100 ms step (at least one)."""
+    return max(1, round(interval_s / INTERVAL_GRID_S)) * INTERVAL_GRID_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,7 @@ class WatchUpdate:
 
 
 class Watcher:
-    """One WatchBalloonStats stream's mailbox."""
+    """One WatchBalloonStats stream's mailbox; used on the event loop only."""
 
     def __init__(self, vm_ids: tuple[int, ...], interval_s: float, epoch: int = 0) -> None:
         self.vm_ids = vm_ids
@@ -64,7 +71,6 @@ class Watcher:
         # The hub's count of session changes when this watcher last heard of one (or joined):
         # a read that started before it and failed belongs to a session already reported gone.
         self._epoch = epoch
-        self._cond = threading.Condition()
         # Resets and outage starts, in the order they happened; never dropped.
         self._events: list[SessionChanged | Outage] = []
         self._latest: StatsSnapshot | None = None
@@ -74,32 +80,30 @@ class Watcher:
         self._closed = False
         # Snapshots of sessions before the last reset are stale: their VM ids mean nothing now.
         self._min_session = 0
-        # The event-loop future a ``take_async`` is parked on, if any.
+        # The loop future a ``take_async`` is parked on, if any.
         self._waiter: asyncio.Future[None] | None = None
 
-    def _wake_locked(self) -> None:
-        self._cond.notify_all()
+    def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            _aio.wake_soon(waiter)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def offer(self, item: StatsSnapshot | ManateeError, read_epoch: int | None = None) -> None:
         """A read's result; ``read_epoch``: the hub's session-change count when it started."""
-        with self._cond:
-            if isinstance(item, ManateeError):
-                if read_epoch is not None and read_epoch < self._epoch:
-                    return  # that session's end is already told (session_reset): not an outage
-                self._offer_error_locked(item)
-                return
-            if item.session < self._min_session:
-                return  # read before the reset, offered after it
-            self._in_outage = False
-            if self._latest is not None:
-                self._dropped += 1  # the watcher did not take the previous one in time
-            self._latest = item
-            self._wake_locked()
+        if isinstance(item, ManateeError):
+            if read_epoch is not None and read_epoch < self._epoch:
+                return  # that session's end is already told (session_reset): not an outage
+            self._offer_error(item)
+            return
+        if item.session < self._min_session:
+            return  # read before the reset, offered after it
+        self._in_outage = False
+        if self._latest is not None:
+            self._dropped += 1  # the watcher did not take the previous one in time
+        self._latest = item
+        self._wake()
 
-    def _offer_error_locked(self, error: ManateeError) -> None:
+    def _offer_error(self, error: ManateeError) -> None:
         if self._in_outage:
             return  # already told: the next snapshot says the outage is over
         self._in_outage = True
@@ -108,43 +112,33 @@ class Watcher:
             self._latest = None
             self._dropped += 1
         self._events.append(Outage(error, time.time()))
-        self._wake_locked()
+        self._wake()
 
     def offer_reset(self, reset: SessionChanged, epoch: int = 0) -> None:
-        with self._cond:
-            self._epoch = max(self._epoch, epoch)
-            self._min_session = max(self._min_session, reset.session)
-            if self._latest is not None and self._latest.session < reset.session:
-                self._latest = None  # never deliver an old session's snapshot after its reset
-            self._events.append(reset)
-            self._wake_locked()
+        self._epoch = max(self._epoch, epoch)
+        self._min_session = max(self._min_session, reset.session)
+        if self._latest is not None and self._latest.session < reset.session:
+            self._latest = None  # never deliver an old session's snapshot after its reset
+        self._events.append(reset)
+        self._wake()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._wake_locked()
+        self._closed = True
+        self._wake()
 
-    def _ready_locked(self) -> bool:
+    def _ready(self) -> bool:
         return self._closed or bool(self._events) or self._latest is not None
 
     async def take_async(self) -> WatchUpdate | None:
-        """``take`` for a coroutine: parks on the event loop, not on a thread."""
-        while True:
-            with self._cond:
-                if self._ready_locked():
-                    return self._take_locked()
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
+        """The next update, parked on the loop until there is one; None once closed."""
+        while not self._ready():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             await waiter
+        return self.take_now()
 
-    def take(self, timeout_s: float | None = None) -> WatchUpdate | None:
-        """The next update, or None once closed (or when ``timeout_s`` passes)."""
-        with self._cond:
-            if not self._cond.wait_for(self._ready_locked, timeout_s):
-                return None
-            return self._take_locked()
-
-    def _take_locked(self) -> WatchUpdate | None:
-        if self._closed:
+    def take_now(self) -> WatchUpdate | None:
+        """The next update if there is one, else None (also once closed)."""
+        if self._closed or not self._ready():
             return None
         if self._events:
             event = self._events.pop(0)
@@ -158,77 +152,67 @@ class Watcher:
 
 
 class _Ticker:
-    """Polls for every watcher of one interval, on its own thread."""
+    """Polls for every watcher of one interval: a task on the event loop."""
 
-    def __init__(
-        self, interval_s: float, read: ReadStats, dispatch: Dispatch, epoch: Callable[[], int]
-    ) -> None:
+    def __init__(self, interval_s: float, read: ReadStats, epoch: Callable[[], int]) -> None:
         self.interval_s = interval_s
         self._read = read
         self._epoch = epoch
-        self._dispatch = dispatch
         self.watchers: set[Watcher] = set()
         self.polls = 0
-        self._stop = threading.Event()
         # Watchers that joined since the last poll and want their first snapshot now.
         self._fresh: set[Watcher] = set()
-        self._fresh_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"watch-{interval_s:g}s", daemon=True
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"watch-{interval_s:g}s"
         )
 
-    def start(self) -> None:
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._task.cancel()
 
     def poll_soon(self, watcher: Watcher) -> None:
         """Read for ``watcher`` now, off the tick schedule: its first snapshot."""
-        with self._fresh_lock:
-            self._fresh.add(watcher)
+        self._fresh.add(watcher)
         self._wake.set()
 
     def _take_fresh(self) -> list[Watcher]:
-        with self._fresh_lock:
-            fresh, self._fresh = self._fresh, set()
+        fresh, self._fresh = self._fresh, set()
         return [w for w in fresh if w in self.watchers]
 
-    def _run(self) -> None:
-        next_tick = time.monotonic()
-        while not self._stop.is_set():
-            self._wake.clear()  # before looking: a poll_soon from now on wakes the wait below
-            if time.monotonic() >= next_tick:
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while True:
+            self._wake.clear()  # before looking: a poll_soon from now on ends the wait below
+            if loop.time() >= next_tick:
                 self._take_fresh()  # this tick serves them too
                 watchers = list(self.watchers)
                 if watchers:
-                    self._poll(watchers)
+                    await self._poll(watchers)
                 next_tick += self.interval_s
                 # Skip ticks we are late for rather than bursting to catch up.
-                now = time.monotonic()
+                now = loop.time()
                 if next_tick < now:
                     next_tick = now + self.interval_s
             elif fresh := self._take_fresh():
-                self._poll(fresh)  # the schedule stays: the others are not polled twice
-            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+                await self._poll(fresh)  # the schedule stays: the others are not polled twice
+            if self._wake.is_set():
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(next_tick):
+                    await self._wake.wait()
 
-    def _poll(self, watchers: list[Watcher]) -> None:
+    async def _poll(self, watchers: list[Watcher]) -> None:
         wants_all = any(not w.vm_ids for w in watchers)
         ids = sorted({vm_id for w in watchers for vm_id in w.vm_ids})
         self.polls += 1
         epoch = self._epoch()
         try:
-            everything = self._read(()) if wants_all else None
-            listed = self._read(tuple(ids)) if ids and not wants_all else None
+            source = await self._read(() if wants_all else tuple(ids))
         except ManateeError as error:
-            # partial, not a lambda: the except variable is unbound once this block ends.
-            self._dispatch(functools.partial(_offer_error, watchers, error, epoch))
+            _offer_error(watchers, error, epoch)
             return
-        source = everything if everything is not None else listed
-        assert source is not None
-        self._dispatch(functools.partial(_offer_snapshot, watchers, source))
+        _offer_snapshot(watchers, source)
 
 
 def _offer_error(watchers: list[Watcher], error: ManateeError, read_epoch: int) -> None:
@@ -257,14 +241,14 @@ def _filter(snapshot: StatsSnapshot, vm_ids: tuple[int, ...]) -> StatsSnapshot:
 
 
 class WatchHub:
-    """Registers watchers and runs one ticker per distinct interval."""
+    """Registers watchers and runs one ticker task per distinct (rounded) interval.
 
-    def __init__(self, read: ReadStats, dispatch: Dispatch | None = None) -> None:
+    Used on the event loop; ``watcher_count`` and ``polls`` may be read from any thread.
+    """
+
+    def __init__(self, read: ReadStats) -> None:
         self._read = read
-        # Where a tick's fan-out runs: inline on the ticker thread by default; the server runs
-        # it on the gRPC event loop, so waking 1000 parked watchers is one hand-off, not 1000.
-        self._dispatch: Dispatch = dispatch or _call_now
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # only for the counts read from other threads
         self._tickers: dict[float, _Ticker] = {}
         self._epoch = 0  # session changes seen so far
 
@@ -272,17 +256,17 @@ class WatchHub:
         return self._epoch
 
     def subscribe(self, vm_ids: tuple[int, ...], interval_s: float) -> Watcher:
+        interval_s = round_interval_s(interval_s)
+        watcher = Watcher(vm_ids, interval_s, self._epoch)
         with self._lock:
-            watcher = Watcher(vm_ids, interval_s, self._epoch)
             ticker = self._tickers.get(interval_s)
             if ticker is None:
+                # Made with its watcher already in: its first tick then polls at once, so the
+                # first watcher of an interval is not left a whole interval without a snapshot.
                 ticker = self._tickers[interval_s] = _Ticker(
-                    interval_s, self._read, self._dispatch, self._current_epoch
+                    interval_s, self._read, self._current_epoch
                 )
-                # Start it with its watcher already in: its first tick then polls at once, so
-                # the first watcher of an interval is not left a whole interval without a snapshot.
                 ticker.watchers = {watcher}
-                ticker.start()
             else:
                 ticker.watchers = ticker.watchers | {watcher}
                 ticker.poll_soon(watcher)
@@ -300,9 +284,9 @@ class WatchHub:
                 del self._tickers[watcher.interval_s]
 
     def session_changed(self, previous_session: int, session: int) -> None:
+        self._epoch += 1
+        epoch = self._epoch
         with self._lock:
-            self._epoch += 1
-            epoch = self._epoch
             watchers = [w for t in self._tickers.values() for w in t.watchers]
         for watcher in watchers:
             watcher.offer_reset(SessionChanged(previous_session, session), epoch)
@@ -310,6 +294,10 @@ class WatchHub:
     def watcher_count(self) -> int:
         with self._lock:
             return sum(len(t.watchers) for t in self._tickers.values())
+
+    def ticker_count(self) -> int:
+        with self._lock:
+            return len(self._tickers)
 
     def polls(self) -> int:
         with self._lock:

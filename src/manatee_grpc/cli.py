@@ -74,7 +74,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks one; default off)",
     )
-    parser.add_argument("--max-workers", type=int, default=defaults.max_workers)
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=defaults.max_workers,
+        help="deprecated, ignored: handlers are coroutines on one event loop (no thread pool)",
+    )
     parser.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs)
     parser.add_argument(
         "--max-receive-message-bytes", type=int, default=defaults.max_receive_message_bytes

@@ -897,7 +897,9 @@ def test_the_client_and_the_cli_give_a_launch_a_deadline_by_default(tmp_path: Pa
         fake.stop(None)
     assert len(seen_remaining_s) == 2
     # A deadline of a few minutes, not none (gRPC reports no deadline as ~1e18 s or None).
-    assert all(r is not None and 60 < r <= DEFAULT_LAUNCH_TIMEOUT_S for r in seen_remaining_s)
+    assert all(r is not None and 60 < r <= DEFAULT_LAUNCH_TIMEOUT_S for r in seen_remaining_s), (
+        seen_remaining_s
+    )
 
 
 # --- safety: the start slot forgets, and a caller who left costs nothing (I6) --------------------
@@ -941,7 +943,7 @@ def test_the_start_slot_forgets_every_finished_launch(
 
 @pytest.fixture
 def one_worker_server() -> Iterator[ManateeServer]:
-    """A server with one handler-pool thread (the pool serves the blocking unary steps)."""
+    """A server configured with one worker (a deprecated setting: there is no handler pool)."""
     server = start_server(max_workers=1)
     yield server
     server.stop(grace_s=1.0)
@@ -959,14 +961,9 @@ def test_a_launch_whose_caller_left_before_it_queued_sends_nothing_to_mms(
             counts_before = dict(simulator(server).request_counts)
             with launch(stub) as gone:
                 gone.start(SMALL_MEM_BYTES)
-                # The server has its start: it is queued for the slot (or, were launches run on
-                # the pool, waiting for the pool's one thread, which the holder's launch holds).
-                pool = server._pool
+                # The server has its start: it is queued for the slot.
                 wait_until(
-                    lambda: (
-                        server.bridge.slot.launches_waiting() == 1
-                        or (pool is not None and pool._work_queue.qsize() > 0)
-                    ),
+                    lambda: server.bridge.slot.launches_waiting() == 1,
                     "the server has the second launch",
                 )
                 assert gone.call.cancel()

@@ -5,6 +5,7 @@ Also: interval validation, and a cancelled watch leaving no watcher or polling t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._errors import MmsConnectionLostError, MmsHungError, MmsUnavailableError
 from manatee_grpc._messages import MessageType
 from manatee_grpc._stats import StatsSnapshot
-from manatee_grpc._watch import SessionChanged, Watcher, WatchHub
+from manatee_grpc._watch import SessionChanged, Watcher, WatchHub, round_interval_s
 from manatee_grpc.sim import Simulator
 
 from .conftest import start_server
@@ -49,10 +50,6 @@ def _watch(
     interval.FromNanoseconds(round(interval_s * 1e9))
     request = pb.WatchBalloonStatsRequest(vm_ids=list(vm_ids), interval=interval)
     return stub.WatchBalloonStats(request, timeout=CALL_TIMEOUT_S)
-
-
-def _watch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("watch-")]
 
 
 def test_watchers_of_one_interval_share_each_poll(
@@ -105,33 +102,57 @@ def test_interval_below_100ms_is_invalid_argument(
 
 def test_slow_watcher_gets_latest_snapshot_and_dropped_count() -> None:
     offered = 10
-    calls = 0
-    gate = threading.Event()
-    lock = threading.Lock()
 
-    def read(vm_ids: tuple[int, ...]) -> StatsSnapshot:
-        nonlocal calls
-        with lock:
+    async def scenario() -> None:
+        calls = 0
+        gate = asyncio.Event()
+        held = asyncio.Event()
+
+        async def read(vm_ids: tuple[int, ...]) -> StatsSnapshot:
+            nonlocal calls
             calls += 1
-            number = calls
-        if number > offered:
-            gate.wait(CALL_TIMEOUT_S)  # hold the ticker: exactly `offered` snapshots went out
-        return _snapshot(number)
+            if calls > offered:
+                held.set()
+                await gate.wait()  # hold the ticker: exactly `offered` snapshots went out
+            return _snapshot(calls)
 
-    hub = WatchHub(read)
-    watcher = hub.subscribe((), 0.005)
-    try:
-        _wait_until(lambda: calls > offered)
-        update = watcher.take(timeout_s=0)
-        assert update is not None and update.snapshot is not None
-        # The newest one, with every earlier one counted as dropped, not queued.
-        assert update.snapshot.session == offered
-        assert update.dropped_updates == offered - 1
-        assert watcher.take(timeout_s=0) is None
-    finally:
-        gate.set()
-        hub.unsubscribe(watcher)
-        hub.close()
+        hub = WatchHub(read)
+        watcher = hub.subscribe((), 0.1)
+        try:
+            await asyncio.wait_for(held.wait(), CALL_TIMEOUT_S)
+            update = watcher.take_now()
+            assert update is not None and update.snapshot is not None
+            # The newest one, with every earlier one counted as dropped, not queued.
+            assert update.snapshot.session == offered
+            assert update.dropped_updates == offered - 1
+            assert watcher.take_now() is None
+        finally:
+            gate.set()
+            hub.unsubscribe(watcher)
+            hub.close()
+
+    asyncio.run(scenario())
+
+
+def test_intervals_are_rounded_to_100ms_so_close_watchers_share_a_ticker() -> None:
+    assert round_interval_s(0.1) == pytest.approx(0.1)
+    assert round_interval_s(0.149) == pytest.approx(0.1)
+    assert round_interval_s(1.26) == pytest.approx(1.3)
+    assert round_interval_s(3600.0) == pytest.approx(3600.0)
+
+    async def scenario() -> int:
+        async def read(vm_ids: tuple[int, ...]) -> StatsSnapshot:
+            return _snapshot(1)
+
+        hub = WatchHub(read)
+        for interval_s in (1.0, 1.01, 0.99, 1.04, 2.0):
+            hub.subscribe((), interval_s)
+        try:
+            return hub.ticker_count()
+        finally:
+            hub.close()
+
+    assert asyncio.run(scenario()) == 2
 
 
 def test_watcher_that_keeps_up_drops_nothing(
@@ -185,12 +206,12 @@ def test_no_old_session_snapshot_is_delivered_after_the_reset() -> None:
     watcher.offer_reset(SessionChanged(previous_session=1, session=2))
     watcher.offer(_snapshot(1))  # a poll that read the old session and finished late
 
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.reset == SessionChanged(1, 2)
-    assert watcher.take(timeout_s=0) is None
+    assert watcher.take_now() is None
 
     watcher.offer(_snapshot(2))
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.snapshot is not None
     assert update.snapshot.session == 2
 
@@ -201,12 +222,12 @@ def test_cancelled_watch_frees_watcher_and_stops_polling(
     stream = _watch(stub, 0.1)
     next(stream)
     assert server.watch_hub.watcher_count() == 1
-    assert len(_watch_threads()) == 1
+    assert server.watch_hub.ticker_count() == 1
 
     stream.cancel()
 
     _wait_until(lambda: server.watch_hub.watcher_count() == 0)
-    _wait_until(lambda: not _watch_threads())
+    _wait_until(lambda: server.watch_hub.ticker_count() == 0)
     # With the ticker gone, nothing reads stats any more.
     reads = _stats_reads(server)
     assert server.watch_hub.polls() == 0
@@ -279,17 +300,17 @@ def test_an_outage_is_one_event_and_a_snapshot_read_before_it_is_not_sent_after_
     watcher.offer(MmsConnectionLostError("lost the mms connection"))
     watcher.offer(MmsUnavailableError("cannot connect to mms"))  # the same outage
 
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.outage is not None
     assert update.outage.error.reason == "MMS_CONNECTION_LOST"
     assert update.dropped_updates == 1  # the stale snapshot
-    assert watcher.take(timeout_s=0) is None
+    assert watcher.take_now() is None
 
     watcher.offer(_snapshot(1))  # recovered
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.snapshot is not None
     watcher.offer(MmsHungError("mms did not answer"))  # a new outage: a new event
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.outage is not None
     assert update.outage.error.reason == "MMS_HUNG"
 
@@ -300,10 +321,10 @@ def test_a_read_that_failed_in_a_session_already_reported_reset_is_no_outage() -
     watcher.offer_reset(SessionChanged(previous_session=1, session=2), epoch=1)
     # ... and only then does the read's failure arrive: it was that reset, already told.
     watcher.offer(MmsConnectionLostError("lost the mms connection"), read_epoch=0)
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.reset == SessionChanged(1, 2)
-    assert watcher.take(timeout_s=0) is None
+    assert watcher.take_now() is None
     # A read of the new session that fails is an outage.
     watcher.offer(MmsUnavailableError("cannot connect to mms"), read_epoch=1)
-    update = watcher.take(timeout_s=0)
+    update = watcher.take_now()
     assert update is not None and update.outage is not None

@@ -20,7 +20,8 @@ import pytest
 from api.conftest import start_server
 
 from manatee_grpc import ManateeServer, ServerConfig, cli
-from manatee_grpc._bridge import CallContext
+from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc._metrics import Metrics, MetricsAddressError, parse_listen
 
 from .conftest import metrics_address, scrape, scrape_until
@@ -187,7 +188,8 @@ def test_readme_lists_exactly_the_series_served() -> None:
     try:
         # Every labelled series present at least once: an RPC, an mms read with a VM in it.
         server.metrics.observe_rpc("ListVms", grpc.StatusCode.OK, 0.001)
-        server.bridge.get_balloon_stats((0,), CallContext.with_timeout(5.0))
+        stub = pb_grpc.MemoryServiceStub(grpc.insecure_channel(server.address))
+        stub.GetBalloonStats(pb.GetBalloonStatsRequest(vm_ids=[0]), timeout=5.0)
         served = {
             re.sub(r"_(bucket|count|sum)$", "", name)
             for name in scrape(metrics_address(server)).samples

@@ -456,7 +456,10 @@ class WatchBalloonStatsRequest(_message.Message):
 
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """Time between snapshots. Unset or zero means 1 s; less than 100 ms is INVALID_ARGUMENT."""
+        """Time between snapshots. Unset or zero means 1 s; less than 100 ms (or more than 1 h) is
+        INVALID_ARGUMENT. The server rounds it to the nearest multiple of 100 ms (1.26 s ticks
+        every 1.3 s), so that watchers asking for nearly the same period share one poll of mms.
+        """
 
     def __init__(
         self,
