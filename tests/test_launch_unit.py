@@ -367,7 +367,7 @@ def test_a_reservation_answered_as_the_caller_leaves_is_removed() -> None:
     bridge = FakeBridge()
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         task = asyncio.create_task(new_launch(bridge, inbox).run(Recorder().emit, 10.0))
         await settle()
         ((request, future),) = bridge.connection.pending
@@ -388,7 +388,7 @@ def test_a_short_reservation_is_removed_if_the_next_attempt_fails_after_the_call
     bridge.connection.answers[PrepareVmRequest].append(PrepareVmResponse(RES_ENOMEM, 3, 4096))
 
     async def scenario() -> None:
-        inbox = Inbox(asyncio.get_running_loop())
+        inbox = Inbox()
         launch = new_launch(bridge, inbox, attempt_delays_s=(0.0, 0.0))
         task = asyncio.create_task(launch.run(Recorder().emit, 10.0))
         await settle()
