@@ -151,11 +151,13 @@ def test_prepare_while_the_start_is_being_ended_is_refused_before_reaching_mms(
             end = stub.RemoveVm.future(pb.RemoveVmRequest(vm_id=vm_id), timeout=RPC_TIMEOUT_S)
         on_the_wire(server, sent_before, ending)
         # Sent now, B's PrepareVm would reach mms after the start ended and open another
-        # start; the server refuses it at once instead (a short deadline bounds the failure).
+        # start; the server refuses it at once instead. mms stays paused, so one queued behind
+        # the end would wait out its deadline (DEADLINE_EXCEEDED, failing this); half the end's
+        # deadline bounds that failure without being a window a busy machine could miss.
         with pytest.raises(grpc.RpcError) as caught:
             stub.PrepareVm(
                 pb.PrepareVmRequest(mem_size_bytes=b_mem_bytes, init_mem_size_bytes=b_init_bytes),
-                timeout=2.0,
+                timeout=RPC_TIMEOUT_S / 2,
             )
         assert caught.value.code() == grpc.StatusCode.ABORTED, caught.value
         info = error_info(caught.value)
