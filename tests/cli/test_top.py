@@ -398,12 +398,15 @@ class Terminal:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
         self.initial_modes = termios.tcgetattr(slave)
         env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES"}}
-        env.update(TERM="xterm", LANG="C.UTF-8", LC_ALL="C.UTF-8")
+        # faulthandler: a program that does not exit is sent SIGABRT and prints every thread's
+        # stack (test_ctrl_c_quits_and_restores_the_terminal once timed out on a fresh clone).
+        env.update(TERM="xterm", LANG="C.UTF-8", LC_ALL="C.UTF-8", PYTHONFAULTHANDLER="1")
         self.screen = pyte.Screen(columns, lines)
         self._stream = pyte.ByteStream(self.screen)
         self._changed = threading.Condition()
         self._screens: list[str] = []  # the screen after every chunk of output
         self._ended = False  # the program exited and all its output is on the screen
+        self._output = bytearray()  # everything it wrote, for a failure's message
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _TAKE_TERMINAL, *args],
@@ -430,6 +433,7 @@ class Terminal:
                     self._ended = True
                     self._changed.notify_all()
                     return
+                self._output += data
                 # One screen per escape sequence that changed it, not per read: a reader that
                 # lags (a loaded machine) may get two redraws in one read, and a state shown
                 # for one tick only (the change column) must still be seen.
@@ -468,7 +472,17 @@ class Terminal:
 
     def wait_exit(self) -> int:
         """The program's exit code, once it has exited and its last output is on the screen."""
-        code = self.process.wait(EXIT_TIMEOUT_S)
+        try:
+            code = self.process.wait(EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)  # faulthandler dumps its threads' stacks
+            self.process.wait(EXIT_TIMEOUT_S)
+            with self._changed:
+                self._changed.wait_for(lambda: self._ended, EXIT_TIMEOUT_S)
+                output = bytes(self._output[-8000:]).decode(errors="replace")
+            raise AssertionError(
+                f"the program did not exit within {EXIT_TIMEOUT_S} s; its last output:\n{output}"
+            ) from None
         with self._changed:
             ended = self._changed.wait_for(lambda: self._ended, EXIT_TIMEOUT_S)
         assert ended, "the program exited but its terminal output never ended"
