@@ -339,9 +339,8 @@ def test_a_watch_outlives_mms_dying_mid_poll_and_hears_of_the_reset_in_stream(
 
 WARM_UP_CYCLES = 8
 MEASURED_CYCLES = 100
-# The server's handler pool starts a thread on demand (up to max_workers) whenever two handlers
-# overlap, so it may grow by one or two late in the run; a leak of one thread per kill would
-# show as +100.
+# The server has no handler pool (every call waits on the event loop); gRPC's own threads may
+# come and go by one or two. A leak of one thread per kill would show as +100.
 THREAD_TOLERANCE = 2
 # A leaked socket per kill (the old mms stream) would show as +100; gRPC may hold a pipe or
 # socket of its own a little longer.
@@ -373,9 +372,13 @@ def test_a_hundred_kills_leak_no_threads_fds_or_memory(
     assert after.rss_bytes <= before.rss_bytes + RSS_TOLERANCE_BYTES, (before, after)
 
 
+# Only a bound on a poll that returns as soon as the condition holds.
+SETTLE_TIMEOUT_S = 30.0
+
+
 def _settled(before: Resources) -> Resources:
     """Resources once threads that were told to end have ended (bounded wait)."""
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while True:
         now = resources()
         if now.threads <= before.threads + THREAD_TOLERANCE or time.monotonic() > deadline:

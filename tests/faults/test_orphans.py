@@ -192,8 +192,7 @@ def test_the_child_is_a_real_launch_client(
 # --- waiting costs no thread (I5) ----------------------------------------------------------------
 
 QUIET_LAUNCHES = 200
-# Threads the few calls below may add to the handler pool (it grows one thread per call that
-# finds none idle); the 200 launches must add none.
+# Threads gRPC itself may start while the few calls below run; the 200 launches must add none.
 THREAD_SLACK = 4
 
 
@@ -219,7 +218,7 @@ def test_quiet_launches_hold_no_thread_and_leave_every_other_call_served(
     try:
         child.expect("calling")
         child.expect("reserved")
-        # Nearly as many quiet launches as the handler pool has threads are queued.
+        # Nearly as many quiet launches as the old handler pool had threads (64) are queued.
         wait_until(lambda: launches_waiting(server) >= 60, "60 launches queue", timeout_s=WAIT_S)
         other_calls_answer()
         wait_until(

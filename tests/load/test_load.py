@@ -31,12 +31,11 @@ from ._driver import (
 from ._process import ResourceSampler, Sample, ServerProcess, WindowMedians, window_medians
 
 MIB = 1024 * 1024
-# Growth allowed from the first window's median to the last's. The server keeps its RPC thread
-# pool (filled during the warm-up) and one connection per client; what comes and goes is a reader
-# thread per launch in flight (at most LoadConfig.max_concurrent_launches) and a lease timer per
-# bare start. A leak of one thread, fd or KiB per launch, watch or bare start would exceed these.
+# Growth allowed from the first window's median to the last's. Every call waits on the server's
+# event loop (no handler pool), so only gRPC's own threads may come and go. A leak of one thread,
+# fd or KiB per launch, watch or bare start would exceed these.
 THREADS_TOLERANCE = 8
-# More calls parked at once than the server's RPC thread pool has threads fills it.
+# More calls parked at once than --max-workers once gave threads: they must leave none behind.
 FILL_CALLS = ServerConfig().max_workers + 8
 FDS_TOLERANCE = 2
 
