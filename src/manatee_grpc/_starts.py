@@ -367,6 +367,8 @@ class StartSlot:
                 and self._claim is not None
                 and self._claim.vm_id == request.vm_id
             ):
+                # mms knew that id (a guessed one too): a start opened unseen gets a later one.
+                self._last_vm_id = max(self._last_vm_id, request.vm_id)
                 self._drop_claim()  # the start became a running VM, or is gone
 
     # --- internals -----------------------------------------------------------------------------
