@@ -22,6 +22,7 @@ from typing import Any
 from ._errors import MmsConnectionError, SessionResetError, VmNotFoundError
 from ._messages import (
     CROS_GUEST_VM_ID,
+    RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
     FinishAddVmRequest,
@@ -208,8 +209,11 @@ class Books:
             elif (
                 isinstance(request, RemoveVmRequest)
                 and isinstance(response, RemoveVmResponse)
-                and response.res == RES_OK
+                and response.res in (RES_OK, RES_EINVAL)
+                and request.vm_id != CROS_GUEST_VM_ID
             ):
+                # -22: mms holds no such VM (a pending, failed or running one would go with
+                # 0), e.g. an earlier RemoveVm removed it but its answer could not be read.
                 self._vms.pop(request.vm_id, None)
 
     def _record_prepare(

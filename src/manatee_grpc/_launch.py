@@ -447,6 +447,11 @@ class LaunchRun:
         slot = self._bridge.slot
         vm_id = slot.open_start_vm_id(self._token)
         finish = self._finish_future
+        if vm_id is not None or finish is None:
+            # The slot removes the start (a guessed one too, if the last PrepareVm's answer was
+            # unreadable), retries until mms confirms it is gone, and then frees the slot.
+            slot.remove_launch_start(self._token, why, self._prepare_future)
+            return
         if (
             vm_id is None
             and finish is not None

@@ -25,6 +25,14 @@ The claim follows the wire, as the books do; that is what makes it race-free:
 - When the lease runs out, or the caller of the PrepareVm that opened the start left before its
   answer, the start is removed. If a FinishAddVm or RemoveVm of it is in flight, the removal
   waits for that answer and happens only if the start is still pending: never a VM that started.
+- A PrepareVm whose answer reached mms but could not be read (a right-type bad body, say) may
+  have opened a start whose id nobody read. mms numbers starts in sequence within a session, so
+  that start can only be the id after the last one mms gave: the claim tracks that id (marked
+  guessed) and removes it at once (or under the lease, if other PrepareVm calls joined it).
+- A removal the slot sends is followed to its answer: 0 ends the claim (as any removal does);
+  -22 means mms holds no pending start with that id, which ends the claim too; anything else
+  (an unreadable answer, an error) is retried with backoff while the claim is current. A claim
+  being removed is joined by no PrepareVm: the start is going away.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from typing import TYPE_CHECKING, Any, overload
 from . import _aio
 from ._errors import MmsConnectionError, StartInProgressError
 from ._messages import (
+    RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
     FinishAddVmRequest,
@@ -84,6 +93,13 @@ class Claim:
     remove_when_idle: str | None = None
     # The bare PrepareVm whose answer opened the start (compared by identity).
     opened_by: PrepareVmRequest | None = None
+    # vm_id was inferred (the id after the last one mms gave), not read from an answer.
+    vm_id_guessed: bool = False
+    # Why the slot is removing the start (its RemoveVm sent or being retried), or None.
+    removing: str | None = None
+    removal_attempts: int = 0
+    # A RemoveVm of the start reached mms and its outcome is unknown (it may have removed it).
+    removal_ambiguous: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -101,6 +117,9 @@ class BarePrepare:
 
 
 RemoveStart = Callable[[int, str], None]  # send RemoveVm for (vm_id, why); must not block
+# A removal that failed is tried again after this, doubling up to the cap (or the lease).
+REMOVAL_RETRY_INITIAL_S = 0.5
+REMOVAL_RETRY_MAX_S = 30.0
 # Run a callback after a delay, from any thread; must not block. Never cancelled: a lease
 # callback checks whether its lease still holds.
 CallLater = Callable[[float, Callable[[], None]], None]
@@ -150,6 +169,8 @@ class StartSlot:
         # Reentrant: a future that is already done runs its callback at once, under the lock.
         self._lock = threading.RLock()
         self._claim: Claim | None = None
+        # The highest VM id mms gave in this session: a start opened unseen got the next one.
+        self._last_vm_id = 0
         self._waiters: collections.deque[_LaunchWaiter] = collections.deque()
 
     @property
@@ -213,6 +234,24 @@ class StartSlot:
             claim = self._claim
             return claim.vm_id if claim is not None and claim.token is token else None
 
+    def remove_launch_start(self, token: object, why: str, prepare: Future[Any] | None) -> None:
+        """The launch ``token`` ended unfinished: remove the start it opened, or release.
+
+        ``prepare`` is its last PrepareVm: if that reached mms but its answer was unreadable, it
+        may have opened a start nobody read the id of, tracked under the guessed id. The claim
+        stays (blocking other starts) until mms confirms the start is gone.
+        """
+        with self._lock:
+            claim = self._claim
+            if claim is None or claim.token is not token:
+                return
+            if claim.vm_id is None and prepare is not None and _may_have_opened(prepare):
+                self._guess_start(claim)
+            if claim.vm_id is None:
+                self._drop_claim()
+                return
+            self._remove_unfinished(claim, why)
+
     def release(self, token: object) -> None:
         with self._lock:
             if self._claim is not None and self._claim.token is token:
@@ -236,6 +275,12 @@ class StartSlot:
                 raise StartInProgressError(
                     "launches are queued for the pending VM start",
                     launchesWaiting=len(self._waiters),
+                )
+            if claim is not None and claim.removing is not None:
+                raise StartInProgressError(
+                    f"the pending VM start (VM {claim.vm_id}) is being removed "
+                    f"({claim.removing}); retry PrepareVm once it is gone",
+                    vmId=claim.vm_id,
                 )
             if claim is not None and claim.ends_in_flight:
                 raise StartInProgressError(
@@ -291,13 +336,15 @@ class StartSlot:
             if claim is not None:
                 claim.ends_in_flight += 1
                 ending = claim
-                future.add_done_callback(lambda _: self._end_done(ending))
+                future.add_done_callback(lambda done: self._end_done(ending, request, done))
             return future
 
     # --- ConnectionObserver (the connection thread, before the books) --------------------------
 
     def on_connected(self, session: int) -> None:
         del session
+        with self._lock:
+            self._last_vm_id = 0  # mms numbers every session's starts from 1
 
     def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
         del session, error
@@ -311,6 +358,7 @@ class StartSlot:
             if isinstance(request, PrepareVmRequest) and isinstance(response, PrepareVmResponse):
                 # mms answers an id for a start it opened or topped up (res 0 or -12).
                 if response.res in (RES_OK, RES_ENOMEM):
+                    self._last_vm_id = max(self._last_vm_id, response.vm_id)
                     self._start_answered(request, response.vm_id)
             elif (
                 isinstance(request, FinishAddVmRequest | RemoveVmRequest)
@@ -319,6 +367,8 @@ class StartSlot:
                 and self._claim is not None
                 and self._claim.vm_id == request.vm_id
             ):
+                # mms knew that id (a guessed one too): a start opened unseen gets a later one.
+                self._last_vm_id = max(self._last_vm_id, request.vm_id)
                 self._drop_claim()  # the start became a running VM, or is gone
 
     # --- internals -----------------------------------------------------------------------------
@@ -326,7 +376,12 @@ class StartSlot:
     def _start_answered(self, request: PrepareVmRequest, vm_id: int) -> None:
         claim = self._claim
         if claim is not None and claim.vm_id == vm_id:
+            claim.vm_id_guessed = False
             return  # a top-up of the start we track
+        if claim is not None and claim.vm_id_guessed:
+            logger.warning("mms answered VM %d for the start guessed as VM %d", vm_id, claim.vm_id)
+            claim.vm_id, claim.vm_id_guessed = vm_id, False
+            return
         if claim is None:
             # Every PrepareVm goes out under a claim, so this means a bug here; track the start
             # anyway, under a lease, rather than let it block every later start.
@@ -345,14 +400,45 @@ class StartSlot:
             claim = prepare.claim
             prepare.answered_idle = claim.vm_id is None
             claim.prepares_in_flight -= 1
+            unread = (
+                claim is self._claim and claim.vm_id is None and _may_have_opened(prepare.future)
+            )
+            if unread:
+                # Its caller got an error and no id: nobody can finish this start.
+                self._guess_start(claim)
+                claim.opened_by = prepare.request
+                self._start_lease(claim)
             prepare.opened = claim.opened_by is prepare.request
             self._drop_if_nothing_opened(claim)
             if prepare.opened and prepare.caller_left:
                 self._remove_unfinished(claim, "its PrepareVm caller went away")
+            elif unread and claim.prepares_in_flight == 0:
+                # No joined PrepareVm can learn the id and finish it: remove it now.
+                self._remove_unfinished(
+                    claim, "mms's answer to the PrepareVm that opened it was unreadable"
+                )
 
-    def _end_done(self, claim: Claim) -> None:
+    def _guess_start(self, claim: Claim) -> None:
+        """A PrepareVm reached mms but its answer was unreadable: track the id it would get."""
+        claim.vm_id = self._last_vm_id + 1
+        claim.vm_id_guessed = True
+        logger.warning(
+            "mms's answer to a PrepareVm was unreadable; it may have opened a start, which would "
+            "be VM %d: tracking it until it is removed",
+            claim.vm_id,
+        )
+
+    def _end_done(
+        self, claim: Claim, request: FinishAddVmRequest | RemoveVmRequest, done: Future[Any]
+    ) -> None:
         with self._lock:
             claim.ends_in_flight -= 1
+            if (
+                claim is self._claim
+                and claim.removing is not None
+                and isinstance(request, RemoveVmRequest)
+            ):
+                self._removal_done(claim, done)
             if claim.ends_in_flight == 0 and claim.remove_when_idle is not None:
                 why, claim.remove_when_idle = claim.remove_when_idle, None
                 self._remove_unfinished(claim, why)
@@ -361,10 +447,62 @@ class StartSlot:
         """Remove the claim's start if it is still pending; behind an end, once that fails."""
         if claim is not self._claim or claim.vm_id is None:
             return  # it started, was removed, or the session reset
+        if claim.removing is not None:
+            return  # already being removed (and retried until mms confirms it)
         if claim.ends_in_flight:
             claim.remove_when_idle = why
             return
-        self._remove_start(claim.vm_id, why)
+        claim.removing = why
+        try:
+            self._remove_start(claim.vm_id, why)
+        except Exception as error:  # e.g. not connected: the next try (or a reset) settles it
+            logger.warning("could not send RemoveVm %d (%s): %s", claim.vm_id, why, error)
+            self._retry_removal_later(claim)
+
+    def _removal_done(self, claim: Claim, done: Future[Any]) -> None:
+        """The slot's RemoveVm of the claim's start came back, and the claim is still current."""
+        assert claim.vm_id is not None
+        error = None if done.cancelled() else done.exception()
+        if not done.cancelled() and error is None:
+            res = done.result().res
+            if res == RES_EINVAL:
+                # mms holds no pending start with this id (any pending start would be removed
+                # with 0): nothing to remove. If a start was opened unseen, its id is used.
+                if not claim.vm_id_guessed or claim.removal_ambiguous:
+                    self._last_vm_id = max(self._last_vm_id, claim.vm_id)
+                logger.info("mms holds no pending start VM %d: the start is released", claim.vm_id)
+                self._drop_claim()
+                return
+        elif (
+            isinstance(error, MmsConnectionError)
+            and error.reached_mms is False
+            and not error.stream_closed
+        ):
+            return  # not sent (hung or out of step): sent again once the stream is usable
+        elif error is not None and getattr(error, "reached_mms", None) is not False:
+            claim.removal_ambiguous = True
+        self._retry_removal_later(claim)
+
+    def _retry_removal_later(self, claim: Claim) -> None:
+        claim.removal_attempts += 1
+        delay_s = min(
+            REMOVAL_RETRY_MAX_S,
+            self._lease_s,
+            REMOVAL_RETRY_INITIAL_S * 2 ** (claim.removal_attempts - 1),
+        )
+        attempts = claim.removal_attempts
+        logger.warning(
+            "removing the pending start VM %s failed; trying again in %.1f s", claim.vm_id, delay_s
+        )
+        self._call_later(delay_s, lambda: self._retry_removal(claim, attempts))
+
+    def _retry_removal(self, claim: Claim, attempts: int) -> None:
+        with self._lock:
+            if claim is not self._claim or claim.removal_attempts != attempts:
+                return  # removed, reset, or another retry took over
+            why, claim.removing = claim.removing, None
+            if why is not None:
+                self._remove_unfinished(claim, why)
 
     def _drop_if_nothing_opened(self, claim: Claim) -> None:
         if (
@@ -406,6 +544,18 @@ class StartSlot:
             # From the loop or the connection thread (an answer freed it): a loop hand-off.
             wake = self._waiters[0].wake
             _aio.call_soon_from_thread(wake.get_loop(), _set_if_pending, wake)
+
+
+def _may_have_opened(prepare: Future[Any]) -> bool:
+    """The PrepareVm reached mms, the stream is kept, and its answer could not be read."""
+    if not prepare.done() or prepare.cancelled():
+        return False
+    error = prepare.exception()
+    return (
+        error is not None
+        and getattr(error, "reached_mms", None) is not False
+        and not getattr(error, "stream_closed", False)
+    )
 
 
 def _set_if_pending(waiter: asyncio.Future[None]) -> None:
