@@ -4,9 +4,12 @@ names of the package are the curated ``__all__``, each reachable."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+
+import pytest
 
 import manatee_grpc
 
@@ -65,3 +68,12 @@ def test_every_public_name_resolves() -> None:
         assert getattr(manatee_grpc, name) is not None
     assert manatee_grpc.SERVICE_NAME == "manatee.memory.v1.MemoryService"
     assert manatee_grpc.memory_service_pb2.DESCRIPTOR.package == "manatee.memory.v1"
+
+
+@pytest.mark.parametrize("layer", ["mms", "core", "server", "cli", "sim"])
+def test_each_layer_says_what_lives_there_and_what_it_may_import(layer: str) -> None:
+    package = importlib.import_module(f"manatee_grpc.{layer}")
+    assert package.__doc__ is not None and "May import:" in package.__doc__
+    assert package.__all__, f"manatee_grpc.{layer} curates no public names"
+    for name in package.__all__:
+        assert getattr(package, name) is not None, f"manatee_grpc.{layer}.{name} does not resolve"
