@@ -14,7 +14,7 @@ import functools
 import timeit
 from typing import Any
 
-from manatee_grpc._messages import (
+from manatee_grpc.mms._messages import (
     BALLOON_STAT_FIELDS,
     BalloonDelta,
     BalloonStats,
@@ -32,7 +32,7 @@ from manatee_grpc._messages import (
     Response,
     VmBalloonStats,
 )
-from manatee_grpc._wire import HEADER_SIZE_BYTES, decode_response, encode_response
+from manatee_grpc.mms._wire import HEADER_SIZE_BYTES, decode_response, encode_response
 
 VM_COUNT = 9
 GIB = 1 << 30

@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from manatee_grpc import _transport, _wire
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._messages import (
+from manatee_grpc.mms import _transport, _wire
+from manatee_grpc.mms._messages import (
     FinishAddVmRequest,
     GetBalloonStatsRequest,
     MmsRequest,

@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2
 from bench import _load
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Simulator
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "latest.json"

@@ -15,7 +15,7 @@ import sys
 import grpc
 
 from manatee_grpc import ManateeServer
-from manatee_grpc.cli import _add_serve_arguments, _config_from
+from manatee_grpc.cli._main import _add_serve_arguments, _config_from
 
 FLOOR_SERVICE = "bench.Floor"
 FLOOR_METHOD = f"/{FLOOR_SERVICE}/Noop"

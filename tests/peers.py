@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from manatee_grpc import _transport, _wire
-from manatee_grpc._messages import (
+from manatee_grpc.mms import _transport, _wire
+from manatee_grpc.mms._messages import (
     RES_OK,
     FinishAddVmRequest,
     FinishAddVmResponse,

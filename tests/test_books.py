@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from manatee_grpc._books import Books
-from manatee_grpc._errors import MmsConnectionLostError, SessionResetError
+from manatee_grpc.core._books import Books
+from manatee_grpc.core._errors import MmsConnectionLostError, SessionResetError
 
 
 def test_session_ids_are_opaque_and_differ_between_server_instances() -> None:

@@ -30,17 +30,7 @@ from peers import (
     WrongType,
 )
 
-from manatee_grpc import _transport, _wire
-from manatee_grpc._connection import (
-    DEFAULT_WATCHDOG_S,
-    UNKNOWN_STAKES,
-    BackoffPolicy,
-    ConnectionConfig,
-    MmsConnection,
-    Stakes,
-    Trouble,
-)
-from manatee_grpc._errors import (
+from manatee_grpc.core._errors import (
     DeadlineExceededError,
     ManateeError,
     MmsConnectionError,
@@ -51,8 +41,18 @@ from manatee_grpc._errors import (
     MmsUnavailableError,
     ServerShuttingDownError,
 )
-from manatee_grpc._memory_math import MIB, extra_bytes
-from manatee_grpc._messages import (
+from manatee_grpc.mms import _transport, _wire
+from manatee_grpc.mms._connection import (
+    DEFAULT_WATCHDOG_S,
+    UNKNOWN_STAKES,
+    BackoffPolicy,
+    ConnectionConfig,
+    MmsConnection,
+    Stakes,
+    Trouble,
+)
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._messages import (
     RES_EINVAL,
     RES_EIO,
     RES_ENOMEM,
@@ -68,7 +68,7 @@ from manatee_grpc._messages import (
     RemoveVmRequest,
     Response,
 )
-from manatee_grpc._transport import MmsAddress
+from manatee_grpc.mms._transport import MmsAddress
 from manatee_grpc.sim import MmsModel, Scenario, Simulator, StartState
 
 # Generous bound for anything that should happen "at once": only a broken build waits it out.
@@ -705,7 +705,7 @@ SHORT_WATCHDOG_S = dict.fromkeys(MessageType, 0.3)
 def test_a_hung_mms_with_vms_at_stake_keeps_the_stream_and_a_late_answer_brings_it_back(
     peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="manatee_grpc._connection")
+    caplog.set_level(logging.WARNING, logger="manatee_grpc.mms._connection")
     hang = Hang()
     peer.script(hang)
     usability = Usability()
@@ -786,7 +786,7 @@ def test_a_call_queued_when_the_link_drops_fails_with_its_own_type_not_sent(
 def test_a_hung_mms_with_nothing_at_stake_is_reset_and_redialled(
     peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     peer.script(Hang())
     with open_connection(peer.address, recorder, SHORT_WATCHDOG_S, stakes=Stakes) as conn:
         with pytest.raises(MmsHungError) as caught:
@@ -838,7 +838,7 @@ def test_a_hung_stream_is_reset_once_nothing_is_at_stake_any_more(
 def test_the_operator_reset_closes_a_hung_stream_and_redials(
     peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     usability = Usability()
     peer.script(Hang())
     with open_connection(
@@ -928,7 +928,7 @@ def test_a_bad_body_fails_that_call_only_and_the_next_call_uses_the_same_stream(
         # Failed by the bad answer itself: not DeadlineExceededError, not MmsHungError.
         with pytest.raises(MmsProtocolError) as caught:
             prepare_with_timeout(conn, WAIT_S)
-        assert caught.value.grpc_code.name == "INTERNAL"
+        assert caught.value.grpc_code == "INTERNAL"
         assert caught.value.reached_mms is True
         assert conn.usable
         assert prepare_with_timeout(conn, WAIT_S).res == RES_OK
@@ -965,14 +965,14 @@ def test_broken_framing_closes_the_stream_and_the_next_call_works(
 def test_a_wrong_type_with_vms_at_stake_stops_sending_but_keeps_the_stream(
     peer: ScriptedMms, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     usability = Usability()
     peer.script(WrongType())
     with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
         conn.add_usable_listener(usability)
         with pytest.raises(MmsProtocolError) as caught:
             prepare_with_timeout(conn, 30.0)
-        assert caught.value.grpc_code.name == "INTERNAL"
+        assert caught.value.grpc_code == "INTERNAL"
         assert usability.wait_for(False)
         trouble = conn.trouble
         assert trouble is not None and trouble.kind is Trouble.OUT_OF_STEP
@@ -985,7 +985,7 @@ def test_a_wrong_type_with_vms_at_stake_stops_sending_but_keeps_the_stream(
         # Nothing more is sent on it: a call fails at once, UNAVAILABLE, not sent.
         with pytest.raises(MmsOutOfStepError, match="GET_BALLOON_STATS not sent") as refused:
             conn.call(GET_CROS_STATS, WAIT_S)
-        assert refused.value.grpc_code.name == "UNAVAILABLE"
+        assert refused.value.grpc_code == "UNAVAILABLE"
         assert refused.value.reached_mms is False
         assert (conn.session, peer.connections, recorder.disconnects) == (1, 1, [])
         assert peer.request_count() == 1
@@ -1032,7 +1032,7 @@ def test_an_unexpected_error_fails_the_call_in_flight_and_the_thread_goes_on(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     real_decode = _wire.decode_response
     faults = [RuntimeError("injected decoder fault")]
 
@@ -1045,7 +1045,7 @@ def test_an_unexpected_error_fails_the_call_in_flight_and_the_thread_goes_on(
     with open_connection(peer.address, recorder, stakes=lambda: VM_1_AT_STAKE) as conn:
         with pytest.raises(ManateeError) as caught:
             prepare_with_timeout(conn, WAIT_S)
-        assert caught.value.grpc_code.name == "INTERNAL"
+        assert caught.value.grpc_code == "INTERNAL"
         assert "RuntimeError" in caught.value.message
         tracebacks = [r for r in caplog.records if r.exc_info is not None]
         assert len(tracebacks) == 1
@@ -1058,7 +1058,7 @@ def test_an_unexpected_error_fails_the_call_in_flight_and_the_thread_goes_on(
 def test_an_unexpected_error_while_connecting_is_logged_and_the_thread_redials(
     peer: ScriptedMms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     real_connect = _transport.connect
     faults = [RuntimeError("injected connect fault")]
 

@@ -16,15 +16,15 @@ from typing import Any, TypeVar
 
 import pytest
 
-from manatee_grpc._bridge import BridgeConfig
-from manatee_grpc._errors import (
+from manatee_grpc.core._bridge import BridgeConfig
+from manatee_grpc.core._errors import (
     InvalidArgumentError,
     LaunchLeaseExpiredError,
     MmsConnectionLostError,
     MmsProtocolError,
     StartInProgressError,
 )
-from manatee_grpc._launch import (
+from manatee_grpc.core._launch import (
     Inbox,
     Launched,
     LaunchEvent,
@@ -37,7 +37,8 @@ from manatee_grpc._launch import (
     Unexpected,
     VmStarted,
 )
-from manatee_grpc._messages import (
+from manatee_grpc.core._starts import StartSlot
+from manatee_grpc.mms._messages import (
     RES_ENOMEM,
     RES_OK,
     FinishAddVmRequest,
@@ -49,7 +50,6 @@ from manatee_grpc._messages import (
     RemoveVmResponse,
     Response,
 )
-from manatee_grpc._starts import StartSlot
 
 T = TypeVar("T")
 MIB = 1 << 20
@@ -189,7 +189,7 @@ def test_a_bare_prepare_is_refused_while_launches_queue_with_a_retryable_abort()
         slot.release(a)  # B is woken but has not run yet: the slot is still promised to it
         with pytest.raises(StartInProgressError) as caught:
             slot.submit_prepare(PrepareVmRequest(512 * MIB, 256 * MIB))
-        assert caught.value.grpc_code.name == "ABORTED" and caught.value.retry_delay_s
+        assert caught.value.grpc_code == "ABORTED" and caught.value.retry_delay_s
         await queued
         slot.release(b)
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2, memory_service_pb2_grpc
-from manatee_grpc._reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME, enable_reflection
+from manatee_grpc.server._reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME, enable_reflection
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 MEMORY_SERVICE = memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manatee_grpc._errors import InvalidArgumentError
-from manatee_grpc._request_ids import RequestIds, validate_request_id
+from manatee_grpc.core._errors import InvalidArgumentError
+from manatee_grpc.core._request_ids import RequestIds, validate_request_id
 
 
 class FakeClock:

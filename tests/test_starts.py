@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from test_launch_unit import MIB, FakeBridge, run, settle
 
-from manatee_grpc._errors import MmsProtocolError, StartInProgressError
-from manatee_grpc._messages import (
+from manatee_grpc.core._errors import MmsProtocolError, StartInProgressError
+from manatee_grpc.mms._messages import (
     RES_EINVAL,
     RES_OK,
     FinishAddVmRequest,

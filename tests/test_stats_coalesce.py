@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from manatee_grpc._connection import ConnectionConfig, MmsConnection
-from manatee_grpc._messages import CROS_GUEST_VM_ID, MessageType
-from manatee_grpc._stats import StatsReader
+from manatee_grpc.core._stats import StatsReader
+from manatee_grpc.mms._connection import ConnectionConfig, MmsConnection
+from manatee_grpc.mms._messages import CROS_GUEST_VM_ID, MessageType
 from manatee_grpc.sim import Simulator
 
 WAIT_S = 10.0

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from manatee_grpc._errors import (
+from manatee_grpc.core._errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     ManateeError,
@@ -15,7 +15,7 @@ from manatee_grpc._errors import (
     MmsOutOfStepError,
     MmsRefusedError,
 )
-from manatee_grpc._status import to_status
+from manatee_grpc.server._status import to_status
 
 
 def _details(error: ManateeError) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo, bool]:

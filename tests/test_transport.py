@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from manatee_grpc import _transport
-from manatee_grpc._transport import (
+from manatee_grpc.mms import _transport
+from manatee_grpc.mms._transport import (
     ACCEPTED_FORMS,
     AddressError,
     MmsAddress,

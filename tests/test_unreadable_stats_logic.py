@@ -7,8 +7,10 @@ import logging
 
 import pytest
 
-from manatee_grpc._errors import MmsConnectionLostError
-from manatee_grpc._messages import (
+from manatee_grpc.core._errors import MmsConnectionLostError
+from manatee_grpc.core._stats import UnreadableVmLog, _Answer, _pick
+from manatee_grpc.core._watch import _filter
+from manatee_grpc.mms._messages import (
     BalloonStats,
     GetBalloonStatsRequest,
     GetBalloonStatsResponse,
@@ -16,8 +18,6 @@ from manatee_grpc._messages import (
     UnreadableVm,
     VmBalloonStats,
 )
-from manatee_grpc._stats import UnreadableVmLog, _Answer, _pick
-from manatee_grpc._watch import _filter
 
 WRAPPED_CROS = UnreadableVm(0, UnreadableReason.WRAPPED, "balloon_actual", "18446744073675997184")
 NEGATIVE_FREE = UnreadableVm(2, UnreadableReason.NEGATIVE, "stats.free_memory", "-1")
@@ -70,13 +70,13 @@ def _read(
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "manatee_grpc._stats"]
+    return [r.getMessage() for r in caplog.records if r.name == "manatee_grpc.core._stats"]
 
 
 def test_the_log_says_it_once_then_at_most_every_interval_with_a_count(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="manatee_grpc._stats")
+    caplog.set_level(logging.WARNING, logger="manatee_grpc.core._stats")
     clock = FakeClock()
     log = UnreadableVmLog(interval_s=300.0, clock=clock)
 
@@ -95,7 +95,7 @@ def test_the_log_says_it_once_then_at_most_every_interval_with_a_count(
 def test_the_log_speaks_again_after_recovery_a_new_reason_or_a_new_session(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="manatee_grpc._stats")
+    caplog.set_level(logging.WARNING, logger="manatee_grpc.core._stats")
     log = UnreadableVmLog(interval_s=300.0, clock=FakeClock())
 
     _read(log, WRAPPED_CROS)

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manatee_grpc import _wire
-from manatee_grpc._messages import (
+from manatee_grpc.mms import _wire
+from manatee_grpc.mms._messages import (
     BALLOON_STAT_FIELDS,
     U32_MAX,
     BalloonDelta,
@@ -39,7 +39,7 @@ from manatee_grpc._messages import (
     UnreadableVm,
     VmBalloonStats,
 )
-from manatee_grpc._wire import (
+from manatee_grpc.mms._wire import (
     DEFAULT_MAX_BODY_BYTES,
     HEADER_SIZE_BYTES,
     CodecError,

@@ -29,8 +29,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
-from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "FieldViolation", "ManateeRpcError"]
 

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from manatee_grpc import ManateeServer
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Simulator
 
 

@@ -15,7 +15,7 @@ import pytest
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._messages import GetBalloonStatsRequest, MessageType
+from manatee_grpc.mms._messages import GetBalloonStatsRequest, MessageType
 from manatee_grpc.sim import Simulator
 
 from .conftest import start_server

@@ -14,8 +14,8 @@ from peers import ScriptedMms, WrongType
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 
 from .conftest import start_server
 from .helpers import error_info, health_status, retry_delay_s, session_id, wait_until

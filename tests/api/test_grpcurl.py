@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from manatee_grpc import SERVICE_NAME, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
-from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
 
 from .conftest import start_server
 

@@ -28,9 +28,9 @@ import pytest
 from manatee_grpc import SERVICE_NAME, Client, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB, extra_bytes
-from manatee_grpc._messages import FinishAddVmRequest, MessageType, PrepareVmRequest
 from manatee_grpc.client import DEFAULT_LAUNCH_TIMEOUT_S
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._messages import FinishAddVmRequest, MessageType, PrepareVmRequest
 from manatee_grpc.sim import StartState
 
 from .conftest import start_server

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
+from manatee_grpc.mms._memory_math import MIB
 
 from .helpers import health_status
 

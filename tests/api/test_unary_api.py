@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB, extra_bytes
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._messages import MessageType
 
 from .conftest import start_server
 from .helpers import (

@@ -18,10 +18,10 @@ from google.protobuf import duration_pb2
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._errors import MmsConnectionLostError, MmsHungError, MmsUnavailableError
-from manatee_grpc._messages import MessageType
-from manatee_grpc._stats import StatsSnapshot
-from manatee_grpc._watch import SessionChanged, Watcher, WatchHub, round_interval_s
+from manatee_grpc.core._errors import MmsConnectionLostError, MmsHungError, MmsUnavailableError
+from manatee_grpc.core._stats import StatsSnapshot
+from manatee_grpc.core._watch import SessionChanged, Watcher, WatchHub, round_interval_s
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Simulator
 
 from .conftest import start_server

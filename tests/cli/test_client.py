@@ -12,9 +12,9 @@ from api.helpers import wait_until
 import manatee_grpc
 from manatee_grpc import Client, FieldViolation, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
-from manatee_grpc._errors import ServerShuttingDownError
-from manatee_grpc._messages import MessageType
-from manatee_grpc._status import to_status
+from manatee_grpc.core._errors import ServerShuttingDownError
+from manatee_grpc.mms._messages import MessageType
+from manatee_grpc.server._status import to_status
 
 from .conftest import simulator, vm_ids
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from manatee_grpc import Client, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
-from manatee_grpc._top_view import (
+from manatee_grpc.cli._top_view import (
     ASCII_FALLBACK,
     LEGEND,
     Sample,

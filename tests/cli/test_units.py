@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from manatee_grpc._cli_client import format_bytes, format_table, parse_size_bytes
+from manatee_grpc.cli._cli_client import format_table, parse_size_bytes
+from manatee_grpc.cli._common import format_bytes
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
 from manatee_grpc.sim import Scenario, Simulator
 
 # Bound for anything that should happen "at once": only a broken build waits it out.

@@ -43,8 +43,8 @@ from hypothesis import strategies as st
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import (
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import (
     FinishAddVmRequest,
     GetBalloonStatsRequest,
     PrepareVmRequest,

@@ -19,7 +19,7 @@ from api.helpers import request_count, simulator, wait_until
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._messages import MessageType, PrepareVmRequest, RemoveVmRequest
+from manatee_grpc.mms._messages import MessageType, PrepareVmRequest, RemoveVmRequest
 
 from .helpers import (
     CALL_TIMEOUT_S,

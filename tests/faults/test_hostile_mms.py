@@ -35,8 +35,8 @@ from peers import Behaviour, HugeLen, RawBody, ScriptedMms, Truncated, WrongType
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 
 from .helpers import (
     CALL_TIMEOUT_S,
@@ -276,7 +276,7 @@ def own_server() -> Iterator[Hostile]:
 def test_a_wrong_type_with_a_vm_at_stake_stops_sending_and_keeps_the_stream_for_the_operator(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     with own_server() as hostile:
         peer, stub, server = hostile.peer, hostile.stub, hostile.server
         channel = grpc.insecure_channel(server.address)

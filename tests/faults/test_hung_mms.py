@@ -33,9 +33,9 @@ from peers import Hang, ScriptedMms, Trickle
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._connection import DEFAULT_WATCHDOG_S
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._connection import DEFAULT_WATCHDOG_S
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import MmsModel, Scenario
 
 from .helpers import (
@@ -141,7 +141,7 @@ def _errors_naming(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.
 def test_a_silent_mms_with_a_vm_at_stake_keeps_the_stream_and_recovers_when_it_answers(
     hung: Hung, rpc: str, answer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="manatee_grpc._connection")
+    caplog.set_level(logging.WARNING, logger="manatee_grpc.mms._connection")
     peer, channel, stub = hung.peer, hung.channel, hung.stub
     vm_id = start_vm(stub)
     old_session = session(stub)
@@ -195,7 +195,7 @@ def test_a_silent_mms_with_a_vm_at_stake_keeps_the_stream_and_recovers_when_it_a
 def test_a_silent_mms_with_nothing_at_stake_is_reset_and_the_server_recovers(
     hung: Hung, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     peer, channel, stub = hung.peer, hung.channel, hung.stub
     old_session = session(stub)
     connections = peer.connections
@@ -213,7 +213,7 @@ def test_a_silent_mms_with_nothing_at_stake_is_reset_and_the_server_recovers(
 def test_hang_reset_resets_a_silent_mms_even_with_a_vm_at_stake(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="manatee_grpc._connection")
+    caplog.set_level(logging.ERROR, logger="manatee_grpc.mms._connection")
     with hung_server(mms_hang_reset=True) as hung:
         peer, channel, stub = hung.peer, hung.channel, hung.stub
         vm_id = start_vm(stub)
@@ -294,7 +294,7 @@ def test_metrics_name_the_vms_at_stake_while_mms_is_silent() -> None:
 def test_a_start_abandoned_while_mms_is_silent_is_removed_once_it_answers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="manatee_grpc._bridge")
+    caplog.set_level(logging.INFO, logger="manatee_grpc.core._bridge")
     with hung_server() as hung:
         peer, channel, stub = hung.peer, hung.channel, hung.stub
         vm_id = start_vm(stub)

@@ -29,8 +29,8 @@ from google.protobuf import duration_pb2
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 
 from .helpers import (
     CALL_TIMEOUT_S,

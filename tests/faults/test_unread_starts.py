@@ -22,8 +22,8 @@ from peers import ScriptedMms
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import (
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import (
     MmsRequest,
     PrepareVmRequest,
     PrepareVmResponse,

@@ -23,7 +23,7 @@ from metrics.conftest import scrape_until
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
 from manatee_grpc.sim import Simulator
 
 from .helpers import CALL_TIMEOUT_S, SERVICE_NAME, SERVING, start_vm

@@ -15,9 +15,9 @@ import socket
 import struct
 from typing import Any
 
-from manatee_grpc import _transport
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms import _transport
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Scenario, Simulator
 
 GIB = 1024 * MIB

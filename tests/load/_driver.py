@@ -23,8 +23,8 @@ from google.protobuf import duration_pb2
 from manatee_grpc import Client, ManateeRpcError
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB, extra_bytes
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB, extra_bytes
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Scenario, Simulator, StartState
 
 T = TypeVar("T")

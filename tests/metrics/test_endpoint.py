@@ -22,7 +22,7 @@ from api.conftest import start_server
 from manatee_grpc import ManateeServer, ServerConfig, cli
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._metrics import Metrics, MetricsAddressError, parse_listen
+from manatee_grpc.server._metrics import Metrics, MetricsAddressError, parse_listen
 
 from .conftest import metrics_address, scrape, scrape_until
 

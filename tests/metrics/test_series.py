@@ -10,8 +10,8 @@ import pytest
 from manatee_grpc import ManateeServer, ServerConfig
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 
 from .conftest import Scrape, metrics_address, scrape, scrape_until, simulator
 

@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2
 
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._messages import U32_MAX
+from manatee_grpc.mms._messages import U32_MAX
 
 from .conftest import RPC_TIMEOUT_S, rpc_code, rpc_status
 

@@ -10,7 +10,7 @@ import pytest
 from api.conftest import start_server
 
 from manatee_grpc import ManateeServer, ServerConfig
-from manatee_grpc._listen import ListenError, is_loopback_host, parse_listen
+from manatee_grpc.server._listen import ListenError, is_loopback_host, parse_listen
 
 from .conftest import list_vms
 

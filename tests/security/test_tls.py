@@ -10,7 +10,7 @@ import pytest
 from api.conftest import start_server
 
 from manatee_grpc import Client, ManateeServer, ServerConfig
-from manatee_grpc._listen import ListenError
+from manatee_grpc.server._listen import ListenError
 
 from .conftest import Pki, list_vms, rpc_code, tls_channel
 

@@ -13,8 +13,9 @@ import grpc
 import pytest
 from api.conftest import start_server
 
-from manatee_grpc import ManateeServer, ServerConfig, _listen
-from manatee_grpc._listen import ListenError
+from manatee_grpc import ManateeServer, ServerConfig
+from manatee_grpc.server import _listen
+from manatee_grpc.server._listen import ListenError
 
 from .conftest import list_vms, other_group
 

@@ -27,7 +27,7 @@ from load._process import ServerProcess, health_watch
 from manatee_grpc import ManateeRpcError
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
-from manatee_grpc._messages import RemoveVmRequest
+from manatee_grpc.mms._messages import RemoveVmRequest
 from manatee_grpc.sim import Simulator, StartState
 
 if TYPE_CHECKING:

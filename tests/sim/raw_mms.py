@@ -11,7 +11,7 @@ import select
 import struct
 from typing import Any
 
-from manatee_grpc import _transport
+from manatee_grpc.mms import _transport
 from manatee_grpc.sim import Simulator
 
 GET_BALLOON_STATS, REBALANCE_MEMORY, PREPARE_VM, FINISH_ADD_VM, REMOVE_VM = 1, 2, 3, 4, 5

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from manatee_grpc import _transport
-from manatee_grpc._messages import GetBalloonStatsRequest
-from manatee_grpc._transport import MmsAddress
-from manatee_grpc._wire import (
+from manatee_grpc.mms import _transport
+from manatee_grpc.mms._messages import GetBalloonStatsRequest
+from manatee_grpc.mms._transport import MmsAddress
+from manatee_grpc.mms._wire import (
     HEADER_SIZE_BYTES,
     decode_header,
     decode_response,

@@ -17,8 +17,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from manatee_grpc._memory_math import MIB, PAGE_SIZE_BYTES
-from manatee_grpc._messages import (
+from manatee_grpc.mms._memory_math import MIB, PAGE_SIZE_BYTES
+from manatee_grpc.mms._messages import (
     CROS_GUEST_VM_ID,
     BalloonDelta,
     FinishAddVmRequest,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manatee_grpc._messages import (
+from manatee_grpc.mms._messages import (
     BalloonDelta,
     FinishAddVmRequest,
     GetBalloonStatsRequest,

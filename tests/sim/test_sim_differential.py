@@ -31,7 +31,7 @@ from raw_mms import (
     RawMms,
 )
 
-from manatee_grpc._messages import (
+from manatee_grpc.mms._messages import (
     BalloonDelta,
     FinishAddVmRequest,
     GetBalloonStatsRequest,

@@ -10,8 +10,8 @@ import dataclasses
 
 import pytest
 
-from manatee_grpc._memory_math import MIB, PAGE_SIZE_BYTES, extra_bytes
-from manatee_grpc._messages import (
+from manatee_grpc.mms._memory_math import MIB, PAGE_SIZE_BYTES, extra_bytes
+from manatee_grpc.mms._messages import (
     RES_EINVAL,
     RES_EIO,
     RES_ENOMEM,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import MessageType
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import MmsModel, Scenario, ScenarioError
 from manatee_grpc.sim._scenario import _FILE_PARSERS, GIB, parse_size_bytes
 

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from manatee_grpc import _transport
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import (
+from manatee_grpc.mms import _transport
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import (
     RES_EIO,
     RES_ENOMEM,
     RES_OK,
@@ -36,8 +36,8 @@ from manatee_grpc._messages import (
     RemoveVmResponse,
     Response,
 )
-from manatee_grpc._transport import MmsAddress
-from manatee_grpc._wire import (
+from manatee_grpc.mms._transport import MmsAddress
+from manatee_grpc.mms._wire import (
     HEADER_SIZE_BYTES,
     check_response_header,
     decode_header,

@@ -21,7 +21,7 @@ from raw_mms import (
     RawMms,
 )
 
-from manatee_grpc._messages import BalloonDelta
+from manatee_grpc.mms._messages import BalloonDelta
 from manatee_grpc.sim import Scenario, Simulator
 from manatee_grpc.sim._model import BalloonBounds, plan_rebalance
 

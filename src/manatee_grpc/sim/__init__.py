@@ -4,6 +4,9 @@ The real mms is gone, so this is what the bridge runs against by default and wha
 uses. It reproduces sirenia's manatee_memory_service.rs number for number, its bugs on the wire
 included (a wrapped u64 balloon_actual, serde_json's reading of requests, no answer to a frame it
 cannot decode). Any knowing departure is a Scenario option, off by default (README lists them).
+
+May import: the mms layer (messages, codec, transports, memory arithmetic) and the standard
+library only (the contract in pyproject.toml checks it).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import signal
 import threading
 from types import FrameType
 
-from manatee_grpc._transport import ACCEPTED_FORMS, AddressError
+from manatee_grpc.mms._transport import ACCEPTED_FORMS, AddressError
 from manatee_grpc.sim._scenario import Scenario, ScenarioError
 from manatee_grpc.sim._server import Simulator
 

@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Callable
 
-from manatee_grpc._messages import (
+from manatee_grpc.mms._messages import (
     U32_MAX,
     BalloonDelta,
     FinishAddVmRequest,

@@ -15,14 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-from manatee_grpc._memory_math import (
+from manatee_grpc.mms._memory_math import (
     MIB,
     PAGE_SIZE_BYTES,
     align_down_page,
     extra_bytes,
     is_page_aligned,
 )
-from manatee_grpc._messages import (
+from manatee_grpc.mms._messages import (
     CROS_GUEST_VM_ID,
     RES_EINVAL,
     RES_EIO,

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, cast, get_args
 
-from manatee_grpc._memory_math import MIB, PAGE_SIZE_BYTES, ExtraBytesFormula
-from manatee_grpc._messages import U32_MAX, MessageType
+from manatee_grpc.mms._memory_math import MIB, PAGE_SIZE_BYTES, ExtraBytesFormula
+from manatee_grpc.mms._messages import U32_MAX, MessageType
 
 __all__ = ["GIB", "MalformedRequestPolicy", "Scenario", "ScenarioError", "parse_size_bytes"]
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar
 
-from manatee_grpc._memory_math import MIB
-from manatee_grpc._messages import (
+from manatee_grpc.mms._memory_math import MIB
+from manatee_grpc.mms._messages import (
     RES_EIO,
     FinishAddVmRequest,
     FinishAddVmResponse,
@@ -28,14 +28,14 @@ from manatee_grpc._messages import (
     RemoveVmRequest,
     Request,
 )
-from manatee_grpc._transport import (
+from manatee_grpc.mms._transport import (
     MmsAddress,
     bound_address,
     listen,
     parse_address,
     recv_exactly,
 )
-from manatee_grpc._wire import (
+from manatee_grpc.mms._wire import (
     HEADER_SIZE_BYTES,
     CodecError,
     decode_header,

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ._errors import ERROR_DOMAIN, InvalidArgumentError, ManateeError
+from manatee_grpc.core._errors import ERROR_DOMAIN, InvalidArgumentError, ManateeError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def to_status(error: ManateeError, session: int | str | None = None) -> grpc.Sta
         delay.FromTimedelta(datetime.timedelta(seconds=error.retry_delay_s))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(
-        code=error.grpc_code.value[0], message=error.message, details=details
+        code=grpc.StatusCode[error.grpc_code].value[0], message=error.message, details=details
     )
     return rpc_status.to_status(status)
 

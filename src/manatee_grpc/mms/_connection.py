@@ -38,8 +38,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from . import _transport, _wire
-from ._errors import (
+from manatee_grpc.mms import _transport, _wire
+from manatee_grpc.mms._errors import (
     DeadlineExceededError,
     ManateeError,
     MmsConnectionError,
@@ -50,7 +50,7 @@ from ._errors import (
     MmsUnavailableError,
     ServerShuttingDownError,
 )
-from ._messages import MessageType, MmsRequest, Response
+from manatee_grpc.mms._messages import MessageType, MmsRequest, Response
 
 logger = logging.getLogger(__name__)
 

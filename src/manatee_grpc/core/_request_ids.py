@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import InvalidArgumentError
+from manatee_grpc.core._errors import InvalidArgumentError
 
 MAX_REQUEST_ID_CHARS = 64
 DEFAULT_CAPACITY = 1024

@@ -17,10 +17,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import _aio
-from ._books import Books, VmRecord, VmState
-from ._connection import MmsConnection
-from ._errors import (
+from manatee_grpc.core import _aio
+from manatee_grpc.core._books import Books, VmRecord, VmState
+from manatee_grpc.core._errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     MmsConnectionError,
@@ -29,8 +28,12 @@ from ._errors import (
     ServerShuttingDownError,
     VmNotRunningError,
 )
-from ._memory_math import align_down_page
-from ._messages import (
+from manatee_grpc.core._request_ids import RequestIds
+from manatee_grpc.core._starts import BarePrepare, StartSlot
+from manatee_grpc.core._stats import StatsReader, StatsSnapshot
+from manatee_grpc.mms._connection import MmsConnection
+from manatee_grpc.mms._memory_math import align_down_page
+from manatee_grpc.mms._messages import (
     CROS_GUEST_VM_ID,
     RES_EINVAL,
     RES_ENOMEM,
@@ -46,9 +49,6 @@ from ._messages import (
     RemoveVmResponse,
     Response,
 )
-from ._request_ids import RequestIds
-from ._starts import BarePrepare, StartSlot
-from ._stats import StatsReader, StatsSnapshot
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
-from ._cli_client import add_client_commands, is_client_command, run_client_command
-from ._config import DEFAULT_LISTEN, ServerConfig
-from ._connection import DEFAULT_WATCHDOG_S
-from ._messages import MessageType
+from manatee_grpc.cli._cli_client import add_client_commands, is_client_command, run_client_command
+from manatee_grpc.mms._connection import DEFAULT_WATCHDOG_S
+from manatee_grpc.mms._messages import MessageType
+from manatee_grpc.server._config import DEFAULT_LISTEN, ServerConfig
 
 logger = logging.getLogger("manatee_grpc")
 
@@ -152,7 +152,10 @@ def _socket_mode_arg(text: str) -> int:
 
 
 def _metrics_listen_arg(text: str) -> str:
-    from ._metrics import MetricsAddressError, parse_listen  # prometheus only when asked
+    from manatee_grpc.server._metrics import (  # prometheus only when asked
+        MetricsAddressError,
+        parse_listen,
+    )
 
     try:
         parse_listen(text)
@@ -219,10 +222,10 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ._listen import ListenError
-    from ._server import ManateeServer
-    from ._transport import AddressError
-    from .sim import ScenarioError
+    from manatee_grpc.mms._transport import AddressError
+    from manatee_grpc.server._listen import ListenError
+    from manatee_grpc.server._server import ManateeServer
+    from manatee_grpc.sim import ScenarioError
 
     stop_requested = threading.Event()
 
@@ -293,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sim"]:
-        from .sim import main as sim_main
+        from manatee_grpc.sim import main as sim_main
 
         return sim_main(argv[1:])
     parser = build_parser()

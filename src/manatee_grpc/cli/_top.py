@@ -24,11 +24,11 @@ from types import FrameType
 import grpc
 from google.protobuf import duration_pb2
 
-from ._cli_client import _credentials_from
-from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
-from ._top_view import ASCII_FALLBACK, TopView, render
-from .client import Client, ManateeRpcError
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc.cli._common import credentials_from
+from manatee_grpc.cli._top_view import ASCII_FALLBACK, TopView, render
+from manatee_grpc.client import Client, ManateeRpcError
 
 MIN_INTERVAL_S = 0.1  # the server's floor for WatchBalloonStats
 RECONNECT_INITIAL_S = 0.2
@@ -96,7 +96,7 @@ def run_top(client: Client, args: argparse.Namespace) -> int:
         print("manatee-grpc top: needs a terminal; use --once for scripts", file=sys.stderr)
         return 2
     # The feed opens its own channel (see CHANNEL_OPTIONS), with the same TLS settings.
-    credentials = _credentials_from(args)
+    credentials = credentials_from(args)
     return _run_live(client.target, args.interval, args.timeout, credentials)
 
 

@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ._cli_client import format_bytes
-from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc.cli._common import format_bytes
 
 CROS_GUEST_VM_ID = 0
 MAX_EVENTS = 50

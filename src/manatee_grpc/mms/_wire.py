@@ -13,8 +13,8 @@ from typing import Annotated, Any, NamedTuple, TypeVar, cast
 
 import msgspec
 
-from manatee_grpc._memory_math import MAX_JSON_SAFE_INT
-from manatee_grpc._messages import (
+from manatee_grpc.mms._memory_math import MAX_JSON_SAFE_INT
+from manatee_grpc.mms._messages import (
     BALLOON_STAT_FIELDS,
     U32_MAX,
     BalloonDelta,

@@ -21,8 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ._errors import ManateeError
-from ._stats import StatsSnapshot
+from manatee_grpc.core._errors import ManateeError
+from manatee_grpc.core._stats import StatsSnapshot
 
 logger = logging.getLogger(__name__)
 

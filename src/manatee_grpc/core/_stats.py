@@ -28,10 +28,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _aio
-from ._connection import MmsConnection
-from ._errors import DeadlineExceededError, MmsConnectionError
-from ._messages import (
+from manatee_grpc.core import _aio
+from manatee_grpc.core._errors import DeadlineExceededError, MmsConnectionError
+from manatee_grpc.mms._connection import MmsConnection
+from manatee_grpc.mms._messages import (
     GetBalloonStatsRequest,
     GetBalloonStatsResponse,
     MessageType,

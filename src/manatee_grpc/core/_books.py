@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._errors import MmsConnectionError, SessionResetError, VmNotFoundError
-from ._messages import (
+from manatee_grpc.core._errors import MmsConnectionError, SessionResetError, VmNotFoundError
+from manatee_grpc.mms._messages import (
     CROS_GUEST_VM_ID,
     RES_EINVAL,
     RES_ENOMEM,

@@ -21,11 +21,13 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
-from . import _validation as validate
-from ._books import VmRecord, VmState
-from ._bridge import MemoryBridge
-from ._errors import InvalidArgumentError, ManateeError, ServerShuttingDownError
-from ._launch import (
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc.core import _validation as validate
+from manatee_grpc.core._books import VmRecord, VmState
+from manatee_grpc.core._bridge import MemoryBridge
+from manatee_grpc.core._errors import InvalidArgumentError, ManateeError, ServerShuttingDownError
+from manatee_grpc.core._launch import (
     ClientItem,
     Inbox,
     Launched,
@@ -41,7 +43,10 @@ from ._launch import (
     VmStartFailed,
     VmStopped,
 )
-from ._messages import (
+from manatee_grpc.core._request_ids import validate_request_id
+from manatee_grpc.core._stats import StatsSnapshot
+from manatee_grpc.core._watch import WatchHub
+from manatee_grpc.mms._messages import (
     BALLOON_STAT_FIELDS,
     CROS_GUEST_VM_ID,
     BalloonDelta,
@@ -49,12 +54,7 @@ from ._messages import (
     UnreadableVm,
     VmBalloonStats,
 )
-from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from ._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
-from ._request_ids import validate_request_id
-from ._stats import StatsSnapshot
-from ._status import to_status, unexpected_status
-from ._watch import WatchHub
+from manatee_grpc.server._status import to_status, unexpected_status
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._errors import InvalidArgumentError
-from ._memory_math import MAX_JSON_SAFE_INT, PAGE_SIZE_BYTES, default_init_mem_size_bytes
-from ._messages import CROS_GUEST_VM_ID, U32_MAX
+from manatee_grpc.core._errors import InvalidArgumentError
+from manatee_grpc.mms._memory_math import (
+    MAX_JSON_SAFE_INT,
+    PAGE_SIZE_BYTES,
+    default_init_mem_size_bytes,
+)
+from manatee_grpc.mms._messages import CROS_GUEST_VM_ID, U32_MAX
 
 # More ids than this in one request is a mistake, not a device: mms serves a handful of VMs.
 MAX_VM_IDS = 1024

@@ -31,20 +31,22 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from . import _aio, _listen, _transport
-from ._bridge import BridgeConfig, MemoryBridge
-from ._config import ServerConfig
-from ._connection import BackoffPolicy, ConnectionConfig, MmsConnection, Stakes
-from ._launch import LaunchPolicy
-from ._messages import CROS_GUEST_VM_ID
-from ._metrics import Metrics, attach_metrics
-from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from ._reflection import enable_reflection
-from ._servicer import MemoryServicer
-from ._servicer import add_to_server as add_memory_service
-from ._starts import loop_timer
-from ._watch import WatchHub
-from .sim import Simulator
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc.core import _aio
+from manatee_grpc.core._bridge import BridgeConfig, MemoryBridge
+from manatee_grpc.core._launch import LaunchPolicy
+from manatee_grpc.core._starts import loop_timer
+from manatee_grpc.core._watch import WatchHub
+from manatee_grpc.mms import _transport
+from manatee_grpc.mms._connection import BackoffPolicy, ConnectionConfig, MmsConnection, Stakes
+from manatee_grpc.mms._messages import CROS_GUEST_VM_ID
+from manatee_grpc.server import _listen
+from manatee_grpc.server._config import ServerConfig
+from manatee_grpc.server._metrics import Metrics, attach_metrics
+from manatee_grpc.server._reflection import enable_reflection
+from manatee_grpc.server._servicer import MemoryServicer
+from manatee_grpc.server._servicer import add_to_server as add_memory_service
+from manatee_grpc.sim import Simulator
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +249,7 @@ class ManateeServer:
     def _mms_address(self) -> _transport.MmsAddress:
         if self.config.mms is not None:
             return _transport.parse_address(self.config.mms)
-        from .sim import Scenario
+        from manatee_grpc.sim import Scenario
 
         scenario = (
             Scenario.from_file(self.config.sim_scenario) if self.config.sim_scenario else None

@@ -15,21 +15,23 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
-
-from ._proto.manatee.memory.v1 import memory_service_pb2 as pb
-from .client import DEFAULT_LAUNCH_TIMEOUT_S, Client, ManateeRpcError
+from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
+from manatee_grpc.cli._common import (
+    GIB,
+    KIB,
+    MIB,
+    TIB,
+    UsageError,
+    credentials_from,
+    format_bytes,
+)
+from manatee_grpc.client import DEFAULT_LAUNCH_TIMEOUT_S, Client, ManateeRpcError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ERROR_EXIT_BASE = 10
 
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
-TIB = 1024 * GIB
 # Binary units only: "2G" means 2 GiB, as with crosvm's and concierge's memory sizes.
 _UNITS_BYTES = {
     "": 1,
@@ -70,19 +72,6 @@ def parse_size_bytes(text: str, *, signed: bool = False) -> int:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     value = numerator // scale
     return -value if sign == "-" else value
-
-
-def format_bytes(value: int, *, signed: bool = False) -> str:
-    """``536870912`` -> ``"512.0 MiB"``; ``signed`` puts ``+`` before positive values."""
-    sign = "-" if value < 0 else ("+" if signed and value > 0 else "")
-    magnitude = abs(value)
-    if magnitude >= GIB:
-        return f"{sign}{magnitude / GIB:.2f} GiB"
-    if magnitude >= MIB:
-        return f"{sign}{magnitude / MIB:.1f} MiB"
-    if magnitude >= KIB:
-        return f"{sign}{magnitude / KIB:.1f} KiB"
-    return f"{sign}{magnitude} B"
 
 
 def format_table(
@@ -261,7 +250,7 @@ def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
 def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
     deltas = dict(args.deltas)
     if len(deltas) != len(args.deltas):
-        raise _UsageError("each VM may appear only once")
+        raise UsageError("each VM may appear only once")
     response = client.rebalance_memory(deltas, session=args.session)
     if args.json:
         _print_json(
@@ -359,10 +348,6 @@ def _cmd_health(client: Client, args: argparse.Namespace) -> int:
 # --- wiring ------------------------------------------------------------------------------------
 
 
-class _UsageError(Exception):
-    pass
-
-
 def add_client_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
@@ -430,7 +415,7 @@ def add_client_commands(
     _add_session_argument(remove)
     add("health", _cmd_health, "health of the MemoryService (exit 1 unless SERVING)")
     # Imported here: _top imports this module's helpers.
-    from ._top import add_top_arguments, run_top
+    from manatee_grpc.cli._top import add_top_arguments, run_top
 
     add_top_arguments(add("top", run_top, "live view of every VM's memory (q or Ctrl-C quits)"))
 
@@ -446,28 +431,6 @@ def _add_session_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _credentials_from(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    """TLS if any --tls-* flag is given (without --tls-ca the system's roots are trusted)."""
-    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
-        return None
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise _UsageError("--tls-cert and --tls-key go together")
-
-    def read(flag: str, path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as error:
-            raise _UsageError(f"{flag} {path}: cannot read it ({error.strerror})") from None
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=read("--tls-ca", args.tls_ca),
-        private_key=read("--tls-key", args.tls_key),
-        certificate_chain=read("--tls-cert", args.tls_cert),
-    )
-
-
 def is_client_command(args: argparse.Namespace) -> bool:
     return hasattr(args, "client_command")
 
@@ -475,11 +438,11 @@ def is_client_command(args: argparse.Namespace) -> bool:
 def run_client_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run a parsed client subcommand; errors become a stderr line and an exit code."""
     try:
-        credentials = _credentials_from(args)
+        credentials = credentials_from(args)
         with Client(args.server, timeout_s=args.timeout, credentials=credentials) as client:
             code: int = args.client_command(client, args)
             return code
-    except _UsageError as exc:
+    except UsageError as exc:
         parser.error(str(exc))
     except ManateeRpcError as exc:
         reason = f" ({exc.reason})" if exc.reason else ""

@@ -16,10 +16,10 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from ._bridge import MemoryBridge
-from ._connection import MmsConnection, Trouble
-from ._errors import MmsConnectionError
-from ._messages import (
+from manatee_grpc.core._bridge import MemoryBridge
+from manatee_grpc.core._errors import MmsConnectionError
+from manatee_grpc.mms._connection import MmsConnection, Trouble
+from manatee_grpc.mms._messages import (
     RES_OK,
     GetBalloonStatsRequest,
     GetBalloonStatsResponse,

@@ -25,8 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from . import _aio
-from ._errors import (
+from manatee_grpc.core import _aio
+from manatee_grpc.core._errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     LaunchAbortedError,
@@ -36,7 +36,7 @@ from ._errors import (
     MmsRefusedError,
     VmStartFailedError,
 )
-from ._messages import (
+from manatee_grpc.mms._messages import (
     RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
@@ -48,7 +48,7 @@ from ._messages import (
 )
 
 if TYPE_CHECKING:
-    from ._bridge import MemoryBridge
+    from manatee_grpc.core._bridge import MemoryBridge
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from ._errors import DeadlineExceededError
-from ._messages import MessageType
+from manatee_grpc.core._errors import DeadlineExceededError
+from manatee_grpc.mms._messages import MessageType
 
 R = TypeVar("R")
 

@@ -48,9 +48,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
-from . import _aio
-from ._errors import MmsConnectionError, StartInProgressError
-from ._messages import (
+from manatee_grpc.core import _aio
+from manatee_grpc.core._errors import MmsConnectionError, StartInProgressError
+from manatee_grpc.mms._messages import (
     RES_EINVAL,
     RES_ENOMEM,
     RES_OK,
@@ -65,7 +65,7 @@ from ._messages import (
 )
 
 if TYPE_CHECKING:
-    from ._connection import MmsConnection
+    from manatee_grpc.mms._connection import MmsConnection
 
 logger = logging.getLogger(__name__)
 

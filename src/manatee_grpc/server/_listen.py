@@ -21,8 +21,8 @@ from typing import Protocol
 
 import grpc
 
-from . import _transport
-from ._config import DEFAULT_SOCKET_MODE, ServerConfig
+from manatee_grpc.mms import _transport
+from manatee_grpc.server._config import DEFAULT_SOCKET_MODE, ServerConfig
 
 __all__ = [
     "DEFAULT_SOCKET_MODE",

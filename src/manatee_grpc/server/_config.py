@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ._connection import DEFAULT_WATCHDOG_S
-from ._launch import DEFAULT_ATTEMPT_DELAYS_S, DEFAULT_STOP_TIMEOUT_S
-from ._messages import MessageType
-from ._wire import DEFAULT_MAX_BODY_BYTES
+from manatee_grpc.core._launch import DEFAULT_ATTEMPT_DELAYS_S, DEFAULT_STOP_TIMEOUT_S
+from manatee_grpc.mms._connection import DEFAULT_WATCHDOG_S
+from manatee_grpc.mms._messages import MessageType
+from manatee_grpc.mms._wire import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SOCKET_MODE = 0o600
