@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from manatee_grpc._books import Books
 from manatee_grpc._bridge import BridgeConfig
 from manatee_grpc._errors import (
     InvalidArgumentError,
@@ -97,11 +98,14 @@ class FakeBridge:
         self.slot = StartSlot(
             self.connection,  # type: ignore[arg-type]
             lease_s,
-            self.remove_in_background,
+            lambda vm_id, why, session: self.remove_in_background(vm_id, why, session=session),
             call_later=lambda delay_s, callback: self.timers.append((delay_s, callback)),
             clock=lambda: 1000.0,
         )
-        self.connection.observers.append(self.slot)
+        # The books follow the wire after the slot, as in MemoryBridge; session 1 is current.
+        self.books = Books()
+        self.books.on_connected(1)
+        self.connection.observers.extend([self.slot, self.books])
         self.connection.answers[RemoveVmRequest].extend([RemoveVmResponse(RES_OK)] * 10)
         self.listeners: list[Callable[[int], None]] = []
 
@@ -112,9 +116,13 @@ class FakeBridge:
         self.listeners.remove(listener)
 
     def remove_in_background(
-        self, vm_id: int, why: str, then: Callable[[], None] | None = None
+        self,
+        vm_id: int,
+        why: str,
+        then: Callable[[], None] | None = None,
+        session: int | None = None,
     ) -> None:
-        del why
+        del why, session
         self.removed.append(vm_id)
         self.slot.submit_end(RemoveVmRequest(vm_id))
         if then is not None:
@@ -255,8 +263,8 @@ def test_vm_started_sent_with_start_is_applied_once_reserved_and_progress_only_i
     run(scenario())
     assert recorder.events == [
         Progress(1, 4096, 0.001),
-        Reserved(1, "/run/mms_control_1.sock", 1060.0),
-        Launched(1),
+        Reserved(1, "/run/mms_control_1.sock", 1060.0, 1),
+        Launched(1, 1),
     ]
     assert connection.kinds() == ["PrepareVm", "PrepareVm", "FinishAddVm"]
     assert slot_is_empty(bridge.slot)
