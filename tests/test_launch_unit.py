@@ -17,11 +17,12 @@ from typing import Any, TypeVar
 import pytest
 
 from manatee_grpc._books import Books
-from manatee_grpc._bridge import BridgeConfig
+from manatee_grpc._bridge import BridgeConfig, MemoryBridge
 from manatee_grpc._errors import (
     InvalidArgumentError,
     LaunchLeaseExpiredError,
     MmsConnectionLostError,
+    MmsHungError,
     MmsProtocolError,
     StartInProgressError,
 )
@@ -412,3 +413,61 @@ def test_a_short_reservation_is_removed_if_the_next_attempt_fails_after_the_call
     assert bridge.connection.kinds() == ["PrepareVm", "PrepareVm", "RemoveVm"]
     assert bridge.removed == [3]
     assert slot_is_empty(bridge.slot)
+
+
+# --- background removals and sessions (I2) -------------------------------------------------------
+
+
+class SessionedConnection(FakeConnection):
+    """A FakeConnection that MemoryBridge can sit on: observers, usable listeners, sessions.
+
+    Nothing is answered by itself: each request waits in ``pending`` until the test settles it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session = 0
+        self.usable_listeners: list[Callable[[bool], None]] = []
+
+    def add_observer(self, observer: Any) -> None:
+        self.observers.append(observer)
+
+    def add_usable_listener(self, listener: Callable[[bool], None]) -> None:
+        self.usable_listeners.append(listener)
+
+    def connect(self) -> None:
+        """A new session starts and the stream is usable (observers first, as the thread does)."""
+        self.session += 1
+        for observer in self.observers:
+            observer.on_connected(self.session)
+        for listener in self.usable_listeners:
+            listener(True)
+
+    def disconnect(self) -> None:
+        lost = MmsConnectionLostError("mms closed the connection", session=self.session)
+        for listener in self.usable_listeners:
+            listener(False)
+        for observer in self.observers:
+            observer.on_disconnected(self.session, lost)
+
+
+def test_a_removal_deferred_as_its_session_ends_is_never_sent_in_the_next_session() -> None:
+    """A background RemoveVm that could not be sent (the stream hung) is retried once the stream
+    is usable again, but only in its own session: its id names another VM in the next one."""
+    connection = SessionedConnection()
+    bridge = MemoryBridge(connection)  # type: ignore[arg-type]
+    connection.connect()  # session 1
+    released: list[str] = []
+    bridge.remove_in_background(5, "its launch ended", then=lambda: released.append("then"))
+    assert connection.kinds() == ["RemoveVm"]
+    ((_, removal),) = connection.pending
+    connection.pending.clear()
+    # The link drops (the list of held-back removals is emptied) and only then does the
+    # removal's callback learn that it was not sent on the hung stream: the race of the review.
+    connection.disconnect()
+    removal.set_exception(
+        MmsHungError("RemoveVm not sent: mms is hung", reached_mms=False, messageType="REMOVE_VM")
+    )
+    connection.connect()  # session 2: its VM 5, if any, is someone else's
+    assert connection.kinds() == ["RemoveVm"], "session 1's removal was sent in session 2"
+    assert released == ["then"]  # the launch's slot is released all the same, once
