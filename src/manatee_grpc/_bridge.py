@@ -435,7 +435,7 @@ class MemoryBridge:
     def _send_removal(
         self, vm_id: int, why: str, then: Callable[[], None] | None, session: int
     ) -> None:
-        logger.info("removing VM %d (session %d): %s", vm_id, session, why)
+        logger.info("removing VM %d: %s (session %d)", vm_id, why, session)
 
         def removed(done: Future[RemoveVmResponse]) -> None:
             if done.cancelled():
