@@ -16,11 +16,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from manatee_grpc.core._bridge import BridgeConfig
+from manatee_grpc.core._books import Books
+from manatee_grpc.core._bridge import BridgeConfig, MemoryBridge
 from manatee_grpc.core._errors import (
     InvalidArgumentError,
     LaunchLeaseExpiredError,
     MmsConnectionLostError,
+    MmsHungError,
     MmsProtocolError,
     StartInProgressError,
 )
@@ -97,11 +99,14 @@ class FakeBridge:
         self.slot = StartSlot(
             self.connection,  # type: ignore[arg-type]
             lease_s,
-            self.remove_in_background,
+            lambda vm_id, why, session: self.remove_in_background(vm_id, why, session=session),
             call_later=lambda delay_s, callback: self.timers.append((delay_s, callback)),
             clock=lambda: 1000.0,
         )
-        self.connection.observers.append(self.slot)
+        # The books follow the wire after the slot, as in MemoryBridge; session 1 is current.
+        self.books = Books()
+        self.books.on_connected(1)
+        self.connection.observers.extend([self.slot, self.books])
         self.connection.answers[RemoveVmRequest].extend([RemoveVmResponse(RES_OK)] * 10)
         self.listeners: list[Callable[[int], None]] = []
 
@@ -112,9 +117,13 @@ class FakeBridge:
         self.listeners.remove(listener)
 
     def remove_in_background(
-        self, vm_id: int, why: str, then: Callable[[], None] | None = None
+        self,
+        vm_id: int,
+        why: str,
+        then: Callable[[], None] | None = None,
+        session: int | None = None,
     ) -> None:
-        del why
+        del why, session
         self.removed.append(vm_id)
         self.slot.submit_end(RemoveVmRequest(vm_id))
         if then is not None:
@@ -255,8 +264,8 @@ def test_vm_started_sent_with_start_is_applied_once_reserved_and_progress_only_i
     run(scenario())
     assert recorder.events == [
         Progress(1, 4096, 0.001),
-        Reserved(1, "/run/mms_control_1.sock", 1060.0),
-        Launched(1),
+        Reserved(1, "/run/mms_control_1.sock", 1060.0, 1),
+        Launched(1, 1),
     ]
     assert connection.kinds() == ["PrepareVm", "PrepareVm", "FinishAddVm"]
     assert slot_is_empty(bridge.slot)
@@ -404,3 +413,61 @@ def test_a_short_reservation_is_removed_if_the_next_attempt_fails_after_the_call
     assert bridge.connection.kinds() == ["PrepareVm", "PrepareVm", "RemoveVm"]
     assert bridge.removed == [3]
     assert slot_is_empty(bridge.slot)
+
+
+# --- background removals and sessions (I2) -------------------------------------------------------
+
+
+class SessionedConnection(FakeConnection):
+    """A FakeConnection that MemoryBridge can sit on: observers, usable listeners, sessions.
+
+    Nothing is answered by itself: each request waits in ``pending`` until the test settles it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session = 0
+        self.usable_listeners: list[Callable[[bool], None]] = []
+
+    def add_observer(self, observer: Any) -> None:
+        self.observers.append(observer)
+
+    def add_usable_listener(self, listener: Callable[[bool], None]) -> None:
+        self.usable_listeners.append(listener)
+
+    def connect(self) -> None:
+        """A new session starts and the stream is usable (observers first, as the thread does)."""
+        self.session += 1
+        for observer in self.observers:
+            observer.on_connected(self.session)
+        for listener in self.usable_listeners:
+            listener(True)
+
+    def disconnect(self) -> None:
+        lost = MmsConnectionLostError("mms closed the connection", session=self.session)
+        for listener in self.usable_listeners:
+            listener(False)
+        for observer in self.observers:
+            observer.on_disconnected(self.session, lost)
+
+
+def test_a_removal_deferred_as_its_session_ends_is_never_sent_in_the_next_session() -> None:
+    """A background RemoveVm that could not be sent (the stream hung) is retried once the stream
+    is usable again, but only in its own session: its id names another VM in the next one."""
+    connection = SessionedConnection()
+    bridge = MemoryBridge(connection)  # type: ignore[arg-type]
+    connection.connect()  # session 1
+    released: list[str] = []
+    bridge.remove_in_background(5, "its launch ended", then=lambda: released.append("then"))
+    assert connection.kinds() == ["RemoveVm"]
+    ((_, removal),) = connection.pending
+    connection.pending.clear()
+    # The link drops (the list of held-back removals is emptied) and only then does the
+    # removal's callback learn that it was not sent on the hung stream: the race of the review.
+    connection.disconnect()
+    removal.set_exception(
+        MmsHungError("RemoveVm not sent: mms is hung", reached_mms=False, messageType="REMOVE_VM")
+    )
+    connection.connect()  # session 2: its VM 5, if any, is someone else's
+    assert connection.kinds() == ["RemoveVm"], "session 1's removal was sent in session 2"
+    assert released == ["then"]  # the launch's slot is released all the same, once

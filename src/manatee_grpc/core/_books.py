@@ -114,6 +114,20 @@ class Books:
     def connected(self) -> bool:
         return self._connected
 
+    def is_current(self, session: int) -> bool:
+        """True while ``session`` (the connection's number) is the connected, current session."""
+        return self._connected and session == self._session
+
+    @contextmanager
+    def holding(self, session: int) -> Iterator[bool]:
+        """Hold the gate; yields whether ``session`` is the connected, current session.
+
+        While True is held, mms's connection cannot be declared lost, so what the body queues
+        goes to ``session`` or fails as not sent: never to a later session that reuses VM ids.
+        """
+        with self._gate:
+            yield self.is_current(session)
+
     def vms(self) -> list[VmRecord]:
         with self._lock:
             return sorted(self._vms.values(), key=lambda vm: vm.vm_id)

@@ -26,6 +26,7 @@ from manatee_grpc.core._errors import (
     MmsRefusedError,
     MmsUnavailableError,
     ServerShuttingDownError,
+    SessionResetError,
     VmNotRunningError,
 )
 from manatee_grpc.core._request_ids import RequestIds
@@ -141,7 +142,7 @@ class MemoryBridge:
         self.config = config or BridgeConfig()
         self.connection = connection
         # The slot observes before the books, so a VM id a caller can read is known to it.
-        self.slot = StartSlot(connection, self.config.lease_s, self.remove_in_background)
+        self.slot = StartSlot(connection, self.config.lease_s, self._remove_for_slot)
         connection.add_observer(self.slot)
         self.books = Books()
         connection.add_observer(self.books)
@@ -151,8 +152,9 @@ class MemoryBridge:
         # Called with the ended session when mms drops it (launches under way listen).
         self._reset_listeners: list[Callable[[int], None]] = []
         self._reset_lock = threading.Lock()
-        # Background removals that could not be sent while the stream was hung or out of step.
-        self._deferred_removals: list[tuple[int, str, Callable[[], None] | None]] = []
+        # Background removals that could not be sent while the stream was hung or out of step:
+        # (vm_id, why, then, session); an entry of another session is never sent.
+        self._deferred_removals: list[tuple[int, str, Callable[[], None] | None, int]] = []
         connection.add_usable_listener(self._usable_changed)
 
     # --- stats ---------------------------------------------------------------------------------
@@ -306,7 +308,7 @@ class MemoryBridge:
                     # A start this call opens has nobody to finish it: the slot removes it.
                     self.slot.caller_left(prepare)
                     raise
-                return self._prepare_result(prepare, response)
+                return self._still_current(self._prepare_result(prepare, response))
             if prepare is not None:
                 self._settle_id(
                     "PrepareVm",
@@ -319,7 +321,22 @@ class MemoryBridge:
                 outcome, timeout_s, "PrepareVm", None if prepare is None else prepare.future
             )
             if result is not None:
-                return result
+                return self._still_current(result)
+
+    def _still_current(self, result: PrepareResult) -> PrepareResult:
+        """``result`` unless its session ended since mms answered: its VM id would name
+        another session's VM (ids repeat), and mms dropped the start with its session."""
+        if result.session_id != self.books.session_id or not self.books.connected:
+            raise SessionResetError(
+                f"mms answered PrepareVm (VM {result.vm_id}) in session {result.session_id}, "
+                f"which was reset before the answer could be delivered (now session "
+                f"{self.books.session_id or '(none)'}); mms dropped that start",
+                vmId=result.vm_id,
+                vmSession=result.session_id,
+                session=self.books.session_id,
+                reached_mms=True,
+            )
+        return result
 
     def _prepare_result(self, prepare: BarePrepare, response: PrepareVmResponse) -> PrepareResult:
         mem_size_bytes = prepare.request.mem_size_bytes
@@ -339,12 +356,16 @@ class MemoryBridge:
                 memSizeBytes=mem_size_bytes,
                 initMemSizeBytes=init_mem_size_bytes,
             )
+        # The session mms answered in, not the current one: they differ if the link reset
+        # before this caller resumed, and then vm_id names no VM of the current session.
+        answered_session = prepare.answered_session
+        assert answered_session is not None, "the slot stamps every answered PrepareVm"
         return PrepareResult(
             response.vm_id,
             response.res == RES_OK,
             response.shortfall_bytes,
             self.config.balloon_control_path(response.vm_id),
-            self.books.public_session_id(self.books.session),
+            self.books.public_session_id(answered_session),
             prepare.claim.lease_expire_unix_s,
         )
 
@@ -377,13 +398,44 @@ class MemoryBridge:
     # --- shared plumbing -----------------------------------------------------------------------
 
     def remove_in_background(
-        self, vm_id: int, why: str, then: Callable[[], None] | None = None
+        self,
+        vm_id: int,
+        why: str,
+        then: Callable[[], None] | None = None,
+        session: int | None = None,
     ) -> None:
         """Release a reservation nobody will finish; runs without a caller to wait for it.
 
-        The slot frees the start when mms answers (see _starts); ``then`` runs in any case.
+        ``session``: the connection's session the VM belongs to (None: the current one). It is
+        sent only if that session is still current, checked under the books' gate, so it never
+        removes a later session's VM with the same id; if the session ended, mms dropped the VM
+        with it and there is nothing to send. The slot frees the start when mms answers (see
+        _starts); ``then`` runs in any case.
         """
-        logger.info("removing VM %d: %s", vm_id, why)
+        with self.books.holding(self.books.session if session is None else session) as current:
+            if session is None:
+                session = self.books.session
+            if not current:
+                logger.info("not removing VM %d (%s): mms session %d ended", vm_id, why, session)
+                if then is not None:
+                    then()
+                return
+            self._send_removal(vm_id, why, then, session)
+
+    def _remove_for_slot(self, vm_id: int, why: str, session: int) -> None:
+        """The slot's removal of its claim's start. The slot calls this under its lock with the
+        claim still current, so the session cannot change before the request is queued (the
+        slot drops its claim first when it does); the books' gate is not taken here, as a
+        caller holding it may be waiting for the slot's lock."""
+        if not self.books.is_current(session):
+            logger.info("not removing VM %d (%s): its mms session %d ended", vm_id, why, session)
+            return
+        self._send_removal(vm_id, why, None, session)
+
+    def _send_removal(
+        self, vm_id: int, why: str, then: Callable[[], None] | None, session: int
+    ) -> None:
+        logger.info("removing VM %d: %s (session %d)", vm_id, why, session)
 
         def removed(done: Future[RemoveVmResponse]) -> None:
             if done.cancelled():
@@ -396,10 +448,10 @@ class MemoryBridge:
             ):
                 # Not sent, and the stream is kept (mms hung or out of step): mms still holds
                 # the VM, so the start would be held by nobody. Try again once the stream is
-                # usable; if it closes instead, mms drops the VM with it.
+                # usable, in this session only; if it closes instead, mms drops the VM with it.
                 logger.warning("could not remove VM %d yet (%s): %s", vm_id, why, error)
                 with self._reset_lock:
-                    self._deferred_removals.append((vm_id, why, then))
+                    self._deferred_removals.append((vm_id, why, then, session))
                 return
             if error is not None:
                 logger.warning("could not remove VM %d (%s): %s", vm_id, why, error)
@@ -413,13 +465,17 @@ class MemoryBridge:
         self.slot.submit_end(RemoveVmRequest(vm_id)).add_done_callback(removed)
 
     def _usable_changed(self, usable: bool) -> None:
-        """The stream is usable again (mms answered late): send the removals it held back."""
+        """The stream is usable again (mms answered late): send the removals it held back.
+
+        An entry of an ended session (its callback may have run after _on_disconnected emptied
+        the list) is dropped by remove_in_background's session check, never sent.
+        """
         if not usable:
             return
         with self._reset_lock:
             deferred, self._deferred_removals = self._deferred_removals, []
-        for vm_id, why, then in deferred:
-            self.remove_in_background(vm_id, why, then)
+        for vm_id, why, then, session in deferred:
+            self.remove_in_background(vm_id, why, then, session)
 
     def _on_disconnected(self, session: int, error: MmsConnectionError) -> None:
         del error
@@ -428,7 +484,7 @@ class MemoryBridge:
         with self._reset_lock:
             listeners = list(self._reset_listeners)
             deferred, self._deferred_removals = self._deferred_removals, []
-        for _, _, then in deferred:
+        for _, _, then, _ in deferred:
             if then is not None:
                 then()
         for listener in listeners:

@@ -42,6 +42,7 @@ from manatee_grpc.mms._messages import (
     RES_OK,
     FinishAddVmRequest,
     FinishAddVmResponse,
+    MmsRequest,
     PrepareVmRequest,
     PrepareVmResponse,
     Response,
@@ -118,6 +119,7 @@ class Reserved:
     vm_id: int
     balloon_control_path: str
     lease_expire_unix_s: float  # `vm_started` must come before this, or the launch ends
+    session: int  # the connection's session mms answered in: vm_id names a VM of it only
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,7 @@ class StopVm:
 @dataclass(frozen=True, slots=True)
 class Launched:
     vm_id: int
+    session: int  # the connection's session mms started the VM in
 
 
 LaunchEvent = Progress | Reserved | StopVm | Launched
@@ -216,6 +219,9 @@ class LaunchRun:
         self._clock = clock
         self._token = object()
         self._vm_id: int | None = None
+        # The connection's session mms answered the reserving PrepareVm in (0 until then):
+        # every later request of this launch goes to that session or not at all.
+        self._session = 0
         self._prepare_future: Future[PrepareVmResponse] | None = None
         self._finish_future: Future[FinishAddVmResponse] | None = None
         self._settled = False  # launched, or mms already forgot the VM: nothing to roll back
@@ -295,10 +301,16 @@ class LaunchRun:
         response = await self._reserve()
         vm_id = response.vm_id
         lease_s = self._bridge.slot.lease_s
+        # The link may have reset after mms answered, before this coroutine resumed: then the
+        # id names no VM of the current session and is not sent (the reset path instead).
+        self._check_session()
         self._reserved_sent = True
         await self._send(
             Reserved(
-                vm_id, self._bridge.config.balloon_control_path(vm_id), self._clock() + lease_s
+                vm_id,
+                self._bridge.config.balloon_control_path(vm_id),
+                self._clock() + lease_s,
+                self._session,
             )
         )
         self._step = "waiting for the client to start its VM"
@@ -319,11 +331,12 @@ class LaunchRun:
                 vmId=vm_id,
             )
         self._step = "waiting for mms FinishAddVm"
-        finish = self._finish_future = self._bridge.connection.submit(FinishAddVmRequest(vm_id))
+        finish = self._finish_future = self._submit_in_session(FinishAddVmRequest(vm_id))
         finish_response = await self._await(finish)
         if finish_response.res == RES_OK:
             self._settled = True  # the slot is freed by the answer itself (it follows the wire)
-            await self._send(Launched(vm_id))
+            self._check_session()
+            await self._send(Launched(vm_id, self._session))
             return
         error = MmsRefusedError(
             finish_response.res, f"mms could not finish adding VM {vm_id}", vmId=vm_id
@@ -344,8 +357,12 @@ class LaunchRun:
                 if reset is not None:
                     raise self._reset_error(reset)
             self._step = "waiting for mms PrepareVm"
-            self._prepare_future = self._bridge.connection.submit(
-                PrepareVmRequest(self._mem_size_bytes, self._init_mem_size_bytes)
+            request = PrepareVmRequest(self._mem_size_bytes, self._init_mem_size_bytes)
+            # A retry tops up the start of the first attempt's session, or is not sent.
+            self._prepare_future = (
+                self._submit_in_session(request)
+                if self._session
+                else self._bridge.connection.submit(request)
             )
             response = await self._await(self._prepare_future)
             if response.res == RES_EINVAL and index == 0:
@@ -360,6 +377,12 @@ class LaunchRun:
                 raise MmsRefusedError(response.res, "mms refused PrepareVm for this launch")
             self._vm_id = response.vm_id
             self._bridge.slot.set_vm_id(self._token, response.vm_id)
+            # The slot recorded the session mms answered in, on the connection thread, before
+            # this coroutine woke; no start left (the slot dropped it): the session reset.
+            opened = self._bridge.slot.open_start(self._token)
+            if opened is None or opened[0] != response.vm_id:
+                raise self._reset_error(SessionReset(self._session or self._bridge.books.session))
+            self._session = opened[1]
             if response.res == RES_OK:
                 return response
             # Progress means an attempt fell short; an attempt that reserved says `reserved`.
@@ -372,6 +395,19 @@ class LaunchRun:
             shortfallBytes=response.shortfall_bytes,
             vmId=response.vm_id,
         )
+
+    def _check_session(self) -> None:
+        """Raise the session-reset error if the launch's session is no longer current."""
+        if not self._bridge.books.is_current(self._session):
+            raise self._reset_error(SessionReset(self._session))
+
+    def _submit_in_session(self, request: MmsRequest[R]) -> Future[R]:
+        """Queue ``request`` in the launch's session, or raise its reset: under the books' gate,
+        so it cannot go to a later session whose VMs reuse the id."""
+        with self._bridge.books.holding(self._session) as current:
+            if not current:
+                raise self._reset_error(SessionReset(self._session))
+            return self._bridge.connection.submit(request)
 
     async def _await(self, future: Future[R]) -> R:
         """An mms answer; if the launch is cancelled meanwhile, a queued request is never sent
@@ -445,7 +481,8 @@ class LaunchRun:
         coroutine is cancelled before it resumes to read it (and ``_vm_id`` is still unset).
         """
         slot = self._bridge.slot
-        vm_id = slot.open_start_vm_id(self._token)
+        opened = slot.open_start(self._token)  # the VM and its session, read together
+        vm_id, session = opened if opened is not None else (None, self._session)
         finish = self._finish_future
         if vm_id is not None or finish is None:
             # The slot removes the start (a guessed one too, if the last PrepareVm's answer was
@@ -465,7 +502,10 @@ class LaunchRun:
         if vm_id is None:
             slot.release(self._token)
             return
-        self._bridge.remove_in_background(vm_id, why, then=lambda: slot.release(self._token))
+        # Sent only if ``session`` is still current: a later session's VM may have this id.
+        self._bridge.remove_in_background(
+            vm_id, why, then=lambda: slot.release(self._token), session=session
+        )
 
 
 def _field_of(item: ClientItem) -> str:

@@ -80,6 +80,7 @@ class Claim:
     owner: Owner
     token: object
     vm_id: int | None = None  # the start's VM, once mms answered the PrepareVm that opened it
+    session: int = 0  # the connection's session mms opened ``vm_id`` in (0: none yet)
     # When the lease of a start opened by bare PrepareVm runs out (wall clock), or None. A lease
     # timer that fires for an older lease, or after the claim ended, does nothing.
     lease_expire_unix_s: float | None = None
@@ -109,6 +110,9 @@ class BarePrepare:
     claim: Claim
     request: PrepareVmRequest
     future: Future[PrepareVmResponse]
+    # The connection's session mms answered in (set before ``future`` resolves), or None: the
+    # VM id of the answer means something only in that session.
+    answered_session: int | None = None
     # No start was pending in mms when it answered (the slot follows the wire): then a -22
     # can only mean the VM is too large for the CrOS guest.
     answered_idle: bool = False
@@ -116,7 +120,8 @@ class BarePrepare:
     caller_left: bool = False
 
 
-RemoveStart = Callable[[int, str], None]  # send RemoveVm for (vm_id, why); must not block
+# Send RemoveVm for (vm_id, why, session); called under the slot's lock; must not block.
+RemoveStart = Callable[[int, str, int], None]
 # A removal that failed is tried again after this, doubling up to the cap (or the lease).
 REMOVAL_RETRY_INITIAL_S = 0.5
 REMOVAL_RETRY_MAX_S = 30.0
@@ -171,7 +176,11 @@ class StartSlot:
         self._claim: Claim | None = None
         # The highest VM id mms gave in this session: a start opened unseen got the next one.
         self._last_vm_id = 0
+        self._session = 0  # the connection's current session (0: never connected)
         self._waiters: collections.deque[_LaunchWaiter] = collections.deque()
+        # Bare PrepareVm calls on their way, by id() of their request: on_response stamps the
+        # session mms answered in on them.
+        self._bare_in_flight: dict[int, BarePrepare] = {}
 
     @property
     def lease_s(self) -> float:
@@ -252,6 +261,14 @@ class StartSlot:
                 return
             self._remove_unfinished(claim, why)
 
+    def open_start(self, token: object) -> tuple[int, int] | None:
+        """(VM, session) of the start mms opened for ``token``'s claim, read at once, or None."""
+        with self._lock:
+            claim = self._claim
+            if claim is None or claim.token is not token or claim.vm_id is None:
+                return None
+            return claim.vm_id, claim.session
+
     def release(self, token: object) -> None:
         with self._lock:
             if self._claim is not None and self._claim.token is token:
@@ -298,6 +315,7 @@ class StartSlot:
                 self._drop_if_nothing_opened(claim)
                 raise
             prepare = BarePrepare(claim, request, future)
+            self._bare_in_flight[id(request)] = prepare
             future.add_done_callback(lambda _: self._prepare_done(prepare))
             return prepare
 
@@ -342,8 +360,8 @@ class StartSlot:
     # --- ConnectionObserver (the connection thread, before the books) --------------------------
 
     def on_connected(self, session: int) -> None:
-        del session
         with self._lock:
+            self._session = session
             self._last_vm_id = 0  # mms numbers every session's starts from 1
 
     def on_disconnected(self, session: int, error: MmsConnectionError) -> None:
@@ -353,13 +371,16 @@ class StartSlot:
     def on_response(
         self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
     ) -> None:
-        del session, round_trip_s
+        del round_trip_s
         with self._lock:
             if isinstance(request, PrepareVmRequest) and isinstance(response, PrepareVmResponse):
+                bare = self._bare_in_flight.get(id(request))
+                if bare is not None and bare.request is request:
+                    bare.answered_session = session
                 # mms answers an id for a start it opened or topped up (res 0 or -12).
                 if response.res in (RES_OK, RES_ENOMEM):
                     self._last_vm_id = max(self._last_vm_id, response.vm_id)
-                    self._start_answered(request, response.vm_id)
+                    self._start_answered(request, response.vm_id, session)
             elif (
                 isinstance(request, FinishAddVmRequest | RemoveVmRequest)
                 and isinstance(response, FinishAddVmResponse | RemoveVmResponse)
@@ -373,7 +394,7 @@ class StartSlot:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _start_answered(self, request: PrepareVmRequest, vm_id: int) -> None:
+    def _start_answered(self, request: PrepareVmRequest, vm_id: int, session: int) -> None:
         claim = self._claim
         if claim is not None and claim.vm_id == vm_id:
             claim.vm_id_guessed = False
@@ -390,6 +411,7 @@ class StartSlot:
         elif claim.vm_id is not None:
             logger.error("mms answered VM %d for the start known as VM %d", vm_id, claim.vm_id)
         claim.vm_id = vm_id
+        claim.session = session
         if claim.owner is Owner.UNARY:
             claim.opened_by = request
             self._start_lease(claim)
@@ -397,6 +419,8 @@ class StartSlot:
     def _prepare_done(self, prepare: BarePrepare) -> None:
         # After on_response when mms answered; also when the call failed or was cancelled.
         with self._lock:
+            if self._bare_in_flight.get(id(prepare.request)) is prepare:
+                del self._bare_in_flight[id(prepare.request)]
             claim = prepare.claim
             prepare.answered_idle = claim.vm_id is None
             claim.prepares_in_flight -= 1
@@ -422,6 +446,7 @@ class StartSlot:
         """A PrepareVm reached mms but its answer was unreadable: track the id it would get."""
         claim.vm_id = self._last_vm_id + 1
         claim.vm_id_guessed = True
+        claim.session = self._session  # unread answers come on the current stream only
         logger.warning(
             "mms's answer to a PrepareVm was unreadable; it may have opened a start, which would "
             "be VM %d: tracking it until it is removed",
@@ -454,7 +479,7 @@ class StartSlot:
             return
         claim.removing = why
         try:
-            self._remove_start(claim.vm_id, why)
+            self._remove_start(claim.vm_id, why, claim.session)
         except Exception as error:  # e.g. not connected: the next try (or a reset) settles it
             logger.warning("could not send RemoveVm %d (%s): %s", claim.vm_id, why, error)
             self._retry_removal_later(claim)

@@ -445,15 +445,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             message.reserved.vm_id = event.vm_id
             message.reserved.balloon_control_path = event.balloon_control_path
             message.reserved.lease_expire_time.CopyFrom(_timestamp(event.lease_expire_unix_s))
-            message.reserved.session = self.bridge.books.session_id
+            # The session mms answered in, not the current one (the launch checked they match).
+            message.reserved.session = self.bridge.books.public_session_id(event.session)
         elif isinstance(event, StopVm):
             message.stop_vm.vm_id = event.vm_id
             message.stop_vm.reason = event.reason
         elif isinstance(event, Launched):
             message.launched.vm_id = event.vm_id
-            message.launched.session = self.bridge.books.session_id
+            message.launched.session = self.bridge.books.public_session_id(event.session)
             record = self.bridge.books.vm(event.vm_id)
-            if record is not None:
+            if record is not None and record.session == event.session:
                 message.launched.vm.CopyFrom(self._vm_info(record))
         return message
 
