@@ -226,6 +226,12 @@ class Feed:
                     return
                 reason = f" ({error.reason})" if error.reason else ""
                 problem = f"{error.code.name}{reason}"
+            except ValueError:
+                # stop() closes the channel once FEED_JOIN_S has passed, even under a feed
+                # still busy (posting, or in a ListVms): grpc then refuses the next call.
+                if self._stopping.is_set():
+                    return
+                raise
             if self._stopping.is_set():
                 return
             # Back-off counts failures since the last subscription that delivered anything.

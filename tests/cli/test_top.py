@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from manatee_grpc import Client, ManateeServer
+from manatee_grpc import _top as top
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc._top_view import (
     ASCII_FALLBACK,
@@ -639,6 +640,30 @@ def test_ctrl_c_quits_and_restores_the_terminal(server: ManateeServer) -> None:
         assert not terminal.cursor_hidden()
     finally:
         terminal.close()
+
+
+def test_a_feed_still_busy_when_stop_closes_its_channel_ends_quietly(
+    server: ManateeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stop() waits FEED_JOIN_S for the feed, then closes the channel whatever the feed does.
+    monkeypatch.setattr(top, "FEED_JOIN_S", 0.0)
+    unhandled: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    busy, release = threading.Event(), threading.Event()
+
+    def post(event: top.FeedEvent) -> None:
+        busy.set()
+        release.wait(EXIT_TIMEOUT_S)  # a slow consumer: the feed is here when stop() runs
+
+    feed = top.Feed(server.address, 1.0, 10.0, None, post)
+    feed.start()
+    assert busy.wait(EXIT_TIMEOUT_S)
+    feed.stop()  # the feed is inside post: the channel is closed under it
+    release.set()
+    feed._thread.join(EXIT_TIMEOUT_S)
+
+    assert not feed._thread.is_alive()
+    assert unhandled == []  # grpc refused the next call on the closed channel: no traceback
 
 
 # Loaded into top (as sitecustomize): after every redraw an object is dropped whose finalizer
