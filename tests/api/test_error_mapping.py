@@ -98,20 +98,27 @@ def test_mms_breaking_the_protocol_is_internal() -> None:
             server.stop(grace_s=0.5)
 
 
+# Long enough that the server's margin (a tenth of it) leaves its DEADLINE_EXCEEDED, with
+# ErrorInfo, 300 ms to reach us before our own timer fires with a bare status.
+SLOW_MMS_DEADLINE_S = 3.0
+
+
 def test_deadline_while_mms_is_slow_is_deadline_exceeded() -> None:
     server = start_server()
     try:
         assert server.simulator is not None
-        server.simulator.set_message_delay(MessageType.GET_BALLOON_STATS, 1.0)
+        # mms answers only well after the caller's deadline.
+        server.simulator.set_message_delay(MessageType.GET_BALLOON_STATS, 2 * SLOW_MMS_DEADLINE_S)
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.MemoryServiceStub(channel)
             with pytest.raises(grpc.RpcError) as caught:
-                stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=0.3)
+                stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=SLOW_MMS_DEADLINE_S)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert error_info(caught.value).reason == "DEADLINE_EXCEEDED"
-            # The connection was not reset by the caller giving up.
+            # The connection was not reset by the caller giving up (this read waits behind
+            # the slow one).
             server.simulator.set_message_delay(MessageType.GET_BALLOON_STATS, 0.0)
-            response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=5)
+            response = stub.GetBalloonStats(pb.GetBalloonStatsRequest(), timeout=30)
             assert response.session == session_id(server, 1)
     finally:
         server.stop(grace_s=0.5)

@@ -28,6 +28,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from manatee_grpc import Client, ManateeServer
+from manatee_grpc import _top as top
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc.cli._top_view import (
     ASCII_FALLBACK,
@@ -393,11 +394,18 @@ class Terminal:
     it is final. No step here depends on how fast a thread gets scheduled.
     """
 
-    def __init__(self, args: list[str], columns: int = 140, lines: int = 30) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        columns: int = 140,
+        lines: int = 30,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self._master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
         self.initial_modes = termios.tcgetattr(slave)
         env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES"}}
+        env.update(extra_env or {})
         # faulthandler: a program that does not exit is sent SIGABRT and prints every thread's
         # stack (test_ctrl_c_quits_and_restores_the_terminal once timed out on a fresh clone).
         env.update(TERM="xterm", LANG="C.UTF-8", LC_ALL="C.UTF-8", PYTHONFAULTHANDLER="1")
@@ -626,6 +634,71 @@ def test_ctrl_c_quits_and_restores_the_terminal(server: ManateeServer) -> None:
         assert terminal.modes() != terminal.initial_modes  # curses took the terminal
 
         terminal.send(b"\x03")  # ^C, typed on the terminal: the line discipline sends SIGINT
+
+        assert terminal.wait_exit() == 0
+        assert terminal.modes() == terminal.initial_modes
+        assert not terminal.cursor_hidden()
+    finally:
+        terminal.close()
+
+
+def test_a_feed_still_busy_when_stop_closes_its_channel_ends_quietly(
+    server: ManateeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # stop() waits FEED_JOIN_S for the feed, then closes the channel whatever the feed does.
+    monkeypatch.setattr(top, "FEED_JOIN_S", 0.0)
+    unhandled: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", unhandled.append)
+    busy, release = threading.Event(), threading.Event()
+
+    def post(event: top.FeedEvent) -> None:
+        busy.set()
+        release.wait(EXIT_TIMEOUT_S)  # a slow consumer: the feed is here when stop() runs
+
+    feed = top.Feed(server.address, 1.0, 10.0, None, post)
+    feed.start()
+    assert busy.wait(EXIT_TIMEOUT_S)
+    feed.stop()  # the feed is inside post: the channel is closed under it
+    release.set()
+    feed._thread.join(EXIT_TIMEOUT_S)
+
+    assert not feed._thread.is_alive()
+    assert unhandled == []  # grpc refused the next call on the closed channel: no traceback
+
+
+# Loaded into top (as sitecustomize): after every redraw an object is dropped whose finalizer
+# runs on the main thread for a while, as any object's may (grpc's, a cycle the collector frees).
+_SLOW_FINALIZER_AFTER_EACH_DRAW = """
+import time
+import manatee_grpc._top as top
+
+class _SlowFinalizer:
+    def __del__(self):
+        time.sleep(0.3)
+
+_draw = top._draw
+
+def _draw_then_finalize(*args, **kwargs):
+    _draw(*args, **kwargs)
+    _SlowFinalizer()
+
+top._draw = _draw_then_finalize
+"""
+
+
+def test_ctrl_c_that_lands_in_a_finalizer_still_quits(
+    server: ManateeServer, tmp_path: Path
+) -> None:
+    # Python swallows an exception raised inside a finalizer ("Exception ignored in ..."): a ^C
+    # raised as KeyboardInterrupt wherever the main thread was got lost there, and top ran on.
+    # The ^C below is sent right after a redraw, so it arrives while the finalizer runs.
+    (tmp_path / "sitecustomize.py").write_text(_SLOW_FINALIZER_AFTER_EACH_DRAW)
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    terminal = Terminal(["top", "--server", server.address], extra_env={"PYTHONPATH": pythonpath})
+    try:
+        terminal.wait_for(lambda s: _has_row(s, 0, "cros"), "the CrOS guest's row")
+
+        terminal.send(b"\x03")
 
         assert terminal.wait_exit() == 0
         assert terminal.modes() == terminal.initial_modes

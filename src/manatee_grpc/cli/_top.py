@@ -226,6 +226,12 @@ class Feed:
                     return
                 reason = f" ({error.reason})" if error.reason else ""
                 problem = f"{error.code.name}{reason}"
+            except ValueError:
+                # stop() closes the channel once FEED_JOIN_S has passed, even under a feed
+                # still busy (posting, or in a ListVms): grpc then refuses the next call.
+                if self._stopping.is_set():
+                    return
+                raise
             if self._stopping.is_set():
                 return
             # Back-off counts failures since the last subscription that delivered anything.
@@ -272,8 +278,8 @@ def _list_is_stale(listing: pb.ListVmsResponse, snapshot: pb.BalloonStatsSnapsho
 # --- the terminal ------------------------------------------------------------------------------
 
 
-class _TerminatedError(Exception):
-    """SIGTERM: leave through the same path as q, so curses restores the terminal."""
+# Signals that quit, and top's exit code for each: ^C is one of the two ways to quit.
+QUIT_SIGNALS = {signal.SIGINT: 0, signal.SIGTERM: 128 + signal.SIGTERM}
 
 
 def _run_live(
@@ -289,29 +295,39 @@ def _run_live(
     events: queue.SimpleQueue[FeedEvent] = queue.SimpleQueue()
     feed = Feed(target, interval_s, timeout_s, credentials, events.put)
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise _TerminatedError
+    quit_codes: list[int] = []
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    feed.start()
+    def on_quit_signal(signum: int, frame: FrameType | None) -> None:
+        # Only note it; the screen loop looks every tick and leaves through the same path as q.
+        # Raising here (KeyboardInterrupt) would land wherever the main thread happens to be,
+        # and one that lands in a finalizer or a callback is swallowed ("Exception ignored
+        # in ..."): the ^C is lost and top runs on. list.append takes no lock a handler could
+        # find already held by the code it interrupted.
+        quit_codes.append(QUIT_SIGNALS[signal.Signals(signum)])
+
+    previous = {signum: signal.signal(signum, on_quit_signal) for signum in QUIT_SIGNALS}
     try:
-        code: int = curses.wrapper(_screen_loop, view, events)
+        feed.start()
+        code: int = curses.wrapper(_screen_loop, view, events, quit_codes)
         return code
-    except KeyboardInterrupt:
-        return 0  # Ctrl-C is one of the two ways to quit
-    except _TerminatedError:
-        return 128 + signal.SIGTERM
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         feed.stop()
 
 
-def _screen_loop(screen: curses.window, view: TopView, events: queue.SimpleQueue[FeedEvent]) -> int:
+def _screen_loop(
+    screen: curses.window,
+    view: TopView,
+    events: queue.SimpleQueue[FeedEvent],
+    quit_codes: list[int],
+) -> int:
+    """Draw until q (0) or a quit signal (its code in ``quit_codes``, seen within a tick)."""
     with contextlib.suppress(curses.error):
         curses.curs_set(0)  # not every terminal can hide the cursor
     screen.timeout(round(SCREEN_TICK_S * 1000))
     translate = _needs_ascii()
-    while True:
+    while not quit_codes:
         while True:
             try:
                 event = events.get_nowait()
@@ -319,9 +335,10 @@ def _screen_loop(screen: curses.window, view: TopView, events: queue.SimpleQueue
                 break
             apply(view, event, time.time())
         _draw(screen, view, translate)
-        key = screen.getch()  # waits up to SCREEN_TICK_S
+        key = screen.getch()  # waits up to SCREEN_TICK_S; a signal may end it sooner
         if key in (ord("q"), ord("Q")):
             return 0
+    return quit_codes[0]
 
 
 def _needs_ascii() -> bool:

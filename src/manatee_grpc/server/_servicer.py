@@ -62,7 +62,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 M = TypeVar("M", pb.GetBalloonStatsResponse, pb.BalloonStatsSnapshot)
 
-DEADLINE_MARGIN_S = 0.05
+# The server ends its own wait this much before the caller's deadline, so that its
+# DEADLINE_EXCEEDED (with ErrorInfo: was the request sent?) reaches the caller before the
+# caller's own timer fires with a bare status. The answer's way back (our loop waking, the
+# status frame, the caller's thread waking) is well under a millisecond on an idle machine but
+# can take a few hundred on a loaded one, and a fixed 50 ms lost that race there. A tenth of
+# the time left scales with what the caller can spare (a 3 s call keeps 300 ms in hand); the
+# floor covers short calls, the cap keeps a long call (RemoveVm's minutes) from losing more
+# than a second of its wait. See deadline_margin_s.
+DEADLINE_MARGIN_FRACTION = 0.1
+DEADLINE_MARGIN_MIN_S = 0.05
+DEADLINE_MARGIN_MAX_S = 1.0
 
 # More time left than this (a year) means the caller set no deadline at all.
 _NO_DEADLINE_S = 365 * 24 * 3600.0
@@ -228,7 +238,16 @@ def _timeout_s(context: grpc.ServicerContext | aio.ServicerContext) -> float | N
         return None
     # Give up a little before the caller does, so it gets our DEADLINE_EXCEEDED with its
     # ErrorInfo (was the request sent?) rather than a bare client-side timeout.
-    return remaining_s - min(DEADLINE_MARGIN_S, remaining_s / 10)
+    return max(0.0, remaining_s - deadline_margin_s(remaining_s))
+
+
+def deadline_margin_s(remaining_s: float) -> float:
+    """How long before the caller's deadline the server stops waiting (DEADLINE_MARGIN_*)."""
+    margin_s = remaining_s * DEADLINE_MARGIN_FRACTION
+    margin_s = min(DEADLINE_MARGIN_MAX_S, max(DEADLINE_MARGIN_MIN_S, margin_s))
+    # A call shorter than twice the floor still spends half its time trying: mms may well
+    # answer within it, and giving up at once would refuse every short call.
+    return min(margin_s, remaining_s / 2)
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
