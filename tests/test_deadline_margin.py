@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from manatee_grpc._servicer import deadline_margin_s
+from manatee_grpc.server._servicer import deadline_margin_s
 
 
 @pytest.mark.parametrize(

@@ -28,8 +28,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from manatee_grpc import Client, ManateeServer
-from manatee_grpc import _top as top
 from manatee_grpc import memory_service_pb2 as pb
+from manatee_grpc.cli import _top as top
 from manatee_grpc.cli._top_view import (
     ASCII_FALLBACK,
     LEGEND,
@@ -670,7 +670,7 @@ def test_a_feed_still_busy_when_stop_closes_its_channel_ends_quietly(
 # runs on the main thread for a while, as any object's may (grpc's, a cycle the collector frees).
 _SLOW_FINALIZER_AFTER_EACH_DRAW = """
 import time
-import manatee_grpc._top as top
+import manatee_grpc.cli._top as top
 
 class _SlowFinalizer:
     def __del__(self):
