@@ -11,6 +11,7 @@
     ├── LaunchLeaseExpiredError ..... DEADLINE_EXCEEDED    LEASE_EXPIRED
     ├── DeadlineExceededError ....... DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
     ├── ServerShuttingDownError ..... UNAVAILABLE          SHUTTING_DOWN (+ RetryInfo)
+    ├── RequestIdsFullError ......... RESOURCE_EXHAUSTED   REQUEST_IDS_FULL (+ RetryInfo)
     ├── MmsRefusedError (res < 0)
     │   ├── errno -22 EINVAL ........ FAILED_PRECONDITION  MMS_EINVAL
     │   ├── errno -12 ENOMEM ........ RESOURCE_EXHAUSTED   MMS_ENOMEM
@@ -139,6 +140,18 @@ class DeadlineExceededError(ManateeError):
 class ServerShuttingDownError(ManateeError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+    retry_delay_s = 1.0
+
+
+class RequestIdsFullError(ManateeError):
+    """A new request_id while the server holds as many as it may; nothing was sent to mms.
+
+    Refused rather than forgetting an id a caller may still retry (see _request_ids). It
+    clears by itself as held ids expire, hence RetryInfo.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REQUEST_IDS_FULL"
     retry_delay_s = 1.0
 
 

@@ -48,9 +48,12 @@ class MemoryServiceStub:
     Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
     recommended, at most 64 characters). A repeat of a request_id within the session returns the
     first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
-    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
-    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
-    changes.
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
+    never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
+    server remembers an id while its call is in flight and for 10 minutes after its answer, and
+    forgets them all when the session changes. It never forgets one earlier to make room: while it
+    holds 8192 ids (both methods together), a call with a new id is RESOURCE_EXHAUSTED
+    (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms; repeats are still answered.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -187,9 +190,12 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
     recommended, at most 64 characters). A repeat of a request_id within the session returns the
     first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
-    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
-    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
-    changes.
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
+    never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
+    server remembers an id while its call is in flight and for 10 minutes after its answer, and
+    forgets them all when the session changes. It never forgets one earlier to make room: while it
+    holds 8192 ids (both methods together), a call with a new id is RESOURCE_EXHAUSTED
+    (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms; repeats are still answered.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -322,9 +328,12 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
     recommended, at most 64 characters). A repeat of a request_id within the session returns the
     first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
-    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
-    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
-    changes.
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
+    never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
+    server remembers an id while its call is in flight and for 10 minutes after its answer, and
+    forgets them all when the session changes. It never forgets one earlier to make room: while it
+    holds 8192 ids (both methods together), a call with a new id is RESOURCE_EXHAUSTED
+    (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms; repeats are still answered.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
