@@ -144,10 +144,10 @@ class ServerShuttingDownError(ManateeError):
 
 
 class RequestIdsFullError(ManateeError):
-    """A new request_id while the server holds as many as it may; nothing was sent to mms.
+    """A new request_id while every id the server may hold is in flight; nothing was sent.
 
-    Refused rather than forgetting an id a caller may still retry (see _request_ids). It
-    clears by itself as held ids expire, hence RetryInfo.
+    Refused rather than forgetting an id whose call is in flight (its retry would apply it
+    twice; see _request_ids). It clears by itself as those calls end, hence RetryInfo.
     """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED

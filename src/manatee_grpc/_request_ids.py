@@ -11,11 +11,13 @@ never reached mms (cancelled while queued, refused "not sent") leaves no outcome
 dropped, so a repeat runs the request afresh. All entries are forgotten when the session changes
 (the VM ids they speak of mean nothing in the next one).
 
-Bounds. An entry whose outcome is pending is never dropped (a repeat would send it again), and a
-settled one is kept for ``ttl_s`` after it settled (a retry within that time must find it). So
-the count bound cannot evict anything: when ``capacity`` entries are held, a new id is refused
-(RESOURCE_EXHAUSTED, REQUEST_IDS_FULL, with RetryInfo) rather than a remembered one forgotten;
-repeats of held ids are still answered. The capacity is sized for the rate x TTL a device sees.
+Bounds. An entry whose outcome is pending is never dropped (a repeat would send it again). An
+answered one is kept for ``ttl_s`` after its answer, and kept small (the answer, not its future).
+Past ``capacity`` entries the oldest answered one goes first: at the default capacity and TTL
+that happens only above 13 new ids a second sustained for 10 minutes, far beyond what a device
+asks; a retry comes within seconds. If every held id is still in flight (mms answers one request
+at a time, so only a stuck one could pile them up), a new id is refused (RESOURCE_EXHAUSTED,
+REQUEST_IDS_FULL, with RetryInfo) rather than a pending one forgotten.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 from ._errors import InvalidArgumentError, RequestIdsFullError
 
 MAX_REQUEST_ID_CHARS = 64
-# 13 new ids a second sustained for the whole TTL; an entry is about 2.5 KiB (~20 MiB when full).
+# 13 new ids a second for the whole TTL; an answered entry is well under 1 KiB (< 8 MiB in all).
 DEFAULT_CAPACITY = 8192
 DEFAULT_TTL_S = 600.0
 
@@ -61,7 +63,20 @@ class Outcome(Future[T]):
 @dataclass(slots=True, eq=False)
 class _Entry:
     fingerprint: Hashable
-    outcome: Outcome[Any]
+    # While the first call is in flight; None once answered (a future costs ~1 KiB to keep).
+    outcome: Outcome[Any] | None
+    result: Any = None
+    error: BaseException | None = None
+
+    def repeat_outcome(self) -> Outcome[Any]:
+        if self.outcome is not None:
+            return self.outcome
+        answered: Outcome[Any] = Outcome()
+        if self.error is not None:
+            answered.set_exception(self.error)
+        else:
+            answered.set_result(self.result)
+        return answered
 
 
 class RequestIds:
@@ -79,9 +94,9 @@ class RequestIds:
         self._lock = threading.Lock()
         self._session = 0
         self._entries: dict[tuple[str, str], _Entry] = {}
-        # Settled entries in the order they settled, with when each may go: the only ones that
-        # ever expire (a pending one is pinned until it settles).
-        self._expiries: collections.deque[tuple[float, tuple[str, str], _Entry]] = (
+        # Answered entries in the order they were answered, with when each expires: the only
+        # ones that may go (a pending one is pinned until it is answered or forgotten).
+        self._answered: collections.deque[tuple[float, tuple[str, str], _Entry]] = (
             collections.deque()
         )
 
@@ -95,7 +110,7 @@ class RequestIds:
         """The outcome future for this id, and whether this caller is the first (must run it).
 
         A repeat whose request differs from the first (``fingerprint``) is INVALID_ARGUMENT; a
-        new id while ``capacity`` ids are held is RequestIdsFullError.
+        new id while ``capacity`` ids are all in flight is RequestIdsFullError.
         """
         key = (method, request_id)
         with self._lock:
@@ -111,22 +126,23 @@ class RequestIds:
                         f"{request_id!r} was used for a different {method} request in this "
                         "session; use a new request_id for a new request",
                     )
-                return entry.outcome, False
+                return entry.repeat_outcome(), False
+            while len(self._entries) >= self._capacity and self._answered:
+                self._drop_locked(*self._answered.popleft()[1:])
             if len(self._entries) >= self._capacity:
-                pending = sum(not held.outcome.done() for held in self._entries.values())
                 raise RequestIdsFullError(
-                    f"{method} refused, nothing sent to mms: the server holds {self._capacity} "
-                    f"request ids ({pending} still in flight), each kept for {self._ttl_s:g} s "
-                    "after its answer so that a retry finds it; retry once some have expired",
+                    f"{method} refused, nothing sent to mms: {len(self._entries)} request ids "
+                    "are in flight, the most the server holds; an id in flight is never "
+                    "forgotten (its retry would apply it twice); retry once some are answered",
                     capacity=self._capacity,
-                    pendingIds=pending,
-                    messageType=method,
+                    method=method,
                     reached_mms=False,
                 )
-            entry = _Entry(fingerprint, Outcome())
+            outcome: Outcome[Any] = Outcome()
+            entry = _Entry(fingerprint, outcome)
             self._entries[key] = entry
-        entry.outcome.add_done_callback(lambda _: self._settled(key, entry))
-        return entry.outcome, True
+        outcome.add_done_callback(lambda done: self._answer(key, entry, done))
+        return outcome, True
 
     def forget(self, method: str, request_id: str, outcome: Future[Any]) -> None:
         """Drop the entry of a first call that never reached mms (only if it is still that one)."""
@@ -139,19 +155,28 @@ class RequestIds:
         with self._lock:
             self._clear_locked()
 
-    def _settled(self, key: tuple[str, str], entry: _Entry) -> None:
-        # The clock starts when the answer is known: a call that took long is remembered as
-        # long after it ended as a quick one.
+    def _answer(self, key: tuple[str, str], entry: _Entry, done: Future[Any]) -> None:
+        # The TTL runs from the answer: a call that took long is remembered as long after it
+        # ended as a quick one.
         with self._lock:
-            if self._entries.get(key) is entry:
-                self._expiries.append((self._clock() + self._ttl_s, key, entry))
+            if self._entries.get(key) is not entry or done.cancelled():
+                return  # forgotten (never reached mms), or a session ago
+            error = done.exception()
+            if error is not None:
+                entry.error = error.with_traceback(None)  # its frames are not worth keeping
+            else:
+                entry.result = done.result()
+            entry.outcome = None
+            self._answered.append((self._clock() + self._ttl_s, key, entry))
+
+    def _drop_locked(self, key: tuple[str, str], entry: _Entry) -> None:
+        if self._entries.get(key) is entry:
+            del self._entries[key]
 
     def _clear_locked(self) -> None:
         self._entries.clear()
-        self._expiries.clear()
+        self._answered.clear()
 
     def _expire_locked(self, now_s: float) -> None:
-        while self._expiries and self._expiries[0][0] <= now_s:
-            _, key, entry = self._expiries.popleft()
-            if self._entries.get(key) is entry:
-                del self._entries[key]
+        while self._answered and self._answered[0][0] <= now_s:
+            self._drop_locked(*self._answered.popleft()[1:])

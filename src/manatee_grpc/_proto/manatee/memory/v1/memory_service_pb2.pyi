@@ -650,8 +650,8 @@ class RebalanceMemoryRequest(_message.Message):
     request_id: _builtins.str
     """Identifies this rebalance for safe retries (AIP-155): a repeat returns the first answer
     and moves nothing. At most 64 characters; a UUID is recommended. Empty: no deduplication.
-    Remembered while in flight and 10 minutes after the answer; a new id when the server holds
-    as many as it may is RESOURCE_EXHAUSTED (REQUEST_IDS_FULL, RetryInfo); see "Retries" above.
+    Remembered while in flight and 10 minutes after the answer, up to 8192 ids; see "Retries"
+    above (RESOURCE_EXHAUSTED, REQUEST_IDS_FULL).
     """
     @_builtins.property
     def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___BalloonDelta]:
