@@ -14,7 +14,7 @@ dropped, so a repeat runs the request afresh. All entries are forgotten when the
 Bounds. An entry whose outcome is pending is never dropped (a repeat would send it again). An
 answered one is kept for ``ttl_s`` after its answer, and kept small (the answer, not its future).
 Past ``capacity`` entries the oldest answered one goes first: at the default capacity and TTL
-that happens only above 13 new ids a second sustained for 10 minutes, far beyond what a device
+that happens only above ~7 new ids a second sustained for 10 minutes, beyond what a device
 asks; a retry comes within seconds. If every held id is still in flight (mms answers one request
 at a time, so only a stuck one could pile them up), a new id is refused (RESOURCE_EXHAUSTED,
 REQUEST_IDS_FULL, with RetryInfo) rather than a pending one forgotten.
@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 from ._errors import InvalidArgumentError, RequestIdsFullError
 
 MAX_REQUEST_ID_CHARS = 64
-# 13 new ids a second for the whole TTL; an answered entry is well under 1 KiB (< 8 MiB in all).
-DEFAULT_CAPACITY = 8192
+# ~7 new ids a second for the whole TTL; an answered entry is well under 1 KiB (< 4 MiB in all).
+DEFAULT_CAPACITY = 4096
 DEFAULT_TTL_S = 600.0
 
 T = TypeVar("T")

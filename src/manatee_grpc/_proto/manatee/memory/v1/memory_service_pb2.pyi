@@ -650,7 +650,7 @@ class RebalanceMemoryRequest(_message.Message):
     request_id: _builtins.str
     """Identifies this rebalance for safe retries (AIP-155): a repeat returns the first answer
     and moves nothing. At most 64 characters; a UUID is recommended. Empty: no deduplication.
-    Remembered while in flight and 10 minutes after the answer, up to 8192 ids; see "Retries"
+    Remembered while in flight and 10 minutes after the answer, up to 4096 ids; see "Retries"
     above (RESOURCE_EXHAUSTED, REQUEST_IDS_FULL).
     """
     @_builtins.property

@@ -44,9 +44,9 @@ class MemoryServiceStub:
     repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
     never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
     server remembers an id while its call is in flight and for 10 minutes after its answer, and
-    forgets them all when the session changes. It holds up to 8192 ids (both methods together);
-    beyond that the oldest answered id goes first (only above 13 new ids a second sustained). An
-    id in flight is never forgotten: if all 8192 are, a call with a new id is RESOURCE_EXHAUSTED
+    forgets them all when the session changes. It holds up to 4096 ids (both methods together);
+    beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
+    id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
@@ -164,9 +164,9 @@ class MemoryServiceServicer:
     repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
     never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
     server remembers an id while its call is in flight and for 10 minutes after its answer, and
-    forgets them all when the session changes. It holds up to 8192 ids (both methods together);
-    beyond that the oldest answered id goes first (only above 13 new ids a second sustained). An
-    id in flight is never forgotten: if all 8192 are, a call with a new id is RESOURCE_EXHAUSTED
+    forgets them all when the session changes. It holds up to 4096 ids (both methods together);
+    beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
+    id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
@@ -386,9 +386,9 @@ class MemoryService:
     repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
     never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
     server remembers an id while its call is in flight and for 10 minutes after its answer, and
-    forgets them all when the session changes. It holds up to 8192 ids (both methods together);
-    beyond that the oldest answered id goes first (only above 13 new ids a second sustained). An
-    id in flight is never forgotten: if all 8192 are, a call with a new id is RESOURCE_EXHAUSTED
+    forgets them all when the session changes. It holds up to 4096 ids (both methods together);
+    beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
+    id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
