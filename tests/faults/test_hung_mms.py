@@ -327,3 +327,59 @@ def test_a_start_abandoned_while_mms_is_silent_is_removed_once_it_answers(
             timeout=CALL_TIMEOUT_S,
         )
         assert other.reserved and other.vm_id != pending_vm_id
+
+
+def test_a_request_id_refused_not_sent_while_mms_is_silent_runs_once_it_answers(
+    hung: Hung,
+) -> None:
+    peer, channel, stub = hung.peer, hung.channel, hung.stub
+    start_vm(stub)  # at stake: the silent stream is kept, in the same session
+    hang = Hang()
+    peer.script(hang)
+    assert_deadline_exceeded(_stats(stub))
+    wait_health(channel, NOT_SERVING)
+    request = pb.PrepareVmRequest(
+        mem_size_bytes=VM_MEM_BYTES, init_mem_size_bytes=VM_INIT_BYTES, request_id="while-hung"
+    )
+    refused = expect_rpc_error(lambda: stub.PrepareVm(request, timeout=CALL_TIMEOUT_S))
+    assert_unavailable(refused, "MMS_HUNG")
+    assert error_info(refused).metadata["reachedMms"] == "false"
+
+    hang.release()
+    wait_health(channel, SERVING)
+    # mms never saw the first call: its id has no outcome to replay, so the retry runs it.
+    prepares = peer.request_count(MessageType.PREPARE_VM)
+    prepared = stub.PrepareVm(request, timeout=CALL_TIMEOUT_S)
+    assert prepared.reserved
+    assert peer.request_count(MessageType.PREPARE_VM) == prepares + 1
+    # From now on the id is remembered: a repeat gets that answer and sends nothing.
+    assert stub.PrepareVm(request, timeout=CALL_TIMEOUT_S).vm_id == prepared.vm_id
+    assert peer.request_count(MessageType.PREPARE_VM) == prepares + 1
+    stub.RemoveVm(pb.RemoveVmRequest(vm_id=prepared.vm_id), timeout=CALL_TIMEOUT_S)
+
+
+def test_a_deadline_on_a_rebalance_with_a_request_id_says_it_reached_mms(hung: Hung) -> None:
+    peer, stub = hung.peer, hung.stub
+    vm_id = start_vm(stub)
+    hang = Hang()
+    peer.script(hang)
+    request = pb.RebalanceMemoryRequest(
+        deltas=[pb.BalloonDelta(vm_id=vm_id, delta_bytes=MIB)], request_id="r-deadline"
+    )
+    # Long enough for the request to be on the wire when it passes (the peer counts it).
+    first = expect_rpc_error(lambda: stub.RebalanceMemory(request, timeout=2.0))
+    assert peer.request_count(MessageType.REBALANCE_MEMORY) == 1
+    # A repeat waits for the first call's answer, which mms still owes.
+    repeat = expect_rpc_error(lambda: stub.RebalanceMemory(request, timeout=2.0))
+    for error, repeated in ((first, False), (repeat, True)):
+        # The caller's own timer may beat the server's status on a loaded machine (no details).
+        if assert_deadline_exceeded(error):
+            metadata = error_info(error).metadata
+            assert (metadata["messageType"], metadata["reachedMms"]) == (
+                "REBALANCE_MEMORY",
+                "true",
+            )
+            assert ("requestIdRepeat" in metadata) is repeated
+    hang.release()
+    assert stub.RebalanceMemory(request, timeout=CALL_TIMEOUT_S).fully_applied
+    assert peer.request_count(MessageType.REBALANCE_MEMORY) == 1  # sent once

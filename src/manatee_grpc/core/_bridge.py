@@ -22,14 +22,13 @@ from manatee_grpc.core._books import Books, VmRecord, VmState
 from manatee_grpc.core._errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    ManateeError,
     MmsConnectionError,
     MmsRefusedError,
-    MmsUnavailableError,
-    ServerShuttingDownError,
     SessionResetError,
     VmNotRunningError,
 )
-from manatee_grpc.core._request_ids import RequestIds
+from manatee_grpc.core._request_ids import Outcome, RequestIds
 from manatee_grpc.core._starts import BarePrepare, StartSlot
 from manatee_grpc.core._stats import StatsReader, StatsSnapshot
 from manatee_grpc.mms._connection import MmsConnection
@@ -58,13 +57,13 @@ T = TypeVar("T")
 
 
 async def _await_outcome(
-    outcome: Future[T], timeout_s: float | None, what: str, sent: Future[Any] | None = None
+    outcome: Outcome[T], timeout_s: float | None, msg_type: MessageType, sent: Future[Any] | None
 ) -> T | None:
-    """Wait for a request id's shared outcome; None if its request was never sent (run it).
+    """Wait for a request id's shared outcome; None if its request never reached mms (run it).
 
-    ``sent`` is the mms request of the caller that runs it: if that caller gives up while the
-    request is still queued, the request stays off the wire and repeats run it afresh. Other
-    callers (repeats) never cancel what they wait for.
+    ``sent`` is the mms request of the caller that runs it (None for a repeat): if that caller
+    gives up while the request is still queued, the request stays off the wire and repeats run
+    it afresh. Other callers (repeats) never cancel what they wait for.
     """
     try:
         done = await _aio.wait_done(outcome, timeout_s)
@@ -73,14 +72,36 @@ async def _await_outcome(
             sent.cancel()  # still queued: it stays off the wire; its callback drops the id
         raise
     if done:
-        return None if outcome.cancelled() else outcome.result()
+        if not outcome.cancelled():
+            return outcome.result()
+        own_error = None if sent is None or sent.cancelled() else sent.exception()
+        if own_error is not None:
+            raise own_error  # this call's own "not sent"; repeats waiting on it run it afresh
+        return None
+    what = msg_type.name
     if sent is None:
-        suffix = " (a repeat of a request_id whose first call is still in flight)"
-    elif sent.cancel():  # still queued: it stays off the wire; its callback drops the id
-        suffix = " (never sent)"
-    else:
-        suffix = " (the request was sent and will complete)"
-    raise DeadlineExceededError(f"deadline passed waiting for mms {what}{suffix}")
+        # A repeat sends nothing: whether "the request" reached mms is whether the first
+        # call's did. One still queued may yet be sent, so that cannot be said (no reachedMms).
+        first = outcome.request
+        on_wire = first is not None and (
+            first.running() or (first.done() and not first.cancelled())
+        )
+        raise DeadlineExceededError(
+            f"deadline passed waiting for mms {what}: this call repeats a request_id whose "
+            "first call is still in flight"
+            + (" (its request was sent and will complete)" if on_wire else " (still queued)")
+            + "; retry with the same request_id to get its answer",
+            messageType=what,
+            requestIdRepeat="true",
+            **({"reached_mms": True} if on_wire else {}),
+        )
+    reached = not sent.cancel()  # still queued: it stays off the wire; its callback drops the id
+    raise DeadlineExceededError(
+        f"deadline passed waiting for mms {what}"
+        + (" (the request was sent and will complete)" if reached else " (never sent)"),
+        messageType=what,
+        reached_mms=reached,
+    )
 
 
 def _settle(
@@ -89,16 +110,24 @@ def _settle(
     convert: Callable[[R], T],
     forget: Callable[[], None],
 ) -> None:
-    """Resolve a request id's outcome from its mms call: the answer, or why it failed."""
+    """Resolve a request id's outcome from its mms call: the answer, or why it failed.
+
+    A call that never reached mms (cancelled while queued; refused "not sent" because mms is not
+    connected, hung or out of step, or the stream closed before its turn; the server closing)
+    has no outcome to remember: the id is forgotten and the outcome cancelled, so that repeats
+    waiting on it, and any later retry, run the request afresh.
+    """
     if sent.cancelled():
-        forget()  # never reached mms: a repeat runs the request afresh
+        forget()
         outcome.cancel()
         return
     error = sent.exception()
     if error is not None:
-        if isinstance(error, MmsUnavailableError | ServerShuttingDownError):
-            forget()  # refused at the door (not connected, closing): never sent, so not final
-        outcome.set_exception(error)
+        if isinstance(error, ManateeError) and error.reached_mms is False:
+            forget()
+            outcome.cancel()  # the first caller raises its own error (see _await_outcome)
+        else:
+            outcome.set_exception(error)
         return
     try:
         outcome.set_result(convert(sent.result()))
@@ -217,7 +246,7 @@ class MemoryBridge:
                     functools.partial(_rebalance_result, requested),
                 )
             result: RebalanceResult | None = await _await_outcome(
-                outcome, timeout_s, "RebalanceMemory", sent
+                outcome, timeout_s, MessageType.REBALANCE_MEMORY, sent
             )
             if result is not None:
                 return result
@@ -246,7 +275,7 @@ class MemoryBridge:
 
     def _claim_id(
         self, method: str, request_id: str, fingerprint: Hashable
-    ) -> tuple[Future[Any] | None, bool]:
+    ) -> tuple[Outcome[Any] | None, bool]:
         """(outcome, first) for a request id; (None, True) without one."""
         if not request_id:
             return None, True
@@ -262,13 +291,14 @@ class MemoryBridge:
         self,
         method: str,
         request_id: str,
-        outcome: Future[T],
+        outcome: Outcome[T],
         sent: Future[R],
         convert: Callable[[R], T],
     ) -> None:
         def forget() -> None:
             self.request_ids.forget(method, request_id, outcome)
 
+        outcome.request = sent
         sent.add_done_callback(lambda _: _settle(outcome, sent, convert, forget))
 
     # --- one-by-one start ----------------------------------------------------------------------
@@ -318,7 +348,10 @@ class MemoryBridge:
                     functools.partial(self._prepare_result, prepare),
                 )
             result: PrepareResult | None = await _await_outcome(
-                outcome, timeout_s, "PrepareVm", None if prepare is None else prepare.future
+                outcome,
+                timeout_s,
+                MessageType.PREPARE_VM,
+                None if prepare is None else prepare.future,
             )
             if result is not None:
                 return self._still_current(result)

@@ -11,6 +11,7 @@
     ├── LaunchLeaseExpiredError ..... DEADLINE_EXCEEDED    LEASE_EXPIRED
     ├── DeadlineExceededError ....... DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
     ├── ServerShuttingDownError ..... UNAVAILABLE          SHUTTING_DOWN (+ RetryInfo)
+    ├── RequestIdsFullError ......... RESOURCE_EXHAUSTED   REQUEST_IDS_FULL (+ RetryInfo)
     ├── MmsRefusedError (res < 0)
     │   ├── errno -22 EINVAL ........ FAILED_PRECONDITION  MMS_EINVAL
     │   ├── errno -12 ENOMEM ........ RESOURCE_EXHAUSTED   MMS_ENOMEM
@@ -60,6 +61,7 @@ __all__ = [
     "MmsProtocolError",
     "MmsRefusedError",
     "MmsUnavailableError",
+    "RequestIdsFullError",
     "ServerShuttingDownError",
     "SessionResetError",
     "StartInProgressError",
@@ -122,6 +124,18 @@ class VmStartFailedError(ManateeError):
 class LaunchAbortedError(ManateeError):
     code = "ABORTED"
     reason = "LAUNCH_ABORTED"
+
+
+class RequestIdsFullError(ManateeError):
+    """A new request_id while every id the server may hold is in flight; nothing was sent.
+
+    Refused rather than forgetting an id whose call is in flight (its retry would apply it
+    twice; see _request_ids). It clears by itself as those calls end, hence RetryInfo.
+    """
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "REQUEST_IDS_FULL"
+    retry_delay_s = 1.0
 
 
 class LaunchLeaseExpiredError(ManateeError):

@@ -650,6 +650,8 @@ class RebalanceMemoryRequest(_message.Message):
     request_id: _builtins.str
     """Identifies this rebalance for safe retries (AIP-155): a repeat returns the first answer
     and moves nothing. At most 64 characters; a UUID is recommended. Empty: no deduplication.
+    Remembered while in flight and 10 minutes after the answer, up to 4096 ids; see "Retries"
+    above (RESOURCE_EXHAUSTED, REQUEST_IDS_FULL).
     """
     @_builtins.property
     def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___BalloonDelta]:
@@ -731,7 +733,8 @@ class PrepareVmRequest(_message.Message):
     """Identifies this attempt for safe retries (AIP-155): a repeat returns the first answer and
     sends nothing to mms. At most 64 characters; a UUID is recommended. Empty: no
     deduplication. A caller with a request_id who leaves before the answer keeps the
-    reservation under the lease, so that its retry finds it.
+    reservation under the lease, so that its retry finds it. Remembered as for
+    RebalanceMemoryRequest.request_id (see "Retries" above).
     """
     def __init__(
         self,

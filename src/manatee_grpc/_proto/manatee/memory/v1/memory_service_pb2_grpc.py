@@ -41,9 +41,13 @@ class MemoryServiceStub:
     Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
     recommended, at most 64 characters). A repeat of a request_id within the session returns the
     first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
-    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
-    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
-    changes.
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
+    never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
+    server remembers an id while its call is in flight and for 10 minutes after its answer, and
+    forgets them all when the session changes. It holds up to 4096 ids (both methods together);
+    beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
+    id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
+    (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -60,7 +64,9 @@ class MemoryServiceStub:
     MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
     MMS_EIO); or the LaunchVm client sent `vm_start_failed`
     (VM_START_FAILED). A launch's reservation is always released.
-    RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
+    RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
+    `request_id` while all the ids the server may hold are in flight
+    (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
     ABORTED              the device's one pending start is held by a LaunchVm stream, by launches
     queued for it, or its FinishAddVm/RemoveVm is on its way to mms
     (START_IN_PROGRESS, with RetryInfo: it clears by itself, retry then);
@@ -78,12 +84,12 @@ class MemoryServiceStub:
     Each RPC can return:
     GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
-    DEADLINE_EXCEEDED
+    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
-    DEADLINE_EXCEEDED
+    PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
+    UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
     ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
@@ -155,9 +161,13 @@ class MemoryServiceServicer:
     Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
     recommended, at most 64 characters). A repeat of a request_id within the session returns the
     first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
-    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
-    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
-    changes.
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
+    never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
+    server remembers an id while its call is in flight and for 10 minutes after its answer, and
+    forgets them all when the session changes. It holds up to 4096 ids (both methods together);
+    beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
+    id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
+    (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -174,7 +184,9 @@ class MemoryServiceServicer:
     MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
     MMS_EIO); or the LaunchVm client sent `vm_start_failed`
     (VM_START_FAILED). A launch's reservation is always released.
-    RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
+    RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
+    `request_id` while all the ids the server may hold are in flight
+    (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
     ABORTED              the device's one pending start is held by a LaunchVm stream, by launches
     queued for it, or its FinishAddVm/RemoveVm is on its way to mms
     (START_IN_PROGRESS, with RetryInfo: it clears by itself, retry then);
@@ -192,12 +204,12 @@ class MemoryServiceServicer:
     Each RPC can return:
     GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
-    DEADLINE_EXCEEDED
+    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
-    DEADLINE_EXCEEDED
+    PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
+    UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
     ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
@@ -371,9 +383,13 @@ class MemoryService:
     Retries. RebalanceMemory and PrepareVm take an optional `request_id` (AIP-155; a UUID is
     recommended, at most 64 characters). A repeat of a request_id within the session returns the
     first call's answer (waiting for it if it is still in flight) and sends nothing to mms; a
-    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). The server remembers
-    the last 1024 request ids of each method for 10 minutes, and forgets them when the session
-    changes.
+    repeat whose request differs is INVALID_ARGUMENT (field `request_id`). A first call that
+    never reached mms (ErrorInfo reachedMms "false") is not remembered: its retry runs afresh. The
+    server remembers an id while its call is in flight and for 10 minutes after its answer, and
+    forgets them all when the session changes. It holds up to 4096 ids (both methods together);
+    beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
+    id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
+    (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
@@ -390,7 +406,9 @@ class MemoryService:
     MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
     MMS_EIO); or the LaunchVm client sent `vm_start_failed`
     (VM_START_FAILED). A launch's reservation is always released.
-    RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM).
+    RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
+    `request_id` while all the ids the server may hold are in flight
+    (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
     ABORTED              the device's one pending start is held by a LaunchVm stream, by launches
     queued for it, or its FinishAddVm/RemoveVm is on its way to mms
     (START_IN_PROGRESS, with RetryInfo: it clears by itself, retry then);
@@ -408,12 +426,12 @@ class MemoryService:
     Each RPC can return:
     GetBalloonStats      INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     WatchBalloonStats    INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE, INTERNAL,
-    DEADLINE_EXCEEDED
+    RebalanceMemory      INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
+    UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     LaunchVm             INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
-    PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, ABORTED, UNAVAILABLE, INTERNAL,
-    DEADLINE_EXCEEDED
+    PrepareVm            INVALID_ARGUMENT, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ABORTED,
+    UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     FinishAddVm          INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED,
     ABORTED, UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
