@@ -5,6 +5,7 @@ The happy path runs in a subprocess so SIGTERM reaches a real main thread.
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from manatee_grpc.mms._wire import (
 from manatee_grpc.sim import main
 
 STARTUP_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 30.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 @pytest.fixture
@@ -54,6 +57,32 @@ def _wait_for_line(process: subprocess.Popen[str], fragment: str) -> str:
     raise AssertionError(f"{fragment!r} not logged; stderr so far: {''.join(seen)}")
 
 
+def _exit_code(process: subprocess.Popen[str]) -> int:
+    """The process's exit code; if it does not exit in time, fail with its threads' stacks."""
+    try:
+        return process.wait(timeout=EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
+        process.wait(timeout=EXIT_TIMEOUT_S)
+        assert process.stderr is not None
+        raise AssertionError(
+            f"the simulator did not exit within {EXIT_TIMEOUT_S} s of SIGTERM; its stderr since "
+            f"it started listening:\n{process.stderr.read()[-8000:]}"
+        ) from None
+
+
+def _signals_blocked_per_thread(pid: int) -> dict[int, set[int]]:
+    """Each of the process's threads (by tid) and the signals it blocks (Linux /proc)."""
+    blocked = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        mask = int(
+            next(ln for ln in status.splitlines() if ln.startswith("SigBlk:")).split()[1], 16
+        )
+        blocked[int(task.name)] = {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+    return blocked
+
+
 def test_cli_serves_the_scenario_and_stops_on_sigterm(socket_dir: Path) -> None:
     path = socket_dir / "mms.sock"
     scenario = socket_dir / "scenario.toml"
@@ -65,6 +94,8 @@ def test_cli_serves_the_scenario_and_stops_on_sigterm(socket_dir: Path) -> None:
         ],
         stderr=subprocess.PIPE,
         text=True,
+        # faulthandler: a simulator that does not exit is sent SIGABRT and prints its threads.
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     try:
         line = _wait_for_line(process, "listening on")
@@ -80,8 +111,23 @@ def test_cli_serves_the_scenario_and_stops_on_sigterm(socket_dir: Path) -> None:
         assert response.all_stats[0].stats.total_memory == 4 * 1024**3 - 32 * 1024**2
         sock.close()
 
+        # The kernel hands a process signal to any thread that does not block it; one that
+        # reached the serving thread used to go unheard by the main thread (the simulator then
+        # never stopped). Only the main thread, waiting in sigwait() (which unblocks what it
+        # waits for), may take the stop signals.
+        # Polled: the main thread may not have reached sigwait() yet on a busy machine.
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            blocked = _signals_blocked_per_thread(process.pid)
+            takers = {tid for tid, signals in blocked.items() if not signals >= STOP_SIGNALS}
+            if (len(blocked) >= 2 and takers == {process.pid}) or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        assert len(blocked) >= 2, blocked  # the main thread and the serving thread
+        assert takers == {process.pid}, f"threads that can take SIGINT or SIGTERM: {blocked}"
+
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        assert _exit_code(process) == 0
         assert not path.exists()
     finally:
         if process.poll() is None:
