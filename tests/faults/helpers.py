@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from api.helpers import error_info, health_status, retry_delay_s, wait_until
+from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
@@ -216,6 +217,22 @@ def session_number(session_id: str) -> int:
     """The connection's number inside an opaque session id (tests know the server's format;
     callers must not: they compare ids for equality only)."""
     return int(session_id.rsplit("-", 1)[1]) if session_id else 0
+
+
+def watch_snapshots(stub: pb_grpc.MemoryServiceStub, count: int) -> list[pb.BalloonStatsSnapshot]:
+    """The first ``count`` messages of a 100 ms watch of every VM, each asserted a snapshot."""
+    interval = duration_pb2.Duration(nanos=100_000_000)
+    call = stub.WatchBalloonStats(pb.WatchBalloonStatsRequest(interval=interval), timeout=60.0)
+    snapshots = []
+    try:
+        for message in call:
+            assert message.WhichOneof("event") == "snapshot", message
+            snapshots.append(message.snapshot)
+            if len(snapshots) == count:
+                break
+    finally:
+        call.cancel()
+    return snapshots
 
 
 def listed_vm_ids(stub: pb_grpc.MemoryServiceStub) -> list[int]:

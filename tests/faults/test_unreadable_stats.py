@@ -19,7 +19,6 @@ import grpc
 import pytest
 from api.conftest import start_server
 from api.helpers import health_status
-from google.protobuf import duration_pb2
 from metrics.conftest import scrape_until
 from peers import RawBody, ScriptedMms, canned_response
 
@@ -37,7 +36,14 @@ from manatee_grpc.mms._messages import (
     VmBalloonStats,
 )
 
-from .helpers import CALL_TIMEOUT_S, SERVICE_NAME, SERVING, VM_INIT_BYTES, VM_MEM_BYTES
+from .helpers import (
+    CALL_TIMEOUT_S,
+    SERVICE_NAME,
+    SERVING,
+    VM_INIT_BYTES,
+    VM_MEM_BYTES,
+    watch_snapshots,
+)
 
 WRAPPED_CROS_BALLOON = 2**64 - 32 * MIB  # 18446744073675997184, as real mms reports it
 SIBLING_BALLOON_BYTES = 256 * MIB
@@ -165,20 +171,7 @@ def test_a_wrapped_cros_balloon_leaves_vm_0_unreadable_and_serves_the_others(
 
 def test_a_watch_goes_on_with_vm_0_unreadable(wrapped: Device) -> None:
     session = wrapped.session()
-    interval = duration_pb2.Duration(nanos=100_000_000)
-    call = wrapped.stub.WatchBalloonStats(
-        pb.WatchBalloonStatsRequest(interval=interval), timeout=60.0
-    )
-    try:
-        snapshots = []
-        for message in call:
-            assert message.WhichOneof("event") == "snapshot", message
-            snapshots.append(message.snapshot)
-            if len(snapshots) == 3:
-                break
-    finally:
-        call.cancel()
-    for snapshot in snapshots:
+    for snapshot in watch_snapshots(wrapped.stub, 3):
         assert [entry.vm_id for entry in snapshot.stats] == [wrapped.vm_id]
         assert list(snapshot.missing_vm_ids) == [0]
         assert [(u.vm_id, u.reason) for u in snapshot.unreadable_vms] == [

@@ -17,7 +17,6 @@ import grpc
 import pytest
 from api.conftest import start_server
 from api.helpers import health_status
-from google.protobuf import duration_pb2
 from metrics.conftest import scrape_until
 
 from manatee_grpc import ManateeServer
@@ -26,7 +25,7 @@ from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc.mms._memory_math import MIB, extra_bytes
 from manatee_grpc.sim import Simulator
 
-from .helpers import CALL_TIMEOUT_S, SERVICE_NAME, SERVING, start_vm
+from .helpers import CALL_TIMEOUT_S, SERVICE_NAME, SERVING, start_vm, watch_snapshots
 from .wrapped_cros import (
     ALLOCATION_BYTES,
     ISSUE_DEVICE,
@@ -136,20 +135,7 @@ def test_the_simulators_wrapped_cros_balloon_through_grpc(device: Device) -> Non
 
 
 def test_a_watch_on_the_simulators_wrapped_cros_balloon(device: Device) -> None:
-    interval = duration_pb2.Duration(nanos=100_000_000)
-    call = device.stub.WatchBalloonStats(
-        pb.WatchBalloonStatsRequest(interval=interval), timeout=60.0
-    )
-    try:
-        snapshots = []
-        for message in call:
-            assert message.WhichOneof("event") == "snapshot", message
-            snapshots.append(message.snapshot)
-            if len(snapshots) == 3:
-                break
-    finally:
-        call.cancel()
-    for snapshot in snapshots:
+    for snapshot in watch_snapshots(device.stub, 3):
         assert [entry.vm_id for entry in snapshot.stats] == [device.sibling_id]
         assert list(snapshot.missing_vm_ids) == [0]
         assert [(u.vm_id, u.reason, u.mms_value) for u in snapshot.unreadable_vms] == [
