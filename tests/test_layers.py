@@ -46,8 +46,17 @@ def test_importing_the_client_loads_no_server_simulator_domain_or_metrics_module
     assert _heavy(modules) == []
 
 
+def test_importing_the_asyncio_client_loads_no_server_simulator_domain_or_metrics_module() -> None:
+    modules = _modules_after("import manatee_grpc.aio")
+    assert "manatee_grpc.aio" in modules
+    assert _heavy(modules) == []
+
+
 def test_the_client_from_the_package_root_stays_light_too() -> None:
     modules = _modules_after("from manatee_grpc import Client, ManateeRpcError")
+    assert _heavy(modules) == []
+    modules = _modules_after("from manatee_grpc import aio; aio.Client")
+    assert "manatee_grpc.aio" in modules
     assert _heavy(modules) == []
 
 
@@ -60,6 +69,7 @@ def test_every_public_name_resolves() -> None:
         "SERVICE_NAME",
         "ServerConfig",
         "__version__",
+        "aio",
         "create_server",
         "memory_service_pb2",
         "memory_service_pb2_grpc",
@@ -68,6 +78,7 @@ def test_every_public_name_resolves() -> None:
         assert getattr(manatee_grpc, name) is not None
     assert manatee_grpc.SERVICE_NAME == "manatee.memory.v1.MemoryService"
     assert manatee_grpc.memory_service_pb2.DESCRIPTOR.package == "manatee.memory.v1"
+    assert manatee_grpc.aio.Client is not manatee_grpc.Client
 
 
 @pytest.mark.parametrize("layer", ["mms", "core", "server", "cli", "sim"])

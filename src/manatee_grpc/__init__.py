@@ -1,12 +1,13 @@
 """manatee-grpc: a gRPC front for the ManaTEE memory service (mms).
 
 The public surface is what ``__all__`` lists: the generated API messages and stubs, the server
-factory and its config, and the typed ``Client`` with its errors. They are imported on first
-use, so ``import manatee_grpc.client`` loads neither the server, nor the simulator, nor
+factory and its config, the typed ``Client`` with its errors, and ``aio`` (the same client for
+asyncio, ``manatee_grpc.aio.Client``). They are imported on first use, so ``import
+manatee_grpc.client`` (or ``manatee_grpc.aio``) loads neither the server, nor the simulator, nor
 prometheus. The layers are folders: ``mms/`` (the protocol and the one connection), ``core/``
-(the domain), ``server/`` (the gRPC surface), ``client`` (grpc and the generated code only),
-``cli/`` (the operator command), ``sim/`` (the mms simulator); each ``__init__`` says what it
-may import, and the import-linter contract in pyproject.toml checks it.
+(the domain), ``server/`` (the gRPC surface), ``client`` and ``aio`` (grpc and the generated
+code only), ``cli/`` (the operator command), ``sim/`` (the mms simulator); each ``__init__``
+says what it may import, and the import-linter contract in pyproject.toml checks it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from manatee_grpc import aio as aio
     from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as memory_service_pb2
     from manatee_grpc._proto.manatee.memory.v1 import (
         memory_service_pb2_grpc as memory_service_pb2_grpc,
@@ -48,6 +50,7 @@ _EXPORTS: dict[str, str] = {
     "FieldViolation": "manatee_grpc.client",
     "ManateeRpcError": "manatee_grpc.client",
     "ManateeServer": "manatee_grpc.server",
+    "aio": "manatee_grpc.aio",
     "SERVICE_NAME": "manatee_grpc.server",
     "ServerConfig": "manatee_grpc.server",
     "create_server": "manatee_grpc.server",
@@ -63,6 +66,7 @@ __all__ = [
     "ManateeServer",
     "ServerConfig",
     "__version__",
+    "aio",
     "create_server",
     "memory_service_pb2",
     "memory_service_pb2_grpc",
@@ -78,6 +82,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if module == _PROTO:
         value: Any = importlib.import_module(f"{module}.{name}")
+    elif module == f"{__name__}.{name}":  # a public submodule (aio)
+        value = importlib.import_module(module)
     else:
         value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -3,6 +3,8 @@
 One method per RPC, returning the generated messages; every failure is a ``ManateeRpcError``
 with the google.rpc details (ErrorInfo, BadRequest, RetryInfo) already unpacked.
 ``launch_vm`` runs the LaunchVm stream with callbacks, the way concierge's LaunchVm did.
+``manatee_grpc.aio.Client`` is the same client for asyncio: both build their requests, decode
+their errors and run LaunchVm through ``manatee_grpc._client_common``.
 
 VM ids repeat across mms sessions, so every answer that gives VM ids says their ``session``,
 and every method that names a VM takes the ``session`` the id came from: the server refuses
@@ -17,118 +19,35 @@ caller gave up on (under the server's lease) so that the retry finds it.
 from __future__ import annotations
 
 import queue
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
 from types import TracebackType
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
 
+from manatee_grpc import _client_common as common
+from manatee_grpc._client_common import (
+    DEFAULT_LAUNCH_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_WATCH_INTERVAL_S,
+    SERVICE_NAME,
+    FieldViolation,
+    ManateeRpcError,
+    new_request_id,
+    translated,
+)
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "FieldViolation", "ManateeRpcError"]
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
-
-_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-
-
-@dataclass(frozen=True)
-class FieldViolation:
-    """One bad field of an INVALID_ARGUMENT request (google.rpc.BadRequest.FieldViolation)."""
-
-    field: str
-    description: str
-
-
-class ManateeRpcError(Exception):
-    """A failed call: the gRPC status code plus the server's google.rpc error details.
-
-    ``reason`` and ``metadata`` come from ErrorInfo ("" and {} when the status has none, e.g. a
-    client-side DEADLINE_EXCEEDED); ``field_violations`` from BadRequest; ``retry_delay_s``
-    from RetryInfo (None when retrying will not help).
-    """
-
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        message: str,
-        *,
-        reason: str = "",
-        domain: str = "",
-        metadata: Mapping[str, str] | None = None,
-        field_violations: Iterable[FieldViolation] = (),
-        retry_delay_s: float | None = None,
-    ) -> None:
-        super().__init__(f"{code.name}{f' ({reason})' if reason else ''}: {message}")
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.domain = domain
-        self.metadata: dict[str, str] = dict(metadata or {})
-        self.field_violations: tuple[FieldViolation, ...] = tuple(field_violations)
-        self.retry_delay_s = retry_delay_s
-        # The request id the failed call carried (RebalanceMemory, PrepareVm): retry with it.
-        self.request_id: str | None = None
-
-    @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> ManateeRpcError:
-        """Unpack a failed call; the one place that reads gRPC errors."""
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        message = (error.details() if isinstance(error, grpc.Call) else str(error)) or ""
-        details: list[any_pb2.Any] = []
-        if isinstance(error, grpc.Call):
-            try:
-                status = rpc_status.from_call(error)
-            except ValueError:  # a status whose code or message disagrees with the call's
-                status = None
-            if status is not None:
-                details = list(status.details)
-        info = error_details_pb2.ErrorInfo()
-        violations: list[FieldViolation] = []
-        retry_delay_s: float | None = None
-        for detail in details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                detail.Unpack(info)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
-        return cls(
-            code,
-            message,
-            reason=str(info.reason),
-            domain=str(info.domain),
-            metadata={str(k): str(v) for k, v in info.metadata.items()},
-            field_violations=violations,
-            retry_delay_s=retry_delay_s,
-        )
-
-
-@contextmanager
-def _translated(request_id: str | None = None) -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as error:
-        translated = ManateeRpcError.from_rpc_error(error)
-        translated.request_id = request_id or None
-        raise translated from error
-
-
-# A launch waits for the launches queued ahead of it, up to 5 reservation attempts (5 s of
-# back-off) and the caller's own crosvm start: minutes at most. A launch must never hang for
-# ever on a server or network that went quiet, so it has a deadline unless the caller opts out.
-DEFAULT_LAUNCH_TIMEOUT_S = 300.0
+__all__ = [
+    "DEFAULT_LAUNCH_TIMEOUT_S",
+    "DEFAULT_TIMEOUT_S",
+    "SERVICE_NAME",
+    "Client",
+    "FieldViolation",
+    "ManateeRpcError",
+    "new_request_id",
+]
 
 
 class Client:
@@ -143,23 +62,20 @@ class Client:
         self,
         target: str,
         *,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self._owns_channel = channel is None
-        if channel is None:
-            channel = (
-                grpc.insecure_channel(target)
-                if credentials is None
-                else grpc.secure_channel(target, credentials)
-            )
-        self._channel = channel
+        self._channel = (
+            common.open_channel(target, credentials, aio=False) if channel is None else channel
+        )
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
 
     def close(self) -> None:
+        """Close the channel (unless it was passed in): calls still running are cancelled."""
         if self._owns_channel:
             self._channel.close()
 
@@ -180,8 +96,8 @@ class Client:
         self, vm_ids: Iterable[int] = (), *, session: str = ""
     ) -> pb.GetBalloonStatsResponse:
         """``session``: where ``vm_ids`` came from ("" = the current session)."""
-        request = pb.GetBalloonStatsRequest(vm_ids=list(vm_ids), session=session)
-        with _translated():
+        request = common.stats_request(vm_ids, session)
+        with translated():
             return self._stub.GetBalloonStats(request, timeout=self.timeout_s)
 
     def rebalance_memory(
@@ -192,12 +108,8 @@ class Client:
         ``session``: where the ids came from ("" = current). ``request_id``: a new UUID unless
         given; give the one of a call whose outcome you missed to retry it safely.
         """
-        request = pb.RebalanceMemoryRequest(
-            deltas=[pb.BalloonDelta(vm_id=vm, delta_bytes=delta) for vm, delta in deltas.items()],
-            session=session,
-            request_id=request_id or new_request_id(),
-        )
-        with _translated(request.request_id):
+        request = common.rebalance_request(deltas, session, request_id)
+        with translated(request.request_id):
             return self._stub.RebalanceMemory(request, timeout=self.timeout_s)
 
     def prepare_vm(
@@ -213,61 +125,53 @@ class Client:
         reservation it made outlives the call if you give up on it (the server's lease bounds
         it); without one, the server removes what a call it could not answer reserved.
         """
-        request = pb.PrepareVmRequest(mem_size_bytes=mem_size_bytes, request_id=request_id or "")
-        if init_mem_size_bytes is not None:
-            request.init_mem_size_bytes = init_mem_size_bytes
-        with _translated(request_id):
+        request = common.prepare_request(mem_size_bytes, init_mem_size_bytes, request_id)
+        with translated(request_id):
             return self._stub.PrepareVm(request, timeout=self.timeout_s)
 
     def finish_add_vm(self, vm_id: int, *, session: str = "") -> pb.FinishAddVmResponse:
-        request = pb.FinishAddVmRequest(vm_id=vm_id, session=session)
-        with _translated():
+        request = common.finish_request(vm_id, session)
+        with translated():
             return self._stub.FinishAddVm(request, timeout=self.timeout_s)
 
     def remove_vm(self, vm_id: int, *, session: str = "") -> pb.RemoveVmResponse:
         """Remove ``vm_id`` of ``session`` ("" = whatever VM has that id now)."""
-        request = pb.RemoveVmRequest(vm_id=vm_id, session=session)
-        with _translated():
+        request = common.remove_request(vm_id, session)
+        with translated():
             return self._stub.RemoveVm(request, timeout=self.timeout_s)
 
     def list_vms(self) -> pb.ListVmsResponse:
-        with _translated():
-            return self._stub.ListVms(pb.ListVmsRequest(), timeout=self.timeout_s)
+        with translated():
+            return self._stub.ListVms(common.list_request(), timeout=self.timeout_s)
 
     def health(self, service: str = SERVICE_NAME) -> str:
         """grpc.health.v1 status of ``service`` ("" for the whole server), e.g. ``"SERVING"``."""
-        # The typeshed HealthStub declares no methods, so call the method by name.
-        check = self._channel.unary_unary(
-            _HEALTH_CHECK,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        with _translated():
+        check = self._channel.unary_unary(common.HEALTH_CHECK_METHOD, **common.HEALTH_CHECK_CODECS)
+        with translated():
             response: health_pb2.HealthCheckResponse = check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s
+                common.health_request(service), timeout=self.timeout_s
             )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return common.health_status(response)
 
     # --- streams ---------------------------------------------------------------------------------
 
     def watch_balloon_stats(
-        self, vm_ids: Iterable[int] = (), interval_s: float = 1.0, *, session: str = ""
+        self,
+        vm_ids: Iterable[int] = (),
+        interval_s: float = DEFAULT_WATCH_INTERVAL_S,
+        *,
+        session: str = "",
     ) -> Iterator[pb.WatchBalloonStatsResponse]:
         """Snapshots, session resets and mms outages until the iterator is closed (which
         cancels the call)."""
-        interval = duration_pb2.Duration()
-        interval.FromNanoseconds(round(interval_s * 1e9))
-        request = pb.WatchBalloonStatsRequest(
-            vm_ids=list(vm_ids), interval=interval, session=session
-        )
-        return self._watch(request)
+        return self._watch(common.watch_request(vm_ids, interval_s, session))
 
     def _watch(
         self, request: pb.WatchBalloonStatsRequest
     ) -> Iterator[pb.WatchBalloonStatsResponse]:
         call = self._stub.WatchBalloonStats(request)
         try:
-            with _translated():
+            with translated():
                 yield from call
         finally:
             call.cancel()
@@ -291,58 +195,34 @@ class Client:
         deadline). If a callback raises, the call is cancelled (the server releases the
         reservation) and the exception propagates.
         """
-        start = pb.LaunchVmRequest.Start(mem_size_bytes=mem_size_bytes)
-        if init_mem_size_bytes is not None:
-            start.init_mem_size_bytes = init_mem_size_bytes
+        exchange = common.LaunchExchange(mem_size_bytes, init_mem_size_bytes)
         outbox: queue.Queue[pb.LaunchVmRequest | None] = queue.Queue()
-        outbox.put(pb.LaunchVmRequest(start=start))
+        outbox.put(exchange.first_request)
 
         def requests() -> Iterator[pb.LaunchVmRequest]:
-            # Answers are sent only after the server asked for them; None half-closes the stream.
+            # None half-closes the stream.
             while (request := outbox.get()) is not None:
                 yield request
 
         call = self._stub.LaunchVm(requests(), timeout=timeout_s)
-        launched: pb.VmInfo | None = None
         finished = False
         try:
-            with _translated():
-                # Read to the end even after `launched`, so the call ends with the server's OK.
+            with translated():
                 for response in call:
-                    event = response.WhichOneof("event")
-                    if event == "progress" and on_progress is not None:
-                        on_progress(response.progress.attempt, response.progress.shortfall_bytes)
-                    elif event == "reserved":
-                        outbox.put(_answer_reserved(response.reserved, start_vm))
-                    elif event == "stop_vm":
-                        stop_vm(response.stop_vm.vm_id)
-                        outbox.put(pb.LaunchVmRequest(vm_stopped=pb.LaunchVmRequest.VmStopped()))
-                    elif event == "launched":
-                        launched = response.launched.vm
+                    step = exchange.on_response(response)
+                    if isinstance(step, common.Progress):
+                        if on_progress is not None:
+                            on_progress(step.attempt, step.shortfall_bytes)
+                    elif isinstance(step, common.StartVm):
+                        started = start_vm(step.vm_id, step.balloon_control_path)
+                        outbox.put(exchange.started(step, started))
+                    elif isinstance(step, common.StopVm):
+                        stop_vm(step.vm_id)
+                        outbox.put(exchange.stopped())
             finished = True
         finally:
             outbox.put(None)
             if not finished:
                 # A callback raised (or we were interrupted): cancelling releases the launch.
                 call.cancel()
-        if launched is None:
-            raise ManateeRpcError(
-                grpc.StatusCode.INTERNAL, "the LaunchVm stream ended without `launched`"
-            )
-        return launched
-
-
-def new_request_id() -> str:
-    """A fresh AIP-155 request id."""
-    return str(uuid.uuid4())
-
-
-def _answer_reserved(
-    reserved: pb.LaunchVmResponse.Reserved, start_vm: Callable[[int, str], bool]
-) -> pb.LaunchVmRequest:
-    if start_vm(reserved.vm_id, reserved.balloon_control_path):
-        return pb.LaunchVmRequest(vm_started=pb.LaunchVmRequest.VmStarted())
-    failed = pb.LaunchVmRequest.VmStartFailed(
-        reason=f"start_vm could not start VM {reserved.vm_id}"
-    )
-    return pb.LaunchVmRequest(vm_start_failed=failed)
+        return exchange.result()
