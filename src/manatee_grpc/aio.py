@@ -20,7 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TypeVar
@@ -161,15 +169,15 @@ class Client:
         interval_s: float = DEFAULT_WATCH_INTERVAL_S,
         *,
         session: str = "",
-    ) -> AsyncIterator[pb.WatchBalloonStatsResponse]:
-        """Snapshots, session resets and mms outages, as an async iterator, until it is closed
-        (``await it.aclose()``, or leave an ``async with contextlib.aclosing(...)``), which
-        cancels the call."""
+    ) -> AsyncGenerator[pb.WatchBalloonStatsResponse, None]:
+        """Snapshots, session resets and mms outages, as an async generator, until it is closed
+        (``await it.aclose()``, or leave an ``async with contextlib.aclosing(...)``: either
+        cancels the call) or the client is."""
         return self._watch(common.watch_request(vm_ids, interval_s, session))
 
     async def _watch(
         self, request: pb.WatchBalloonStatsRequest
-    ) -> AsyncIterator[pb.WatchBalloonStatsResponse]:
+    ) -> AsyncGenerator[pb.WatchBalloonStatsResponse, None]:
         call = self._stub.WatchBalloonStats(request)
         try:
             with _translated():

@@ -19,7 +19,7 @@ caller gave up on (under the server's lease) so that the retry finds it.
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
 
 import grpc
@@ -161,14 +161,14 @@ class Client:
         interval_s: float = DEFAULT_WATCH_INTERVAL_S,
         *,
         session: str = "",
-    ) -> Iterator[pb.WatchBalloonStatsResponse]:
-        """Snapshots, session resets and mms outages until the iterator is closed (which
-        cancels the call)."""
+    ) -> Generator[pb.WatchBalloonStatsResponse, None, None]:
+        """Snapshots, session resets and mms outages until the generator is closed
+        (``close()``, which cancels the call) or the client is."""
         return self._watch(common.watch_request(vm_ids, interval_s, session))
 
     def _watch(
         self, request: pb.WatchBalloonStatsRequest
-    ) -> Iterator[pb.WatchBalloonStatsResponse]:
+    ) -> Generator[pb.WatchBalloonStatsResponse, None, None]:
         call = self._stub.WatchBalloonStats(request)
         try:
             with translated():
