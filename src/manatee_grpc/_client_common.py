@@ -128,9 +128,9 @@ def translated(request_id: str | None = None) -> Iterator[None]:
     try:
         yield
     except grpc.RpcError as error:
-        translated = ManateeRpcError.from_rpc_error(error)
-        translated.request_id = request_id or None
-        raise translated from error
+        failure = ManateeRpcError.from_rpc_error(error)
+        failure.request_id = request_id or None
+        raise failure from error
 
 
 def new_request_id() -> str:
