@@ -77,7 +77,9 @@ def test_stats_follow_the_demand_and_the_balloon() -> None:
 
 
 def test_a_demand_above_the_memory_left_reads_as_nothing_available_and_stops_inflates() -> None:
-    scenario = Scenario(vm_demand={1: DemandCurve.of((0, 200 * MIB), (1, 200 * MIB), (1, 1200 * MIB))})
+    scenario = Scenario(
+        vm_demand={1: DemandCurve.of((0, 200 * MIB), (1, 200 * MIB), (1, 1200 * MIB))}
+    )
     model = _started_model(scenario)
     model.set_workload_time(1)
     memory = model.guest_memory(1)

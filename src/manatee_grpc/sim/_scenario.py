@@ -7,8 +7,8 @@ A workload gives VMs a demand curve (DemandCurve: memory in use over workload ti
 
 from __future__ import annotations
 
-import json
 import bisect
+import json
 import math
 import os
 import random
