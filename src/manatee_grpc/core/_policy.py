@@ -263,7 +263,6 @@ def plan_moves(vms: Sequence[VmInput], settings: PolicySettings) -> tuple[dict[i
     mean_above = sum(vm.above_critical_bytes for vm in vms) / len(vms)
     takes: dict[int, int] = {}
     gives: dict[int, int] = {}
-    significant = urgent = False
     for vm in vms:
         want = vm.above_critical_bytes - mean_above  # > 0: it has more than its share
         if want > 0:
@@ -272,32 +271,39 @@ def plan_moves(vms: Sequence[VmInput], settings: PolicySettings) -> tuple[dict[i
                 max(0, vm.total_bytes - vm.floor_bytes),
                 vm.available_bytes,
             )
-            amount = int(min(want, limit))
-            if amount:
+            if (amount := int(min(want, limit))) > 0:
                 takes[vm.vm_id] = amount
         else:
             limit = vm.balloon_bytes
             if vm.ceiling_bytes is not None:
                 limit = min(limit, max(0, vm.ceiling_bytes - vm.total_bytes))
-            amount = int(min(-want, limit))
-            if amount:
+            if (amount := int(min(-want, limit))) > 0:
                 gives[vm.vm_id] = amount
-                urgent = urgent or vm.above_critical_bytes < settings.critical_proximity_bytes
-        moved = takes.get(vm.vm_id, 0) + gives.get(vm.vm_id, 0)
-        threshold = max(settings.min_move_bytes, vm.total_bytes * settings.hysteresis_percent / 100)
-        significant = significant or moved > threshold
     total_pages = min(sum(takes.values()), sum(gives.values()), settings.max_step_bytes)
     total_pages //= PAGE_SIZE_BYTES
     if total_pages == 0:
         return {}, "balanced: nothing can move within the margins, floors and ceilings"
-    if not (significant or urgent):
-        return {}, "within hysteresis: no move is large enough and no VM is near its margin"
-    deltas = {vm_id: pages for vm_id, pages in _share(takes, total_pages).items() if pages}
+    deltas = {vm_id: pages * PAGE_SIZE_BYTES for vm_id, pages in _share(takes, total_pages).items()}
     for vm_id, pages in _share(gives, total_pages).items():
-        if pages:
-            deltas[vm_id] = -pages
-    reason = "a VM is at or near its critical margin" if urgent else "imbalance above hysteresis"
-    return {vm_id: pages * PAGE_SIZE_BYTES for vm_id, pages in deltas.items()}, reason
+        deltas[vm_id] = -pages * PAGE_SIZE_BYTES
+    deltas = {vm_id: delta for vm_id, delta in deltas.items() if delta}
+    # Hysteresis on what would really move: some VM's move is large enough for it, or a VM that
+    # receives memory is at (or near, or under) its critical margin.
+    by_id = {vm.vm_id: vm for vm in vms}
+    urgent = any(
+        delta < 0 and by_id[vm_id].above_critical_bytes < settings.critical_proximity_bytes
+        for vm_id, delta in deltas.items()
+    )
+    significant = any(
+        abs(delta)
+        > max(settings.min_move_bytes, by_id[vm_id].total_bytes * settings.hysteresis_percent / 100)
+        for vm_id, delta in deltas.items()
+    )
+    if urgent:
+        return deltas, "a VM is at or near its critical margin"
+    if significant:
+        return deltas, "imbalance above hysteresis"
+    return {}, "within hysteresis: no move is large enough and no VM is near its margin"
 
 
 def _share(amounts: Mapping[int, int], total_pages: int) -> dict[int, int]:
