@@ -337,3 +337,20 @@ def test_the_runner_backs_off_a_vm_whose_balloon_did_not_move() -> None:
     assert first.acted and first.fully_applied is False
     assert 2 in second.left_out and "did not move" in second.left_out[2]
     assert all(2 not in sent for sent in bridge.rebalances[1:])
+
+
+def test_the_readme_example_and_table_name_every_setting() -> None:
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Balancing memory: the policy") :]
+    example = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert example is not None
+    settings = PolicySettings.from_mapping(tomllib.loads(example.group(1)))
+    assert settings.limits_for(3).ceiling_bytes == 1536 * MIB
+    documented = set(re.findall(r"^\| `(\w+)`", section, re.M))
+    expected = {
+        f for f in PolicySettings.__dataclass_fields__ if f not in ("cros", "siblings", "vms")
+    }
+    assert documented == expected

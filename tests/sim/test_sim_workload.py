@@ -125,3 +125,15 @@ def test_the_simulator_runs_the_workload_on_its_clock_scaled() -> None:
     clock.advance(5)  # 5 s of clock are 300 s of workload: half-way up the ramp
     assert simulator.with_model(lambda model: model.workload_time_s) == 300
     assert simulator.with_model(lambda model: model.cros_used_bytes) == 2 * GIB
+
+
+def test_the_readme_workload_example_reads() -> None:
+    import re
+    import tomllib
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```toml\n(workload_time_scale.*?)```", readme, re.S)
+    assert block is not None
+    scenario = Scenario.from_mapping(tomllib.loads(block.group(1)))
+    assert scenario.vm_demand[2].used_bytes_at(35) == 1200 * MIB
+    assert scenario.vm_demand[0].used_bytes_at(165) == 2816 * MIB
