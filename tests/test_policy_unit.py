@@ -183,8 +183,8 @@ def test_settings_read_from_a_file(tmp_path: Path) -> None:
     path.write_text(
         'period_s = 2\nmax_step_bytes = "128MiB"\nadapt_critical = false\n'
         '[cros]\ncritical_bytes = "1GiB"\nfloor_bytes = "3GiB"\n'
-        '[siblings]\ncritical_bytes = "64MiB"\n'
         '[vm.2]\nceiling_bytes = "1.5GiB"\n'
+        '[siblings]\ncritical_bytes = "64MiB"\n'
     )
     settings = PolicySettings.from_file(path)
     assert settings.period_s == 2.0
@@ -323,6 +323,22 @@ def test_nothing_moves_while_a_start_is_pending_or_mms_is_not_usable(
     assert not decision.acted and reason in decision.reason
     assert bridge.rebalances == []
     assert decisions == [decision]
+
+
+def test_a_rebalance_refused_before_mms_is_recorded_as_not_sent() -> None:
+    from manatee_grpc.core._errors import VmNotRunningError
+
+    bridge = _FakeBridge(list(SKEWED))
+
+    async def refuse(*args: object, **kwargs: object) -> RebalanceResult:
+        raise VmNotRunningError("VM 2 is starting", reached_mms=False)
+
+    bridge.rebalance = refuse  # type: ignore[method-assign]
+    runner = _runner(bridge, [])
+    decision = asyncio.run(runner.tick())
+    assert not decision.acted and decision.error == "VM 2 is starting"
+    assert decision.planned, "the plan is recorded with the refusal"
+    assert runner.state()["rebalances_sent"] == 0
 
 
 def test_the_runner_backs_off_a_vm_whose_balloon_did_not_move() -> None:

@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from api.conftest import start_server
+from api.helpers import wait_until
 from manatee_grpc import ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
@@ -168,3 +169,23 @@ def test_nothing_moves_while_a_start_is_pending(rising: Rig) -> None:
     assert decision.acted, decision.reason
     assert decision.planned[1] < 0
     assert rising.rebalances() == 1
+
+
+def test_the_policy_runs_by_itself_every_period_and_is_off_by_default(tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text("period_s = 0.05\n")
+    server = start_server(policy="balance-available", policy_config_path=str(config))
+    try:
+        assert server.policy is not None
+        policy = server.policy
+        wait_until(lambda: len(policy.recent()) >= 3, "three decisions taken by the loop task")
+        assert policy.state()["decisions"] >= 3
+    finally:
+        server.stop(grace_s=1.0)
+    plain = start_server()
+    try:
+        assert plain.policy is None
+        with pytest.raises(RuntimeError, match="no policy"):
+            plain.run_policy_tick()
+    finally:
+        plain.stop(grace_s=1.0)

@@ -133,7 +133,8 @@ class PolicySettings:
             )
         defaults = cls()
         kwargs: dict[str, Any] = {}
-        for key, raw in data.items():
+        # [vm.ID] tables start from the [siblings] values, wherever they are in the file.
+        for key, raw in sorted(data.items(), key=lambda item: item[0] == "vm"):
             where = f"{source}: {key}"
             if key in ("cros", "siblings"):
                 kwargs[key] = _limits(raw, getattr(defaults, key), where)
