@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: install run test unit lint proto proto-check bench soak clean
+.PHONY: install run test unit lint proto proto-check bench demo soak clean
 
 install: $(STAMP)
 
@@ -38,8 +38,13 @@ lint: install
 proto: install
 	$(PY) tools/gen_proto.py
 
-bench: install
+## The load benchmark, then the policy demo.
+bench: install demo
 	$(PY) -m bench
+
+## The balancing policy against a fixed split and no balancing: a table, and docs/policy.png.
+demo: install
+	$(PY) -m bench.policy
 
 soak: install
 	$(PY) -m pytest -q -m soak tests

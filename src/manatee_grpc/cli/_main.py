@@ -138,6 +138,18 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.launch_stop_timeout_s,
         help="seconds a LaunchVm client may take to stop its VM when asked (default %(default)s)",
     )
+    parser.add_argument(
+        "--policy",
+        choices=("balance-available",),
+        default=None,
+        help="balance memory between the VMs automatically (default off; see README, Policy)",
+    )
+    parser.add_argument(
+        "--policy-config",
+        default=None,
+        metavar="TOML",
+        help="the policy's settings file (period, margins, floors, ceilings, step cap, ...)",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -192,6 +204,8 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
             f"--launch-attempt-delays {args.launch_attempt_delays!r}: expected seconds, "
             "comma-separated"
         ) from None
+    if args.policy_config is not None and args.policy is None:
+        raise _UsageError("--policy-config needs --policy balance-available")
     return ServerConfig(
         listen=args.listen,
         socket_mode=args.socket_mode,
@@ -218,10 +232,13 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         mms_backoff_max_s=args.mms_backoff_max,
         mms_hang_reset=args.mms_hang_reset,
         launch_stop_timeout_s=args.launch_stop_timeout,
+        policy=args.policy,
+        policy_config_path=args.policy_config,
     )
 
 
 def serve(args: argparse.Namespace) -> int:
+    from manatee_grpc.core._policy import PolicyConfigError
     from manatee_grpc.mms._transport import AddressError
     from manatee_grpc.server._listen import ListenError
     from manatee_grpc.server._server import ManateeServer
@@ -267,7 +284,14 @@ def serve(args: argparse.Namespace) -> int:
             starting = ManateeServer(_config_from(args))
             starting.start()
             server = starting
-        except (_UsageError, AddressError, ScenarioError, ListenError, OSError) as error:
+        except (
+            _UsageError,
+            AddressError,
+            ScenarioError,
+            ListenError,
+            PolicyConfigError,
+            OSError,
+        ) as error:
             # A bad flag or an address we cannot use: say which, no traceback.
             print(f"manatee-grpc: error: {error}", file=sys.stderr)
             return 2

@@ -3,7 +3,8 @@
 The books of what mms holds this session (``_books``), the one pending start (``_starts``),
 coalesced stats reads (``_stats``), watches (``_watch``), launches (``_launch``), operations in
 domain terms (``_bridge``), input validation (``_validation``), request ids
-(``_request_ids``), the loop hand-off helpers (``_aio``) and the error map (``_errors``).
+(``_request_ids``), the balancing policy (``_policy``), the loop hand-off helpers (``_aio``) and
+the error map (``_errors``).
 
 May import: the mms layer and the standard library; no grpc, no protobuf, no prometheus (the
 contract in pyproject.toml checks it). Errors name their gRPC code as text; ``server`` maps them.

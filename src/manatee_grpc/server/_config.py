@@ -61,3 +61,7 @@ class ServerConfig:
     # Reset the stream when mms is silent past the watchdog even if VMs are at stake (mms then
     # drops them all). Off: a hung mms only turns health NOT_SERVING until it answers.
     mms_hang_reset: bool = False
+    # The memory balancing policy ("balance-available"), off when None, and its settings file
+    # (TOML; PolicySettings in core/_policy.py lists the keys; defaults without a file).
+    policy: str | None = None
+    policy_config_path: str | None = None

@@ -7,8 +7,9 @@ health, reflection) is a coroutine on that loop: a call costs no thread hand-off
 thousand watchers cost no thousand threads, coalesced stats callers all wake in one loop pass,
 and a caller that hangs up cancels its coroutine, which is how the bridge learns it left. A
 launch is a coroutine too (waiting for the start slot or for its client costs no thread), start
-leases are loop timers and watch tickers are loop tasks. The process runs two threads of its
-own: the loop and the mms connection thread (plus the metrics HTTP server's when served).
+leases are loop timers, and watch tickers and the balancing policy (``--policy``) are loop
+tasks. The process runs two threads of its own: the loop and the mms connection thread (plus
+the metrics HTTP server's when served).
 Everything reaches mms only through the connection thread's request queue (``submit``); its
 answers come back to the loop through ``_aio`` (``loop.call_soon_threadsafe``).
 
@@ -35,6 +36,7 @@ from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from manatee_grpc.core import _aio
 from manatee_grpc.core._bridge import BridgeConfig, MemoryBridge
 from manatee_grpc.core._launch import LaunchPolicy
+from manatee_grpc.core._policy import POLICY_NAMES, PolicyDecision, PolicyRunner, PolicySettings
 from manatee_grpc.core._starts import loop_timer
 from manatee_grpc.core._watch import WatchHub
 from manatee_grpc.mms import _transport
@@ -106,6 +108,7 @@ class ManateeServer:
         self.address = ""
         self.metrics = Metrics()
         self.metrics_address: str | None = None  # HOST:PORT of /metrics, if served
+        self.policy: PolicyRunner | None = None  # the balancing policy, when --policy is on
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -123,6 +126,7 @@ class ManateeServer:
 
     def _start(self, listener: _listen.Listener) -> ManateeServer:
         config = self.config
+        policy_settings = _policy_settings(config)  # a bad file fails before anything runs
         if config.metrics_listen is not None:  # a busy port fails here, before anything runs
             self.metrics_address = self.metrics.serve(config.metrics_listen)
         mms_address = self._mms_address()
@@ -173,6 +177,10 @@ class ManateeServer:
         self.address = _client_target(config.listen, self.port)
         self.connection.start()
         self._on_loop(self._grpc_start())
+        if policy_settings is not None:
+            self.policy = PolicyRunner(self.bridge, policy_settings, self._policy_decided)
+            self._on_loop(_call(self.policy.start))
+            logger.info("memory policy %s on, every %g s", config.policy, policy_settings.period_s)
         logger.info("manatee-grpc listening on %s, mms at %s", self.address, mms_address)
         return self
 
@@ -238,6 +246,16 @@ class ManateeServer:
         assert self.connection is not None
         return self.connection.reset(reason)
 
+    def _policy_decided(self, decision: PolicyDecision) -> None:
+        # On the loop. The record (inputs, deltas, outcome) is kept by the runner (recent()).
+        logger.info("%s", decision.summary())
+
+    def run_policy_tick(self, timeout_s: float = 30.0) -> PolicyDecision:
+        """Run one policy period now, from any thread but the loop's; returns its decision."""
+        if self.policy is None or self._loop is None:
+            raise RuntimeError("the server runs no policy (serve --policy)")
+        return asyncio.run_coroutine_threadsafe(self.policy.tick(), self._loop).result(timeout_s)
+
     def _session_changed(self, previous_session: int, session: int) -> None:
         # On the connection thread; the watch hub lives on the loop. The loop's FIFO keeps the
         # reset ahead of the new session's first answers, which come back the same way.
@@ -278,6 +296,8 @@ class ManateeServer:
             # 2. Refuse new work, let in-flight RPCs finish within the grace period; launches
             #    that are cut off release their reservations as their streams end.
             self.servicer.begin_shutdown()
+            if self.policy is not None:  # no rebalance while we go away
+                self._on_loop(_call(self.policy.stop))
             self._on_loop(_call(self.watch_hub.close))
             self._on_loop(self._grpc_stop(grace_s))
             self._stop_loop()
@@ -327,6 +347,17 @@ async def _finish_tasks() -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+def _policy_settings(config: ServerConfig) -> PolicySettings | None:
+    """The policy's settings, or None when no policy runs; PolicyConfigError if unreadable."""
+    if config.policy is None:
+        return None
+    if config.policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {config.policy!r}; known: {', '.join(POLICY_NAMES)}")
+    if config.policy_config_path is None:
+        return PolicySettings()
+    return PolicySettings.from_file(config.policy_config_path)
 
 
 def _keepalive_options(config: ServerConfig) -> list[tuple[str, int]]:

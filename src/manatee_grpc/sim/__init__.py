@@ -12,8 +12,18 @@ library only (the contract in pyproject.toml checks it).
 from __future__ import annotations
 
 from manatee_grpc.sim._cli import main
-from manatee_grpc.sim._model import MmsModel, StartState
-from manatee_grpc.sim._scenario import Scenario, ScenarioError
-from manatee_grpc.sim._server import Simulator
+from manatee_grpc.sim._model import GuestMemory, MmsModel, StartState
+from manatee_grpc.sim._scenario import DemandCurve, Scenario, ScenarioError
+from manatee_grpc.sim._server import ManualClock, Simulator
 
-__all__ = ["MmsModel", "Scenario", "ScenarioError", "Simulator", "StartState", "main"]
+__all__ = [
+    "DemandCurve",
+    "GuestMemory",
+    "ManualClock",
+    "MmsModel",
+    "Scenario",
+    "ScenarioError",
+    "Simulator",
+    "StartState",
+    "main",
+]

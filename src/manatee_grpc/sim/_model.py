@@ -5,7 +5,8 @@ so every answer matches mms number for number, its bugs included: the CrOS guest
 holds mms's internal allocation and may be deflated into it (down to 0), memory trimming loses
 track of is only logged, and ``balloon_actual`` is a u64 subtraction that wraps as it did in a
 release build. Where a value is a Rust u64 or i64, the arithmetic wraps or casts as Rust's does.
-No sockets, threads or clocks: Simulator wraps it.
+The guests behind it may follow a workload (the scenario's demand curves): Simulator tells the
+model the workload time before each request. No sockets, threads or clocks: Simulator wraps it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from manatee_grpc.sim._scenario import Scenario
 
 __all__ = [
     "BalloonBounds",
+    "GuestMemory",
     "MmsModel",
     "PendingStartView",
     "RebalancePlan",
@@ -86,6 +88,15 @@ class SiblingView:
     mem_size_bytes: int
     balloon_bytes: int
     used_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class GuestMemory:
+    """What a guest has, as its balloon driver would report it (read without side effects)."""
+
+    total_bytes: int  # its memory less its balloon
+    available_bytes: int  # free + cached: total - used, floored at 0
+    used_bytes: int  # in use (the workload's demand): the balloon cannot take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,10 +230,18 @@ class _Guest:
             self.guest_balloon_bytes = target_bytes
         return self.guest_balloon_bytes
 
+    def memory(self) -> GuestMemory:
+        total_bytes = max(0, self.mem_size_bytes - self.guest_balloon_bytes)
+        # A demand above what the balloon left is memory the guest does not have: it is under
+        # pressure (swapping, killing), and nothing is available.
+        available_bytes = max(0, total_bytes - self.used_bytes)
+        return GuestMemory(total_bytes, available_bytes, self.used_bytes)
+
     def read_stats(self) -> BalloonStats:
         """What the guest's virtio-balloon driver reports, derived from its size and use."""
-        total_bytes = max(0, self.mem_size_bytes - self.guest_balloon_bytes)
-        reclaimable_bytes = max(0, total_bytes - self.used_bytes)
+        memory = self.memory()
+        total_bytes = memory.total_bytes
+        reclaimable_bytes = memory.available_bytes
         disk_caches_bytes = align_down_page(reclaimable_bytes // 4)
         free_bytes = reclaimable_bytes - disk_caches_bytes
         pressured = free_bytes < total_bytes // 16
@@ -290,6 +309,9 @@ class MmsModel:
         self._scenario = scenario if scenario is not None else Scenario()
         scenario = self._scenario
         self._used_bytes_by_vm_id = dict(scenario.vm_used_bytes)
+        # VMs whose used bytes were set at runtime: that replaces their demand curve.
+        self._pinned_used_vm_ids: set[int] = set()
+        self._workload_time_s = 0.0
         self._faults = _Faults(
             crosvm_connect_fail_vm_ids=set(scenario.crosvm_connect_fail_vm_ids),
             crosvm_connect_fail_count=scenario.crosvm_connect_fail_count,
@@ -300,7 +322,7 @@ class MmsModel:
         self._cros = _Guest(
             vm_id=CROS_GUEST_VM_ID,
             mem_size_bytes=scenario.cros_mem_size_bytes,
-            used_bytes=scenario.used_bytes_for(CROS_GUEST_VM_ID),
+            used_bytes=self._used_bytes_for(CROS_GUEST_VM_ID),
         )
         self._siblings: dict[int, _Guest] = {}
         self._start: _PendingStart | None = None
@@ -525,6 +547,10 @@ class MmsModel:
         )
 
     def _used_bytes_for(self, vm_id: int) -> int:
+        if vm_id not in self._pinned_used_vm_ids:
+            demand_bytes = self._scenario.demand_bytes_at(vm_id, self._workload_time_s)
+            if demand_bytes is not None:
+                return demand_bytes
         if vm_id in self._used_bytes_by_vm_id:
             return self._used_bytes_by_vm_id[vm_id]
         return self._scenario.used_bytes_for(vm_id)
@@ -542,9 +568,22 @@ class MmsModel:
         if used_bytes < 0:
             raise ValueError(f"used_bytes must not be negative, got {used_bytes}")
         self._used_bytes_by_vm_id[vm_id] = used_bytes
+        self._pinned_used_vm_ids.add(vm_id)
         guest = self._guest(vm_id)
         if guest is not None:
             guest.used_bytes = used_bytes
+
+    def set_workload_time(self, workload_time_s: float) -> None:
+        """Move the workload to ``workload_time_s``: each guest's use follows its demand curve."""
+        self._workload_time_s = workload_time_s
+        if not self._scenario.vm_demand:
+            return
+        for vm_id, guest in self._all_guests().items():
+            guest.used_bytes = self._used_bytes_for(vm_id)
+
+    @property
+    def workload_time_s(self) -> float:
+        return self._workload_time_s
 
     def fail_crosvm_connect(self, vm_id: int | None = None, count: int = 1) -> None:
         """Make FinishAddVm answer -5: for ``vm_id``'s start, or else for the next ``count``."""
@@ -642,6 +681,11 @@ class MmsModel:
 
     def used_bytes(self, vm_id: int) -> int:
         return self._used_bytes_for(vm_id)
+
+    def guest_memory(self, vm_id: int) -> GuestMemory | None:
+        """A running VM's memory as its guest sees it (no counters move), or None."""
+        guest = self._guest(vm_id)
+        return None if guest is None else guest.memory()
 
     @property
     def start_state(self) -> StartState:

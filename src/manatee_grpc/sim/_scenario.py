@@ -1,14 +1,17 @@
-"""Scenario: every knob of the mms simulator (guest sizes, failures to inject, latencies).
+"""Scenario: every knob of the mms simulator (guest sizes, workloads, failures, latencies).
 
 A frozen dataclass built in Python or read from a TOML or JSON file with the same keys; sizes in
 a file may be byte counts or strings such as ``"512MiB"``. Runtime changes go through Simulator.
+A workload gives VMs a demand curve (DemandCurve: memory in use over workload time).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
+import random
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -19,7 +22,14 @@ from typing import Literal, cast, get_args
 from manatee_grpc.mms._memory_math import MIB, PAGE_SIZE_BYTES, ExtraBytesFormula
 from manatee_grpc.mms._messages import U32_MAX, MessageType
 
-__all__ = ["GIB", "MalformedRequestPolicy", "Scenario", "ScenarioError", "parse_size_bytes"]
+__all__ = [
+    "GIB",
+    "DemandCurve",
+    "MalformedRequestPolicy",
+    "Scenario",
+    "ScenarioError",
+    "parse_size_bytes",
+]
 
 GIB = 1024 * MIB
 
@@ -34,6 +44,47 @@ _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", re.ASCII)
 
 class ScenarioError(ValueError):
     """A scenario that is malformed or that mms itself could not have started with."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemandCurve:
+    """Memory a guest has in use over workload time: ``(time_s, used_bytes)`` points.
+
+    Between two points the demand moves in a straight line (a ramp); two points at the same time
+    make a step (the later one wins from then on); a spike is a step up and a step down. Before
+    the first point and after the last, the demand stays at that point's value.
+    """
+
+    points: tuple[tuple[float, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ScenarioError("a demand curve needs at least one (time_s, used_bytes) point")
+        previous_s = -math.inf
+        for time_s, used_bytes in self.points:
+            _check_seconds(time_s, "demand curve time_s")
+            _check_non_negative_int(used_bytes, "demand curve used_bytes")
+            if time_s < previous_s:
+                raise ScenarioError(
+                    f"demand curve times must not go back, got {time_s} after {previous_s}"
+                )
+            previous_s = time_s
+
+    @classmethod
+    def of(cls, *points: tuple[float, int]) -> DemandCurve:
+        return cls(tuple((float(t), int(b)) for t, b in points))
+
+    def used_bytes_at(self, time_s: float) -> int:
+        """The demand at ``time_s``: the last point at or before it, ramping to the next."""
+        times = [t for t, _ in self.points]
+        index = bisect.bisect_right(times, time_s)
+        if index == 0:
+            return self.points[0][1]
+        if index == len(self.points):
+            return self.points[-1][1]
+        (t0, b0), (t1, b1) = self.points[index - 1], self.points[index]
+        # t1 > t0 here: at equal times bisect_right already moved past the step.
+        return b0 + round((b1 - b0) * (time_s - t0) / (t1 - t0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +120,15 @@ class Scenario:
     remove_vm_delay_s: float = 0.0
     # Departure from mms when "close" (see MalformedRequestPolicy); "ignore" is what mms did.
     malformed_request: MalformedRequestPolicy = "ignore"
+    # A workload: per-VM demand curves (memory in use over workload time, replacing that VM's
+    # used bytes while it runs), also for ids not assigned yet. Workload time is the
+    # simulator's clock since it started times ``workload_time_scale``, so minutes of workload
+    # run in seconds; the demand is page-aligned, and ``demand_jitter_bytes`` adds a seeded
+    # noise of up to that much, fixed for each whole workload second (reproducible).
+    vm_demand: Mapping[int, DemandCurve] = field(default_factory=dict)
+    workload_time_scale: float = 1.0
+    workload_seed: int = 0
+    demand_jitter_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -123,6 +183,28 @@ class Scenario:
             if not isinstance(msg_type, MessageType):
                 raise ScenarioError(f"message_delay_s keys must be MessageType, got {msg_type!r}")
             _check_seconds(delay_s, f"message_delay_s[{msg_type.name}]")
+        for vm_id, curve in self.vm_demand.items():
+            _check_vm_id(vm_id, "vm_demand")
+            if not isinstance(curve, DemandCurve):
+                raise ScenarioError(f"vm_demand[{vm_id}] must be a DemandCurve, got {curve!r}")
+        _check_seconds(self.workload_time_scale, "workload_time_scale")
+        if self.workload_time_scale == 0:
+            raise ScenarioError("workload_time_scale must be positive")
+        if type(self.workload_seed) is not int:
+            raise ScenarioError(f"workload_seed must be an integer, got {self.workload_seed!r}")
+        _check_non_negative_int(self.demand_jitter_bytes, "demand_jitter_bytes")
+
+    def demand_bytes_at(self, vm_id: int, workload_time_s: float) -> int | None:
+        """A VM's workload demand at that time (page-aligned, jitter added), or None."""
+        curve = self.vm_demand.get(vm_id)
+        if curve is None:
+            return None
+        used_bytes = curve.used_bytes_at(workload_time_s)
+        if self.demand_jitter_bytes:
+            # Seeded per VM and whole second: the same run gives the same numbers.
+            noise = random.Random(f"{self.workload_seed}:{vm_id}:{math.floor(workload_time_s)}")
+            used_bytes += noise.randint(-self.demand_jitter_bytes, self.demand_jitter_bytes)
+        return max(0, used_bytes) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
 
     def used_bytes_for(self, vm_id: int) -> int:
         """The used bytes a VM starts with: its override, else the CrOS or sibling default."""
@@ -288,6 +370,35 @@ def _parse_vm_used(value: object, where: str) -> dict[int, int]:
     }
 
 
+def _parse_demand(value: object, where: str) -> dict[int, DemandCurve]:
+    """``{vm_id: [[time_s, size], ...]}``: each VM's curve as a list of points."""
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{where}: expected a table of VM id -> [[time_s, size], ...]")
+    curves: dict[int, DemandCurve] = {}
+    for key, points in value.items():
+        at = f"{where}.{key}"
+        if not isinstance(points, list):
+            raise ScenarioError(f"{at}: expected a list of [time_s, size] points")
+        parsed: list[tuple[float, int]] = []
+        for index, point in enumerate(points):
+            if not isinstance(point, list) or len(point) != 2:
+                raise ScenarioError(f"{at}[{index}]: expected [time_s, size]")
+            parsed.append(
+                (
+                    _parse_seconds(point[0], f"{at}[{index}]"),
+                    parse_size_bytes(point[1], f"{at}[{index}]"),
+                )
+            )
+        curves[_parse_vm_id(key, f"{where} key {key!r}")] = DemandCurve(tuple(parsed))
+    return curves
+
+
+def _parse_int(value: object, where: str) -> int:
+    if type(value) is not int:
+        raise ScenarioError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
 _FILE_PARSERS: dict[str, Callable[[object, str], object]] = {
     "cros_mem_size_bytes": parse_size_bytes,
     "cros_internal_allocation_bytes": parse_size_bytes,
@@ -305,4 +416,8 @@ _FILE_PARSERS: dict[str, Callable[[object, str], object]] = {
     "message_delay_s": _parse_message_delays,
     "remove_vm_delay_s": _parse_seconds,
     "malformed_request": _parse_text,
+    "vm_demand": _parse_demand,
+    "workload_time_scale": _parse_seconds,
+    "workload_seed": _parse_int,
+    "demand_jitter_bytes": parse_size_bytes,
 }

@@ -3,7 +3,8 @@
 A background thread accepts a connection, reads frames, decodes them as mms did (sim._decode),
 asks MmsModel under one lock, applies the scenario's delays and writes the answers; a frame mms
 could not decode gets no answer (or a hang-up under the "close" departure); a hangup is mms's
-"connection lost". Counters for tests.
+"connection lost". Counters for tests. The workload (the scenario's demand curves) runs on an
+injectable clock, scaled by ``workload_time_scale``; ManualClock drives it step by step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
@@ -45,7 +47,7 @@ from manatee_grpc.sim._decode import RequestDecodeError, decode_request
 from manatee_grpc.sim._model import MmsModel
 from manatee_grpc.sim._scenario import MalformedRequestPolicy, Scenario
 
-__all__ = ["DEFAULT_LISTEN", "Simulator"]
+__all__ = ["DEFAULT_LISTEN", "ManualClock", "Simulator"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,24 @@ MAX_REQUEST_BODY_BYTES = 64 * MIB
 _DISCARD_CHUNK_BYTES = 1 * MIB
 
 _T = TypeVar("_T")
+
+
+class ManualClock:
+    """A clock that moves only when told: tests and the benchmark step a workload with it."""
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self._lock = threading.Lock()
+        self._now_s = start_s
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now_s
+
+    def advance(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"a clock moves forward, got {seconds}")
+        with self._lock:
+            self._now_s += seconds
 
 
 class _StoppedError(Exception):
@@ -77,8 +97,12 @@ class Simulator:
         listen: str | MmsAddress = DEFAULT_LISTEN,
         *,
         request_log_limit: int = DEFAULT_REQUEST_LOG_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._scenario = scenario if scenario is not None else Scenario()
+        # The workload's time is this clock since the simulator was made, scaled.
+        self._clock = clock
+        self._workload_start_s = clock()
         self._listen_address = parse_address(listen) if isinstance(listen, str) else listen
         self._lock = threading.RLock()
         # Notified on every observable change, so tests wait on conditions instead of sleeping.
@@ -198,7 +222,12 @@ class Simulator:
     def with_model(self, read: Callable[[MmsModel], _T]) -> _T:
         """Run ``read`` on the model under the simulator's lock (for introspection)."""
         with self._lock:
+            self._advance_workload()
             return read(self._model)
+
+    def _advance_workload(self) -> None:
+        elapsed_s = self._clock() - self._workload_start_s
+        self._model.set_workload_time(elapsed_s * self._scenario.workload_time_scale)
 
     def set_vm_used_bytes(self, vm_id: int, used_bytes: int) -> None:
         with self._changed:
@@ -404,6 +433,7 @@ class Simulator:
                 delay_s += self._remove_vm_delay_s
         self._sleep(delay_s)
         with self._changed:
+            self._advance_workload()
             response = self._model.handle(request)
             self._changed.notify_all()
             connect_wait_s = (
