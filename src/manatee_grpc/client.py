@@ -185,17 +185,27 @@ class Client:
             return self._stub.GetBalloonStats(request, timeout=self.timeout_s)
 
     def rebalance_memory(
-        self, deltas: Mapping[int, int], *, session: str = "", request_id: str | None = None
+        self,
+        deltas: Mapping[int, int],
+        *,
+        session: str = "",
+        request_id: str | None = None,
+        validate_only: bool = False,
     ) -> pb.RebalanceMemoryResponse:
         """Balloon deltas in bytes by sibling VM id: positive takes memory from that VM.
 
         ``session``: where the ids came from ("" = current). ``request_id``: a new UUID unless
         given; give the one of a call whose outcome you missed to retry it safely.
+        ``validate_only``: a preview of what the call would do now; nothing moves (a preview
+        sends no request id unless given: the server does not record it).
         """
+        if request_id is None and not validate_only:
+            request_id = new_request_id()
         request = pb.RebalanceMemoryRequest(
             deltas=[pb.BalloonDelta(vm_id=vm, delta_bytes=delta) for vm, delta in deltas.items()],
             session=session,
-            request_id=request_id or new_request_id(),
+            request_id=request_id or "",
+            validate_only=validate_only,
         )
         with _translated(request.request_id):
             return self._stub.RebalanceMemory(request, timeout=self.timeout_s)

@@ -11,23 +11,27 @@ simulator's fidelity tests hold against upstream.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from manatee_grpc.mms._memory_math import PAGE_SIZE_BYTES, align_down_page
-from manatee_grpc.mms._messages import BalloonDelta
+from manatee_grpc.mms._messages import BalloonDelta, VmBalloonStats
 
 __all__ = [
     "BalloonAdjust",
     "BalloonBounds",
     "RebalancePlan",
+    "RebalancePreview",
+    "StatsGapError",
     "VmBalloonState",
     "adjust_balloon",
     "as_i64",
     "as_u64",
     "guest_balloon_reached",
     "plan_rebalance",
+    "preview_from_stats",
     "preview_rebalance",
     "rebalance",
+    "state_from_stats",
 ]
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
@@ -197,14 +201,22 @@ class VmBalloonState:
     """One VM as a preview sees it: the balloon mms records, its memory, and its guest's room.
 
     ``balloon_bytes`` is mms's record, which is crosvm's balloon unless an adjust failed (then
-    mms follows the target). For the CrOS guest the record includes mms's internal allocation.
-    ``available_bytes`` is what the guest would give up to its balloon (its stats'
-    ``available_memory``): an inflate reaches at most ``balloon + align_down(available)``.
+    mms follows the target). ``available_bytes`` is what the guest would give up to its balloon
+    (its stats' ``available_memory``): an inflate reaches at most ``balloon +
+    align_down(available)``. ``hidden_floor``: mms's record may hold more than
+    ``balloon_bytes`` (the CrOS guest's internal allocation, which the protocol does not show),
+    so the balloon's floor of 0 is somewhere at or below ``-balloon_bytes`` from here.
     """
 
     balloon_bytes: int
     mem_size_bytes: int
     available_bytes: int
+    hidden_floor: bool = False
+
+    @property
+    def room_bytes(self) -> int:
+        """How far the clamp lets this balloon inflate."""
+        return self.mem_size_bytes - self.balloon_bytes
 
     def bounds(self) -> BalloonBounds:
         return BalloonBounds(self.balloon_bytes, self.mem_size_bytes)
@@ -214,23 +226,127 @@ class VmBalloonState:
         return guest_balloon_reached(self.balloon_bytes, target_bytes, limit_bytes)
 
 
+@dataclass(frozen=True, slots=True)
+class _WatchedBounds(BalloonBounds):
+    """Bounds whose floor is not known: notes every clamp that would reach it."""
+
+    reached: list[int] = field(default_factory=list)
+
+    def clamp_delta(self, delta_bytes: int) -> int:
+        if delta_bytes < 0 and -delta_bytes > self.balloon_bytes:
+            self.reached.append(delta_bytes)
+        return BalloonBounds.clamp_delta(self, delta_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class RebalancePreview:
+    """What mms would answer, and whether that is certain (see ``preview_rebalance``)."""
+
+    actual_deltas: tuple[BalloonDelta, ...]
+    # False: the answer depends on a hidden floor (mms's internal allocation) that was reached.
+    exact: bool
+
+
 def preview_rebalance(
     states_by_vm_id: Mapping[int, VmBalloonState], deltas: Sequence[BalloonDelta]
-) -> tuple[BalloonDelta, ...]:
+) -> RebalancePreview:
     """The ``actual_deltas`` mms would answer to ``deltas`` now; nothing is sent or changed.
 
     Exactly mms's answer when the states are mms's and each crosvm answers as
-    ``guest_balloon_reached`` with the state's ``available_bytes`` (the simulator's guests do).
+    ``guest_balloon_reached`` with the state's ``available_bytes`` (the simulator's guests do),
+    with one more condition for a state with a ``hidden_floor`` (the CrOS guest): every step on
+    that balloon (a clamp, a trim, an adjust) depends on the unknown part of its record only where
+    it would take the balloon below ``balloon_bytes``. If no step does, the answer is the same
+    for any hidden amount; if one does but that balloon covers the room of every other VM named
+    (``balloon_bytes >= sum(room_bytes)``, true while mms has lost track of no memory, since the
+    CrOS balloon then holds each sibling's whole footprint), the trim gives every other deflate
+    its whole room and the hidden VM the negated sum, again the same for any hidden amount.
+    Otherwise ``exact`` is False: mms's answer depends on what the protocol does not show.
     """
     balloons_bytes = {vm_id: state.balloon_bytes for vm_id, state in states_by_vm_id.items()}
+    reached: list[int] = []
 
     def adjust(vm_id: int, delta_bytes: int) -> int:
         state = states_by_vm_id[vm_id]
+        balloon_bytes = balloons_bytes[vm_id]
+        if state.hidden_floor and delta_bytes < 0 and -delta_bytes > balloon_bytes:
+            reached.append(delta_bytes)
         # Each VM is adjusted at most once per rebalance, from the state read before it.
-        done = adjust_balloon(balloons_bytes[vm_id], delta_bytes, state.set_balloon)
+        done = adjust_balloon(balloon_bytes, delta_bytes, state.set_balloon)
         balloons_bytes[vm_id] = done.balloon_bytes
         return done.actual_delta_bytes
 
-    bounds = {vm_id: state.bounds() for vm_id, state in states_by_vm_id.items()}
+    bounds: dict[int, BalloonBounds] = {
+        vm_id: (
+            _WatchedBounds(state.balloon_bytes, state.mem_size_bytes, reached)
+            if state.hidden_floor
+            else state.bounds()
+        )
+        for vm_id, state in states_by_vm_id.items()
+    }
     actual_deltas, _ = rebalance(bounds, deltas, adjust)
-    return actual_deltas
+    exact = True
+    if reached:
+        named = {delta.vm_id for delta in deltas}
+        for vm_id, state in states_by_vm_id.items():
+            if state.hidden_floor and vm_id in named:
+                others_room_bytes = sum(
+                    other.room_bytes
+                    for other_id, other in states_by_vm_id.items()
+                    if other_id != vm_id and other_id in named
+                )
+                exact = exact and state.balloon_bytes >= others_room_bytes
+    return RebalancePreview(actual_deltas, exact)
+
+
+class StatsGapError(ValueError):
+    """A VM's stats lack a figure the preview needs (``field``: mms's name for it)."""
+
+    def __init__(self, vm_id: int, field: str) -> None:
+        super().__init__(f"VM {vm_id}'s stats have no {field}")
+        self.vm_id = vm_id
+        self.field = field
+
+
+def state_from_stats(stats: VmBalloonStats, mem_size_bytes: int | None) -> VmBalloonState:
+    """A VM's state as a GetBalloonStats answer shows it; ``mem_size_bytes`` None: the CrOS guest.
+
+    The balloon is ``balloon_actual``: crosvm's balloon, mms's record unless an adjust failed.
+    For the CrOS guest that is the record *less* mms's internal allocation, which the protocol
+    does not show (a ``hidden_floor``), and its memory size is mms's alone: its state gets
+    ``balloon + total_memory``, so that the room the clamp allows is the guest's own
+    ``total_memory`` (its memory outside the balloon).
+    """
+    available_bytes = stats.stats.available_memory
+    if available_bytes is None:
+        raise StatsGapError(stats.vm_id, "stats.available_memory")
+    if mem_size_bytes is not None:
+        return VmBalloonState(stats.balloon_actual_bytes, mem_size_bytes, available_bytes)
+    total_bytes = stats.stats.total_memory
+    if total_bytes is None:
+        raise StatsGapError(stats.vm_id, "stats.total_memory")
+    return VmBalloonState(
+        stats.balloon_actual_bytes,
+        stats.balloon_actual_bytes + total_bytes,
+        available_bytes,
+        hidden_floor=True,
+    )
+
+
+def preview_from_stats(
+    stats_by_vm_id: Mapping[int, VmBalloonStats],
+    mem_sizes_bytes: Mapping[int, int],
+    deltas: Sequence[BalloonDelta],
+) -> RebalancePreview:
+    """``preview_rebalance`` from one GetBalloonStats answer and the sibling memory sizes.
+
+    Every VM in ``deltas`` needs an entry in ``stats_by_vm_id`` (else StatsGapError, field
+    "balloon_actual"); a VM without one in ``mem_sizes_bytes`` is the CrOS guest.
+    """
+    states: dict[int, VmBalloonState] = {}
+    for delta in deltas:
+        entry = stats_by_vm_id.get(delta.vm_id)
+        if entry is None:
+            raise StatsGapError(delta.vm_id, "balloon_actual")
+        states[delta.vm_id] = state_from_stats(entry, mem_sizes_bytes.get(delta.vm_id))
+    return preview_rebalance(states, deltas)
