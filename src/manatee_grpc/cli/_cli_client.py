@@ -257,14 +257,14 @@ def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
         raise UsageError("each VM may appear only once")
     response = client.rebalance_memory(deltas, session=args.session, validate_only=args.dry_run)
     if args.json:
-        _print_json(
-            {
-                "requested_deltas": _deltas_json(response.requested_deltas),
-                "actual_deltas": _deltas_json(response.actual_deltas),
-                "fully_applied": response.fully_applied,
-                "dry_run": args.dry_run,
-            }
-        )
+        answer: dict[str, object] = {
+            "requested_deltas": _deltas_json(response.requested_deltas),
+            "actual_deltas": _deltas_json(response.actual_deltas),
+            "fully_applied": response.fully_applied,
+        }
+        if args.dry_run:
+            answer["dry_run"] = True  # what would move: nothing did
+        _print_json(answer)
         return 0
     actual = {d.vm_id: d.delta_bytes for d in response.actual_deltas}
     rows = [
