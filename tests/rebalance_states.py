@@ -1,7 +1,8 @@
 """Random device states and rebalance requests, for the preview-vs-real tests.
 
-A seeded walk: each step starts or removes sibling VMs, changes what guests use, moves mms's
-internal allocation and makes real rebalances, so balloons, stats and mms's books end up
+A seeded walk: each step starts or removes sibling VMs, opens or drops a pending start (its
+reservation sits in the CrOS balloon), changes what guests use, moves mms's internal
+allocation and makes real rebalances, so balloons, stats and mms's books end up
 anywhere a session can take them. The requests include every case mms's arithmetic has: plain
 moves, clamps (far past a balloon's range), exact fills and drains, trims and short inflates
 (a guest that will not give what it uses, so the slack limits the deflates). The same walk
@@ -23,6 +24,7 @@ class Device(Protocol):
     """What the walk needs of a device: the mms messages, and the guests behind it."""
 
     def start_vm(self, mem_size_bytes: int, init_mem_size_bytes: int) -> int | None: ...
+    def prepare_vm(self, mem_size_bytes: int, init_mem_size_bytes: int) -> int: ...
     def remove_vm(self, vm_id: int) -> None: ...
     def rebalance(self, deltas: dict[int, int]) -> None: ...
     def set_used_bytes(self, vm_id: int, used_bytes: int) -> None: ...
@@ -31,9 +33,16 @@ class Device(Protocol):
     def balloon_bytes(self, vm_id: int) -> int: ...
 
 
+PENDING = -1  # the key of ``mem_by_vm_id`` that holds the pending start's id, if any
+
+
 def step(rng: random.Random, device: Device, mem_by_vm_id: dict[int, int]) -> None:
     """One random change of the device's state (``mem_by_vm_id``: its running siblings)."""
     roll = rng.random()
+    pending = mem_by_vm_id.pop(PENDING, None)
+    if pending is not None and (roll < 0.35 or not mem_by_vm_id or rng.random() < 0.3):
+        device.remove_vm(pending)  # a start is let go before another (mms holds one at a time)
+        pending = None
     if (roll < 0.25 and len(mem_by_vm_id) < MAX_SIBLINGS) or not mem_by_vm_id:
         mem_size_bytes = rng.randrange(64, 2048) * MIB
         init_mem_size_bytes = rng.randrange(32, mem_size_bytes // MIB + 1) * MIB
@@ -44,6 +53,8 @@ def step(rng: random.Random, device: Device, mem_by_vm_id: dict[int, int]) -> No
         vm_id = rng.choice(sorted(mem_by_vm_id))
         device.remove_vm(vm_id)
         del mem_by_vm_id[vm_id]
+    elif roll < 0.35:
+        pending = device.prepare_vm(rng.randrange(64, 1024) * MIB, rng.randrange(16, 64) * MIB)
     elif roll < 0.55:
         vm_id = rng.choice([0, *mem_by_vm_id])
         top_bytes = mem_by_vm_id.get(vm_id, 6 * GIB)
@@ -56,11 +67,18 @@ def step(rng: random.Random, device: Device, mem_by_vm_id: dict[int, int]) -> No
         )
     else:
         device.rebalance(request(rng, device, mem_by_vm_id))
+    if pending is not None:
+        mem_by_vm_id[PENDING] = pending
+
+
+def running(mem_by_vm_id: dict[int, int]) -> list[int]:
+    return sorted(vm_id for vm_id in mem_by_vm_id if vm_id != PENDING)
 
 
 def request(rng: random.Random, device: Device, mem_by_vm_id: dict[int, int]) -> dict[int, int]:
     """Sibling balloon deltas for some of the running siblings (at least one)."""
-    chosen = rng.sample(sorted(mem_by_vm_id), rng.randrange(1, len(mem_by_vm_id) + 1))
+    ids = running(mem_by_vm_id)
+    chosen = rng.sample(ids, rng.randrange(1, len(ids) + 1))
     deltas: dict[int, int] = {}
     for vm_id in chosen:
         balloon_bytes = device.balloon_bytes(vm_id)

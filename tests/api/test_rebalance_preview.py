@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from rebalance_states import Device, request, step
+from rebalance_states import PENDING, Device, request, running, step
 
 from manatee_grpc import Client, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
@@ -49,6 +49,9 @@ class ServerDevice(Device):
                 pass
         self.client.remove_vm(prepared.vm_id)
         return None
+
+    def prepare_vm(self, mem_size_bytes: int, init_mem_size_bytes: int) -> int:
+        return int(self.client.prepare_vm(mem_size_bytes, init_mem_size_bytes).vm_id)
 
     def remove_vm(self, vm_id: int) -> None:
         self.client.remove_vm(vm_id)
@@ -100,7 +103,7 @@ def test_the_preview_is_the_real_answer_on_random_states() -> None:
     on a fresh server, so that it covers many sessions rather than one broken one.
     """
     rng = random.Random(15)
-    compared = refused = not_fully_applied = walks = 0
+    compared = refused = not_fully_applied = walks = with_pending = 0
     while compared < E2E_STATES:
         walks += 1
         server = start_server()
@@ -111,7 +114,7 @@ def test_the_preview_is_the_real_answer_on_random_states() -> None:
                 siblings: dict[int, int] = {}
                 while compared < E2E_STATES:
                     step(rng, device, siblings)
-                    if not siblings:
+                    if not running(siblings):
                         continue
                     deltas = request(rng, device, siblings)
                     unbalanced_bytes = sim.with_model(lambda model: model.unbalanced_bytes)
@@ -130,15 +133,20 @@ def test_the_preview_is_the_real_answer_on_random_states() -> None:
                     else:
                         assert answer(preview) == answer(real), deltas
                         compared += 1
+                        with_pending += PENDING in siblings
                         not_fully_applied += not real.fully_applied
                     if unbalanced_bytes < 0:
                         break
         finally:
             server.stop(grace_s=1.0)
-    print(f"{compared} previews equal to the real answer, {refused} refused, {walks} walks")
+    print(
+        f"{compared} previews equal to the real answer ({with_pending} with a start pending),"
+        f" {refused} refused, {walks} walks"
+    )
     assert refused < walks
     # The walk reached the cases that make a preview worth having.
     assert not_fully_applied >= E2E_STATES // 10, not_fully_applied
+    assert with_pending >= E2E_STATES // 20, with_pending
 
 
 def test_a_preview_changes_nothing(server: ManateeServer, client: Client) -> None:
