@@ -293,7 +293,7 @@ class MemoryBridge:
                 else f"mms gave no {gap.field} for it"
             )
             raise PreviewUnavailableError(
-                f"cannot preview the rebalance: VM {gap.vm_id}'s balloon is not known, {why} "
+                f"cannot preview the rebalance: VM {gap.vm_id} is not known well enough, {why} "
                 "(nothing was sent but a stats read)",
                 vmId=gap.vm_id,
                 mmsField=unreadable.mms_field if unreadable is not None else gap.field,
