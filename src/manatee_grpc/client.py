@@ -12,6 +12,8 @@ failure carries it as ``ManateeRpcError.request_id``): pass it again to retry a 
 outcome you did not learn, and the server answers the first call's result without acting twice.
 ``prepare_vm`` sends one only if given, because with one a reservation outlives a call the
 caller gave up on (under the server's lease) so that the retry finds it.
+``rebalance_memory(..., validate_only=True)`` previews what the call would move now; nothing
+moves, and it sends no request id unless given (the server keeps none for a preview).
 """
 
 from __future__ import annotations
