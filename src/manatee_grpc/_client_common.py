@@ -167,13 +167,20 @@ def stats_request(vm_ids: Iterable[int], session: str) -> pb.GetBalloonStatsRequ
 
 
 def rebalance_request(
-    deltas: Mapping[int, int], session: str, request_id: str | None
+    deltas: Mapping[int, int],
+    session: str,
+    request_id: str | None,
+    validate_only: bool = False,
 ) -> pb.RebalanceMemoryRequest:
-    """Every rebalance carries a request id (a new one unless given), so it can be retried."""
+    """Every rebalance carries a request id (a new one unless given), so it can be retried; a
+    preview (``validate_only``) carries one only when given, since the server does not record it."""
+    if request_id is None and not validate_only:
+        request_id = new_request_id()
     return pb.RebalanceMemoryRequest(
         deltas=[pb.BalloonDelta(vm_id=vm, delta_bytes=delta) for vm, delta in deltas.items()],
         session=session,
-        request_id=request_id or new_request_id(),
+        request_id=request_id or "",
+        validate_only=validate_only,
     )
 
 

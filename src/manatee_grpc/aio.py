@@ -114,14 +114,21 @@ class Client:
             return await self._stub.GetBalloonStats(request, timeout=self.timeout_s)
 
     async def rebalance_memory(
-        self, deltas: Mapping[int, int], *, session: str = "", request_id: str | None = None
+        self,
+        deltas: Mapping[int, int],
+        *,
+        session: str = "",
+        request_id: str | None = None,
+        validate_only: bool = False,
     ) -> pb.RebalanceMemoryResponse:
         """Balloon deltas in bytes by sibling VM id: positive takes memory from that VM.
 
         ``session``: where the ids came from ("" = current). ``request_id``: a new UUID unless
         given; give the one of a call whose outcome you missed to retry it safely.
+        ``validate_only``: a preview of what the call would do now; nothing moves (a preview
+        sends no request id unless given: the server does not record it).
         """
-        request = common.rebalance_request(deltas, session, request_id)
+        request = common.rebalance_request(deltas, session, request_id, validate_only)
         with _translated(request.request_id):
             return await self._stub.RebalanceMemory(request, timeout=self.timeout_s)
 

@@ -14,6 +14,8 @@ failure carries it as ``ManateeRpcError.request_id``): pass it again to retry a 
 outcome you did not learn, and the server answers the first call's result without acting twice.
 ``prepare_vm`` sends one only if given, because with one a reservation outlives a call the
 caller gave up on (under the server's lease) so that the retry finds it.
+``rebalance_memory(..., validate_only=True)`` previews what the call would move now; nothing
+moves, and it sends no request id unless given (the server keeps none for a preview).
 """
 
 from __future__ import annotations
@@ -101,14 +103,21 @@ class Client:
             return self._stub.GetBalloonStats(request, timeout=self.timeout_s)
 
     def rebalance_memory(
-        self, deltas: Mapping[int, int], *, session: str = "", request_id: str | None = None
+        self,
+        deltas: Mapping[int, int],
+        *,
+        session: str = "",
+        request_id: str | None = None,
+        validate_only: bool = False,
     ) -> pb.RebalanceMemoryResponse:
         """Balloon deltas in bytes by sibling VM id: positive takes memory from that VM.
 
         ``session``: where the ids came from ("" = current). ``request_id``: a new UUID unless
         given; give the one of a call whose outcome you missed to retry it safely.
+        ``validate_only``: a preview of what the call would do now; nothing moves (a preview
+        sends no request id unless given: the server does not record it).
         """
-        request = common.rebalance_request(deltas, session, request_id)
+        request = common.rebalance_request(deltas, session, request_id, validate_only)
         with translated(request.request_id):
             return self._stub.RebalanceMemory(request, timeout=self.timeout_s)
 

@@ -13,9 +13,10 @@ from faults.helpers import KillableMms
 from faults.wrapped_cros import ISSUE_DEVICE, WRAPPED_AFTER_HANG_UP, wrap_the_cros_balloon
 
 from manatee_grpc import Client, ManateeServer
+from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Simulator
 
-from .conftest import run_cli, vm_ids
+from .conftest import run_cli, simulator, vm_ids
 
 MIB = 1024 * 1024
 
@@ -147,6 +148,41 @@ def test_rebalance_with_units_and_signs(server: ManateeServer, client: Client) -
         "fully applied: yes",
     ]
     assert client.get_balloon_stats([1]).stats[0].balloon_actual_bytes == 224 * MIB
+
+
+def test_rebalance_dry_run_prints_the_preview_and_moves_nothing(
+    server: ManateeServer, client: Client
+) -> None:
+    client.launch_vm(
+        512 * MIB, init_mem_size_bytes=256 * MIB, start_vm=lambda v, p: True, stop_vm=print
+    )
+    sent_before = simulator(server).request_counts[MessageType.REBALANCE_MEMORY]
+
+    table = run_cli("rebalance", "1=-64MiB", "--dry-run", "--server", server.address)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines() == [
+        "VM  REQUESTED  WOULD MOVE",
+        "1   -64.0 MiB   -64.0 MiB",
+        "0   +64.0 MiB   +64.0 MiB",
+        "dry run, nothing moved; would be fully applied: yes",
+    ]
+    # VM 1's balloon holds 256 MiB: a preview of taking 300 MiB out says what would move.
+    result = run_cli("rebalance", "1=-300MiB", "--dry-run", "--json", "--server", server.address)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "requested_deltas": [
+            {"vm_id": 1, "delta_bytes": -300 * MIB},
+            {"vm_id": 0, "delta_bytes": 300 * MIB},
+        ],
+        "actual_deltas": [
+            {"vm_id": 1, "delta_bytes": -256 * MIB},
+            {"vm_id": 0, "delta_bytes": 256 * MIB},
+        ],
+        "fully_applied": False,
+        "dry_run": True,
+    }
+    assert client.get_balloon_stats([1]).stats[0].balloon_actual_bytes == 256 * MIB
+    assert simulator(server).request_counts[MessageType.REBALANCE_MEMORY] == sent_before
 
 
 def test_launch_with_start_cmd_then_vms_shows_it(server: ManateeServer, tmp_path: Path) -> None:

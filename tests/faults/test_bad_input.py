@@ -394,9 +394,12 @@ def test_an_interval_too_long_for_a_timedelta_is_invalid_argument(
 @EXAMPLES
 def test_rebalance_memory(device: Device, data: st.DataObject) -> None:
     deltas = data.draw(delta_lists(device))
+    # A preview (validate_only) is checked exactly as the real call.
+    validate_only = data.draw(st.booleans())
     watched = Watched(device)
     request = pb.RebalanceMemoryRequest(
-        deltas=[pb.BalloonDelta(vm_id=vm_id, delta_bytes=delta) for vm_id, delta in deltas]
+        deltas=[pb.BalloonDelta(vm_id=vm_id, delta_bytes=delta) for vm_id, delta in deltas],
+        validate_only=validate_only,
     )
     answer, response = call(lambda: device.stub.RebalanceMemory(request, timeout=CALL_TIMEOUT_S))
     check_reached_mms(answer, watched, device)
@@ -416,6 +419,8 @@ def test_rebalance_memory(device: Device, data: st.DataObject) -> None:
     # The server page-aligns each delta (down) and adds the CrOS guest's opposite delta last.
     assert requested[:-1] == [(vm_id, delta - delta % PAGE_BYTES) for vm_id, delta in deltas]
     assert requested[-1] == (0, -sum(delta for _, delta in requested[:-1]))
+    if validate_only:  # it read stats and sent no RebalanceMemory
+        assert all(isinstance(r, GetBalloonStatsRequest) for r in watched.received())
 
 
 @given(mem_bytes=sizes, init_bytes=optional_sizes)

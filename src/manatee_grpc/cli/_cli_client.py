@@ -247,19 +247,24 @@ def _cmd_stats(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
 def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
     deltas = dict(args.deltas)
     if len(deltas) != len(args.deltas):
         raise UsageError("each VM may appear only once")
-    response = client.rebalance_memory(deltas, session=args.session)
+    response = client.rebalance_memory(deltas, session=args.session, validate_only=args.dry_run)
     if args.json:
-        _print_json(
-            {
-                "requested_deltas": _deltas_json(response.requested_deltas),
-                "actual_deltas": _deltas_json(response.actual_deltas),
-                "fully_applied": response.fully_applied,
-            }
-        )
+        answer: dict[str, object] = {
+            "requested_deltas": _deltas_json(response.requested_deltas),
+            "actual_deltas": _deltas_json(response.actual_deltas),
+            "fully_applied": response.fully_applied,
+        }
+        if args.dry_run:
+            answer["dry_run"] = True  # what would move: nothing did
+        _print_json(answer)
         return 0
     actual = {d.vm_id: d.delta_bytes for d in response.actual_deltas}
     rows = [
@@ -270,8 +275,12 @@ def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
         ]
         for d in response.requested_deltas
     ]
-    print(format_table(["VM", "REQUESTED", "ACTUAL"], rows, right=(1, 2)))
-    print(f"fully applied: {'yes' if response.fully_applied else 'no'}")
+    actual_heading = "WOULD MOVE" if args.dry_run else "ACTUAL"
+    print(format_table(["VM", "REQUESTED", actual_heading], rows, right=(1, 2)))
+    if args.dry_run:
+        print(f"dry run, nothing moved; would be fully applied: {_yes_no(response.fully_applied)}")
+    else:
+        print(f"fully applied: {_yes_no(response.fully_applied)}")
     return 0
 
 
@@ -386,6 +395,11 @@ def add_client_commands(
         type=_delta_arg,
         metavar="ID=DELTA",
         help="balloon delta per VM, e.g. 1=-64MiB (negative gives the VM memory)",
+    )
+    rebalance.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="preview what the rebalance would move now (validate_only); nothing moves",
     )
     _add_session_argument(rebalance)
     launch = add("launch", _cmd_launch, "launch a sibling VM (LaunchVm)")

@@ -25,6 +25,7 @@ from manatee_grpc.core._errors import (
     ManateeError,
     MmsConnectionError,
     MmsRefusedError,
+    PreviewUnavailableError,
     SessionResetError,
     VmNotRunningError,
 )
@@ -49,6 +50,7 @@ from manatee_grpc.mms._messages import (
     RemoveVmResponse,
     Response,
 )
+from manatee_grpc.mms._rebalance import StatsGapError, preview_from_stats
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +253,60 @@ class MemoryBridge:
             if result is not None:
                 return result
             # The first call with this id was never sent: run it now.
+
+    async def preview_rebalance(
+        self, deltas: Mapping[int, int], timeout_s: float | None, session_id: str = ""
+    ) -> RebalanceResult:
+        """What ``rebalance(deltas)`` would answer now (validate_only); no RebalanceMemory is sent.
+
+        The same checks as the real call, then one GetBalloonStats (the coalesced reader: a read
+        changes nothing) of the VMs named, and mms's own arithmetic (mms/_rebalance) on what it
+        shows: each balloon, each guest's available memory, the CrOS guest's total memory, and
+        each sibling's memory size from the books. PreviewUnavailableError where that cannot be
+        certain (see ``preview_rebalance`` in mms/_rebalance); a request_id is never recorded.
+        """
+        with self.books.pinned(session_id, "RebalanceMemory"):
+            requested = self._rebalance_deltas(deltas)
+            session = self.books.session
+            mem_sizes_bytes = {
+                delta.vm_id: self.books.require_vm(delta.vm_id).mem_size_bytes
+                for delta in requested
+                if delta.vm_id != CROS_GUEST_VM_ID
+            }
+        snapshot = await self.stats.read_async(
+            tuple(sorted(delta.vm_id for delta in requested)), timeout_s
+        )
+        if snapshot.session != session:
+            raise SessionResetError(
+                "the mms session was reset during the preview: mms dropped its sibling VMs",
+                session=self.books.public_session_id(snapshot.session),
+            )
+        try:
+            preview = preview_from_stats(
+                {entry.vm_id: entry for entry in snapshot.stats}, mem_sizes_bytes, requested
+            )
+        except StatsGapError as gap:
+            unreadable = {entry.vm_id: entry for entry in snapshot.unreadable}.get(gap.vm_id)
+            why = (
+                f"its stats are unreadable ({unreadable.mms_field} = {unreadable.mms_value})"
+                if unreadable is not None
+                else f"mms gave no {gap.field} for it"
+            )
+            raise PreviewUnavailableError(
+                f"cannot preview the rebalance: VM {gap.vm_id} is not known well enough, {why} "
+                "(nothing was sent but a stats read)",
+                vmId=gap.vm_id,
+                mmsField=unreadable.mms_field if unreadable is not None else gap.field,
+            ) from None
+        if not preview.exact:
+            raise PreviewUnavailableError(
+                "cannot preview the rebalance: mms would deflate the CrOS guest past its visible "
+                "balloon, and what it does then depends on its internal allocation, which mms "
+                "does not report (nothing was sent but a stats read)",
+                vmId=CROS_GUEST_VM_ID,
+                mmsField="internal_balloon_allocation",
+            )
+        return _rebalance_result(requested, RebalanceMemoryResponse(preview.actual_deltas))
 
     def _rebalance_deltas(self, deltas: Mapping[int, int]) -> tuple[BalloonDelta, ...]:
         requested: list[BalloonDelta] = []

@@ -6,6 +6,7 @@
     ├── SessionResetError ........... NOT_FOUND            SESSION_RESET
     ├── StartInProgressError ........ ABORTED              START_IN_PROGRESS (+ RetryInfo)
     ├── VmNotRunningError ........... FAILED_PRECONDITION  VM_NOT_RUNNING
+    ├── PreviewUnavailableError ..... FAILED_PRECONDITION  PREVIEW_UNAVAILABLE
     ├── VmStartFailedError .......... FAILED_PRECONDITION  VM_START_FAILED
     ├── LaunchAbortedError .......... ABORTED              LAUNCH_ABORTED
     ├── LaunchLeaseExpiredError ..... DEADLINE_EXCEEDED    LEASE_EXPIRED
@@ -61,6 +62,7 @@ __all__ = [
     "MmsProtocolError",
     "MmsRefusedError",
     "MmsUnavailableError",
+    "PreviewUnavailableError",
     "RequestIdsFullError",
     "ServerShuttingDownError",
     "SessionResetError",
@@ -112,6 +114,17 @@ class VmNotRunningError(ManateeError):
 
     code = "FAILED_PRECONDITION"
     reason = "VM_NOT_RUNNING"
+
+
+class PreviewUnavailableError(ManateeError):
+    """A rebalance preview (validate_only) cannot say for certain what mms would do.
+
+    A VM's stats are missing or unreadable, or mms's answer depends on its internal allocation
+    in the CrOS balloon, which the protocol does not show. Nothing was sent but a stats read.
+    """
+
+    code = "FAILED_PRECONDITION"
+    reason = "PREVIEW_UNAVAILABLE"
 
 
 class VmStartFailedError(ManateeError):

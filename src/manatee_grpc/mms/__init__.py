@@ -2,7 +2,9 @@
 
 Typed messages (``_messages``), the frame and JSON-body codec (``_wire``), addresses and sockets
 (``_transport``), the connection thread that alone owns the stream (``_connection``), page and
-balloon arithmetic (``_memory_math``) and the errors the connection raises (``_errors``).
+balloon arithmetic (``_memory_math``), mms's rebalance rules (``_rebalance``, pure: the
+simulator answers with them and the server previews with them) and the errors the connection
+raises (``_errors``).
 
 May import: the standard library and msgspec only; no grpc, no protobuf, no prometheus, and
 nothing else of manatee_grpc (the contract in pyproject.toml checks it).

@@ -340,7 +340,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         session_id = validate.session_id(request.session)
         request_id = validate_request_id(request.request_id)
         self._check_open()
-        result = await self.bridge.rebalance(deltas, _timeout_s(context), session_id, request_id)
+        if request.validate_only:
+            # AIP-163: the answer the call would get now; no RebalanceMemory, no request id kept.
+            result = await self.bridge.preview_rebalance(deltas, _timeout_s(context), session_id)
+        else:
+            result = await self.bridge.rebalance(
+                deltas, _timeout_s(context), session_id, request_id
+            )
         return pb.RebalanceMemoryResponse(
             requested_deltas=[_delta(d) for d in result.requested],
             actual_deltas=[_delta(d) for d in result.actual],

@@ -6,13 +6,14 @@ holds mms's internal allocation and may be deflated into it (down to 0), memory 
 track of is only logged, and ``balloon_actual`` is a u64 subtraction that wraps as it did in a
 release build. Where a value is a Rust u64 or i64, the arithmetic wraps or casts as Rust's does.
 The guests behind it may follow a workload (the scenario's demand curves): Simulator tells the
-model the workload time before each request. No sockets, threads or clocks: Simulator wraps it.
+model the workload time before each request. The rebalance arithmetic itself is
+``mms/_rebalance.py``, which the server's preview runs too. No sockets, threads or clocks:
+Simulator wraps it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
@@ -30,7 +31,6 @@ from manatee_grpc.mms._messages import (
     RES_ENOMEM,
     RES_OK,
     U32_MAX,
-    BalloonDelta,
     BalloonStats,
     FinishAddVmRequest,
     FinishAddVmResponse,
@@ -46,6 +46,18 @@ from manatee_grpc.mms._messages import (
     Response,
     VmBalloonStats,
 )
+from manatee_grpc.mms._rebalance import (
+    I64_MAX,
+    I64_MIN,
+    BalloonBounds,
+    RebalancePlan,
+    adjust_balloon,
+    guest_balloon_reached,
+    plan_rebalance,
+    rebalance,
+)
+from manatee_grpc.mms._rebalance import as_i64 as _as_i64
+from manatee_grpc.mms._rebalance import as_u64 as _as_u64
 from manatee_grpc.sim._scenario import Scenario
 
 __all__ = [
@@ -58,9 +70,6 @@ __all__ = [
     "StartState",
     "plan_rebalance",
 ]
-
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
-_U64_MODULUS = 2**64
 
 _R = TypeVar("_R", bound=Response)
 
@@ -110,90 +119,6 @@ class PendingStartView:
     crosvm_connected: bool
 
 
-def _as_u64(value: int) -> int:
-    """Rust's ``as u64`` (and u64 arithmetic in a release build): wrap modulo 2^64."""
-    return value % _U64_MODULUS
-
-
-def _as_i64(value: int) -> int:
-    """Rust's ``as i64`` of a u64 (or i64 arithmetic in a release build): two's complement."""
-    value %= _U64_MODULUS
-    return value - _U64_MODULUS if value > _I64_MAX else value
-
-
-@dataclass(frozen=True, slots=True)
-class BalloonBounds:
-    """What the rebalance plan needs of one VM: mms's record of its balloon, and its memory.
-
-    For the CrOS guest the record includes mms's internal allocation, and the floor is still 0.
-    """
-
-    balloon_bytes: int
-    mem_size_bytes: int
-
-    def clamp_delta(self, delta_bytes: int) -> int:
-        """mms's ``clamp_balloon_delta``: the part of the delta that keeps the balloon in range.
-
-        The range is ``[0, mem_size]`` for every VM (a saturating add capped at mem_size, or a
-        saturating subtract of ``|delta|`` at 0), the result an i64 difference of the two sizes.
-        """
-        if delta_bytes > 0:
-            new_size_bytes = min(self.balloon_bytes + delta_bytes, self.mem_size_bytes)
-        else:
-            # i64::saturating_abs: |i64::MIN| stops at i64::MAX.
-            new_size_bytes = max(self.balloon_bytes - min(-delta_bytes, _I64_MAX), 0)
-        return _as_i64(new_size_bytes) - _as_i64(self.balloon_bytes)
-
-
-@dataclass(frozen=True, slots=True)
-class RebalancePlan:
-    """The deltas mms will apply: inflates first, then deflates, each in request order."""
-
-    inflates: tuple[BalloonDelta, ...]
-    deflates: tuple[BalloonDelta, ...]
-
-
-def plan_rebalance(
-    bounds_by_vm_id: Mapping[int, BalloonBounds], deltas: Sequence[BalloonDelta]
-) -> RebalancePlan | None:
-    """mms's ``calculate_target_deltas``: validate, clamp, trim to a zero sum; None if invalid.
-
-    The lists are built from the *clamped* deltas (a clamped 0 is in neither), then trimmed: with
-    ``total`` the sum, mms walks the inflates if ``total > 0`` (else the deflates), replacing each
-    ``d`` with ``clamp(d - total)`` in that VM's full range. That clamp can carry a delta past 0
-    (an inflate trimmed into a deflate); mms keeps it in its list, and so does this plan.
-    """
-    seen_vm_ids: set[int] = set()
-    total_bytes = 0
-    inflates: list[BalloonDelta] = []
-    deflates: list[BalloonDelta] = []
-    for delta in deltas:
-        if delta.delta_bytes % PAGE_SIZE_BYTES != 0 or delta.vm_id in seen_vm_ids:
-            return None
-        seen_vm_ids.add(delta.vm_id)
-        bounds = bounds_by_vm_id.get(delta.vm_id)
-        if bounds is None:
-            return None
-        clamped_bytes = bounds.clamp_delta(delta.delta_bytes)
-        total_bytes += clamped_bytes
-        if clamped_bytes > 0:
-            inflates.append(BalloonDelta(delta.vm_id, clamped_bytes))
-        elif clamped_bytes < 0:
-            deflates.append(BalloonDelta(delta.vm_id, clamped_bytes))
-    if total_bytes != 0:
-        trimmed = inflates if total_bytes > 0 else deflates
-        for index, delta in enumerate(trimmed):
-            bounds = bounds_by_vm_id[delta.vm_id]
-            new_bytes = bounds.clamp_delta(_saturate_i64(delta.delta_bytes - total_bytes))
-            total_bytes += new_bytes - delta.delta_bytes
-            trimmed[index] = BalloonDelta(delta.vm_id, new_bytes)
-    return RebalancePlan(inflates=tuple(inflates), deflates=tuple(deflates))
-
-
-def _saturate_i64(value: int) -> int:
-    return max(_I64_MIN, min(_I64_MAX, value))
-
-
 @dataclass(slots=True)
 class _Guest:
     """One VM: what mms believes of its balloon, and what its guest and crosvm really have."""
@@ -219,15 +144,11 @@ class _Guest:
 
     def crosvm_set_balloon(self, target_bytes: int) -> int:
         """crosvm's Adjust: the guest gives up at most ``mem - used``; deflating always works."""
-        # crosvm counts the balloon in pages.
-        target_bytes = align_down_page(target_bytes)
-        if target_bytes > self.guest_balloon_bytes:
-            reachable_bytes = max(
-                self.guest_balloon_bytes, align_down_page(self.mem_size_bytes - self.used_bytes)
-            )
-            self.guest_balloon_bytes = min(target_bytes, reachable_bytes)
-        else:
-            self.guest_balloon_bytes = target_bytes
+        self.guest_balloon_bytes = guest_balloon_reached(
+            self.guest_balloon_bytes,
+            target_bytes,
+            align_down_page(self.mem_size_bytes - self.used_bytes),
+        )
         return self.guest_balloon_bytes
 
     def memory(self) -> GuestMemory:
@@ -384,28 +305,10 @@ class MmsModel:
 
     def _rebalance_memory(self, request: RebalanceMemoryRequest) -> RebalanceMemoryResponse:
         bounds = {vm_id: guest.bounds() for vm_id, guest in self._all_guests().items()}
-        plan = plan_rebalance(bounds, request.deltas)
-        if plan is None:
-            return RebalanceMemoryResponse(
-                actual_deltas=tuple(BalloonDelta(d.vm_id, 0) for d in request.deltas)
-            )
-        # Inflate first: what really inflated (the slack) is all the deflates may hand out.
-        slack_bytes = 0
-        actual_deltas = []
-        for delta in plan.inflates:
-            actual_bytes = self._adjust_client_balloon(delta.vm_id, delta.delta_bytes)
-            slack_bytes += actual_bytes
-            actual_deltas.append(BalloonDelta(delta.vm_id, actual_bytes))
-        for delta in plan.deflates:
-            # A trimmed "deflate" may be positive, and with a negative slack this asks for an
-            # inflate: both as in mms.
-            wanted_bytes = -min(abs(delta.delta_bytes), slack_bytes)
-            actual_bytes = self._adjust_client_balloon(delta.vm_id, wanted_bytes)
-            slack_bytes += actual_bytes
-            actual_deltas.append(BalloonDelta(delta.vm_id, actual_bytes))
+        actual_deltas, slack_bytes = rebalance(bounds, request.deltas, self._adjust_client_balloon)
         # mms only logs "non-zero slack remaining": that memory is now unaccounted for.
         self._unbalanced_bytes += slack_bytes
-        return RebalanceMemoryResponse(actual_deltas=tuple(actual_deltas))
+        return RebalanceMemoryResponse(actual_deltas=actual_deltas)
 
     def _prepare_vm(self, request: PrepareVmRequest) -> PrepareVmResponse:
         start = self._start
@@ -499,27 +402,20 @@ class MmsModel:
         return self._adjust_balloon(self._all_guests()[vm_id], delta_bytes)
 
     def _adjust_balloon(self, guest: _Guest, delta_bytes: int) -> int:
-        """mms's ``adjust_balloon``: ask crosvm for a size, learn the size reached.
+        """mms's ``adjust_balloon`` on ``guest``, its crosvm failing where a fault says so.
 
         A deflate saturates at 0 for every VM: the CrOS guest's record, allocation included, can
         go below the allocation (and its reported balloon_actual then wraps).
         """
-        if delta_bytes > 0:
-            target_bytes = _as_u64(guest.balloon_bytes + delta_bytes)
-        else:
-            target_bytes = max(guest.balloon_bytes - abs(delta_bytes), 0)
-        if guest.vm_id in self._faults.balloon_adjust_fail_vm_ids:
-            # Pessimistic: an inflate gained nothing, a deflate released everything it asked.
-            if delta_bytes > 0:
-                return 0
+        failing = guest.vm_id in self._faults.balloon_adjust_fail_vm_ids
+        done = adjust_balloon(
+            guest.balloon_bytes, delta_bytes, None if failing else guest.crosvm_set_balloon
+        )
+        if failing and delta_bytes <= 0:
             # A deflate past 0 reports more than the balloon moved: mms loses the rest.
-            self._unbalanced_bytes += (target_bytes - guest.balloon_bytes) - delta_bytes
-            guest.balloon_bytes = target_bytes
-            return delta_bytes
-        actual_size_bytes = guest.crosvm_set_balloon(target_bytes)
-        actual_delta_bytes = _as_i64(actual_size_bytes) - _as_i64(guest.balloon_bytes)
-        guest.balloon_bytes = actual_size_bytes
-        return actual_delta_bytes
+            self._unbalanced_bytes += (done.balloon_bytes - guest.balloon_bytes) - delta_bytes
+        guest.balloon_bytes = done.balloon_bytes
+        return done.actual_delta_bytes
 
     def _release_to_cros(self, released_bytes: int) -> None:
         actual_bytes = self._adjust_balloon(self._cros, -released_bytes)
@@ -609,7 +505,7 @@ class MmsModel:
         balloon really moved: an inflate that came back short grows it by less, and a deflate
         saturates at an empty balloon. The allocation may end up below 0 (a wrapped u64 in mms).
         """
-        if not _I64_MIN <= delta_bytes <= _I64_MAX:
+        if not I64_MIN <= delta_bytes <= I64_MAX:
             raise ValueError(f"delta_bytes is an i64, got {delta_bytes}")
         actual_bytes = self._adjust_balloon(self._cros, delta_bytes)
         self._cros.internal_allocation_bytes += actual_bytes

@@ -643,6 +643,7 @@ class RebalanceMemoryRequest(_message.Message):
     DELTAS_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """The session the VM ids were learnt in; empty means the current session. Another session is
     NOT_FOUND (SESSION_RESET) and nothing reaches mms.
@@ -652,6 +653,24 @@ class RebalanceMemoryRequest(_message.Message):
     and moves nothing. At most 64 characters; a UUID is recommended. Empty: no deduplication.
     Remembered while in flight and 10 minutes after the answer, up to 4096 ids; see "Retries"
     above (RESOURCE_EXHAUSTED, REQUEST_IDS_FULL).
+    """
+    validate_only: _builtins.bool
+    """Preview only (AIP-163): the answer gives the `actual_deltas` and `fully_applied` this same
+    request would get now, and nothing moves. A preview reads balloon stats and sends no
+    RebalanceMemory: the request is checked exactly as the real call (bad input is
+    INVALID_ARGUMENT, a VM that is not running FAILED_PRECONDITION, whether or not a start is
+    pending), then one GetBalloonStats of the VMs named (shared with concurrent readers; a read
+    changes nothing in mms) feeds mms's own rebalance rules (the code the simulator runs). A
+    `request_id` is checked but not recorded. The preview is exact when nothing changes between
+    it and the real call, no balloon adjust of those VMs has failed (mms's record is then
+    crosvm's balloon), each guest gives its balloon up to its reported `available_memory`
+    (rounded down to a page) and always takes memory back, and the CrOS guest's
+    `total_memory` is its memory outside the balloon. The simulator's guests behave so. mms's
+    internal allocation in the CrOS balloon is not reported: where mms's answer would depend
+    on it (mms would deflate the CrOS guest past its visible balloon, and that balloon does not
+    cover the room of the VMs named, which happens only after mms lost track of memory), and
+    where a VM named has no readable stats, the preview fails with FAILED_PRECONDITION
+    (PREVIEW_UNAVAILABLE) instead of guessing.
     """
     @_builtins.property
     def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___BalloonDelta]:
@@ -665,10 +684,11 @@ class RebalanceMemoryRequest(_message.Message):
         deltas: _abc.Iterable[Global___BalloonDelta] | None = ...,
         session: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "request_id", b"request_id", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deltas", b"deltas", "request_id", b"request_id", "session", b"session", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -63,7 +63,9 @@ class MemoryServiceStub:
     nothing reached mms); mms refused the call as a state conflict (mms -22,
     MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
     MMS_EIO); or the LaunchVm client sent `vm_start_failed`
-    (VM_START_FAILED). A launch's reservation is always released.
+    (VM_START_FAILED). A launch's reservation is always released. A
+    rebalance preview that cannot be certain (PREVIEW_UNAVAILABLE; see
+    RebalanceMemoryRequest.validate_only).
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
     `request_id` while all the ids the server may hold are in flight
     (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
@@ -183,7 +185,9 @@ class MemoryServiceServicer:
     nothing reached mms); mms refused the call as a state conflict (mms -22,
     MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
     MMS_EIO); or the LaunchVm client sent `vm_start_failed`
-    (VM_START_FAILED). A launch's reservation is always released.
+    (VM_START_FAILED). A launch's reservation is always released. A
+    rebalance preview that cannot be certain (PREVIEW_UNAVAILABLE; see
+    RebalanceMemoryRequest.validate_only).
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
     `request_id` while all the ids the server may hold are in flight
     (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
@@ -245,7 +249,8 @@ class MemoryServiceServicer:
 
         The caller gives balloon deltas for sibling VMs only; the server page-aligns them and adds
         the opposite delta for the CrOS guest. mms may apply less than asked: that is not an error,
-        `fully_applied` is false and `actual_deltas` says what moved.
+        `fully_applied` is false and `actual_deltas` says what moved. With `validate_only` the
+        answer is a preview of what the same request would do now, and nothing moves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -405,7 +410,9 @@ class MemoryService:
     nothing reached mms); mms refused the call as a state conflict (mms -22,
     MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
     MMS_EIO); or the LaunchVm client sent `vm_start_failed`
-    (VM_START_FAILED). A launch's reservation is always released.
+    (VM_START_FAILED). A launch's reservation is always released. A
+    rebalance preview that cannot be certain (PREVIEW_UNAVAILABLE; see
+    RebalanceMemoryRequest.validate_only).
     RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
     `request_id` while all the ids the server may hold are in flight
     (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).

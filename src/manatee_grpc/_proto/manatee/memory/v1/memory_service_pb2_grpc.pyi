@@ -70,7 +70,9 @@ class MemoryServiceStub:
                            nothing reached mms); mms refused the call as a state conflict (mms -22,
                            MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
                            MMS_EIO); or the LaunchVm client sent `vm_start_failed`
-                           (VM_START_FAILED). A launch's reservation is always released.
+                           (VM_START_FAILED). A launch's reservation is always released. A
+                           rebalance preview that cannot be certain (PREVIEW_UNAVAILABLE; see
+                           RebalanceMemoryRequest.validate_only).
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
                            `request_id` while all the ids the server may hold are in flight
                            (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
@@ -128,7 +130,8 @@ class MemoryServiceStub:
 
     The caller gives balloon deltas for sibling VMs only; the server page-aligns them and adds
     the opposite delta for the CrOS guest. mms may apply less than asked: that is not an error,
-    `fully_applied` is false and `actual_deltas` says what moved.
+    `fully_applied` is false and `actual_deltas` says what moved. With `validate_only` the
+    answer is a preview of what the same request would do now, and nothing moves.
     """
     LaunchVm: _grpc.StreamStreamMultiCallable[_memory_service_pb2.LaunchVmRequest, _memory_service_pb2.LaunchVmResponse]
     """Starts a sibling VM end to end: the recommended way to start one.
@@ -215,7 +218,9 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
                            nothing reached mms); mms refused the call as a state conflict (mms -22,
                            MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
                            MMS_EIO); or the LaunchVm client sent `vm_start_failed`
-                           (VM_START_FAILED). A launch's reservation is always released.
+                           (VM_START_FAILED). A launch's reservation is always released. A
+                           rebalance preview that cannot be certain (PREVIEW_UNAVAILABLE; see
+                           RebalanceMemoryRequest.validate_only).
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
                            `request_id` while all the ids the server may hold are in flight
                            (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
@@ -270,7 +275,8 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
 
     The caller gives balloon deltas for sibling VMs only; the server page-aligns them and adds
     the opposite delta for the CrOS guest. mms may apply less than asked: that is not an error,
-    `fully_applied` is false and `actual_deltas` says what moved.
+    `fully_applied` is false and `actual_deltas` says what moved. With `validate_only` the
+    answer is a preview of what the same request would do now, and nothing moves.
     """
     LaunchVm: _aio.StreamStreamMultiCallable[_memory_service_pb2.LaunchVmRequest, _memory_service_pb2.LaunchVmResponse]  # type: ignore[assignment]
     """Starts a sibling VM end to end: the recommended way to start one.
@@ -356,7 +362,9 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
                            nothing reached mms); mms refused the call as a state conflict (mms -22,
                            MMS_EINVAL); the new VM's crosvm never connected to its balloon (mms -5,
                            MMS_EIO); or the LaunchVm client sent `vm_start_failed`
-                           (VM_START_FAILED). A launch's reservation is always released.
+                           (VM_START_FAILED). A launch's reservation is always released. A
+                           rebalance preview that cannot be certain (PREVIEW_UNAVAILABLE; see
+                           RebalanceMemoryRequest.validate_only).
       RESOURCE_EXHAUSTED   mms could not find the memory (mms -12, MMS_ENOMEM); or a new
                            `request_id` while all the ids the server may hold are in flight
                            (REQUEST_IDS_FULL, with RetryInfo; nothing reached mms).
@@ -427,7 +435,8 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
         The caller gives balloon deltas for sibling VMs only; the server page-aligns them and adds
         the opposite delta for the CrOS guest. mms may apply less than asked: that is not an error,
-        `fully_applied` is false and `actual_deltas` says what moved.
+        `fully_applied` is false and `actual_deltas` says what moved. With `validate_only` the
+        answer is a preview of what the same request would do now, and nothing moves.
         """
 
     @_abc_1.abstractmethod
