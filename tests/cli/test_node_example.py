@@ -130,3 +130,37 @@ def test_node_journey_fails_loudly(node: str, server: ManateeServer, client: Cli
     assert "  ErrorInfo: reason MMS_EINVAL, domain manatee.memory.v1, metadata" in "\n".join(
         failure
     )
+
+
+# proto-loader with its default options, and a request written with the proto's field names.
+DEFAULT_OPTIONS_PREPARE = """
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const definition = protoLoader.loadSync('manatee/memory/v1/memory_service.proto', {
+  includeDirs: [process.argv[1]],
+});
+const {MemoryService} = grpc.loadPackageDefinition(definition).manatee.memory.v1;
+const client = new MemoryService(process.argv[2], grpc.credentials.createInsecure(), {
+  'grpc.enable_http_proxy': 0,
+});
+client.PrepareVm({mem_size_bytes: 536870912}, (error) => {
+  console.log(error ? `${grpc.status[error.code]}: ${error.details}` : 'OK');
+  client.close();
+});
+"""
+
+
+def test_proto_loader_defaults_drop_snake_case_fields(node: str, server: ManateeServer) -> None:
+    # Why the example (and the README) set keepCase: without it the request's field is silently
+    # dropped, and the server sees a PrepareVm for 0 bytes.
+    result = subprocess.run(
+        [node, "-e", DEFAULT_OPTIONS_PREPARE, str(REPO_ROOT / "protos"), server.address],
+        cwd=EXAMPLE, capture_output=True, text=True, timeout=JOURNEY_TIMEOUT_S, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "INVALID_ARGUMENT: mem_size_bytes: must be positive\n"
+    # The README's "From another language" quotes that answer.
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## From another language") :]
+    assert 'answers "mem_size_bytes: must be positive"' in section[: section.index("\n## ")]
