@@ -5,8 +5,9 @@ the generated imports under ``manatee_grpc._proto`` so the wheel ships no top-le
 package. protoc also writes ``descriptor_set.binpb``: our files' descriptors with their comments
 (source info), which server reflection serves so that ``grpcurl describe`` shows them. The
 googleapis protos under protos/google/ are there for other languages only: Python has them from
-googleapis-common-protos, so nothing is generated for them. The output is deterministic; tests/test_proto.py regenerates and compares it byte for
-byte. Usage: ``.venv/bin/python tools/gen_proto.py [--out DIR]``.
+googleapis-common-protos, so nothing is generated for them. The output is deterministic;
+tests/test_proto.py regenerates and compares it byte for byte.
+Usage: ``.venv/bin/python tools/gen_proto.py [--out DIR]``.
 """
 
 from __future__ import annotations
