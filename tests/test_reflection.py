@@ -100,6 +100,10 @@ def test_describe_memory_service_shows_every_rpc(address: str) -> None:
     assert f"{MEMORY_SERVICE.full_name} is a service:" in result.stdout
     for method in MEMORY_SERVICE.methods:
         assert rpc_line(method) in result.stdout
+    # The service's whole comment (sessions, retries, every error code) comes first.
+    lines = result.stdout.splitlines()
+    comment = leading_comment(r"service MemoryService \{")
+    assert lines[1 : 1 + len(comment) + 1] == [*comment, "service MemoryService {"]
 
 
 def leading_comment(declaration: str, inside: str = "") -> list[str]:

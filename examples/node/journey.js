@@ -213,16 +213,15 @@ function launchVm(client) {
           console.log(`LaunchVm: launched VM ${launched.vm_id}, ${launched.vm.state}`);
           break;
         default:
+          stream.cancel(); // the server then releases whatever it reserved
           reject(new Error(`LaunchVm: unexpected message ${JSON.stringify(message)}`));
       }
     });
+    // A status other than OK arrives as 'error'; 'end' comes after every message was read.
     stream.on('error', reject);
-    stream.on('status', (status) => {
-      if (status.code !== grpc.status.OK) {
-        return; // the 'error' event reports it
-      }
+    stream.on('end', () => {
       if (launched === null) {
-        reject(new Error('LaunchVm ended with OK but without `launched`'));
+        reject(new Error('LaunchVm ended without `launched`'));
       } else {
         resolve(launched);
       }
