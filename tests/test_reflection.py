@@ -304,6 +304,14 @@ def test_v1_lists_services_and_resolves_methods(address: str) -> None:
         "google/protobuf/timestamp.proto",
     ]
     assert by_method.original_request == requests[1]
+    # Our file is the pool's own copy plus its comments, and nothing else: no json_name, which
+    # would make grpcurl print camelCase keys instead of the proto's names.
+    served = files[0]
+    assert served.source_code_info.location
+    served.ClearField("source_code_info")
+    pools_copy = descriptor_pb2.FileDescriptorProto()
+    memory_service_pb2.DESCRIPTOR.CopyToProto(pools_copy)
+    assert served == pools_copy
     assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 

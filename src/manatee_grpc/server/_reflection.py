@@ -110,9 +110,9 @@ def _v1_pool() -> descriptor_pool.DescriptorPool:
 def _commented_files(pool: descriptor_pool.DescriptorPool) -> dict[str, bytes]:
     """File name -> serialized FileDescriptorProto with comments, for the files ``pool`` holds.
 
-    A file is used only if, comments and protoc's json_name aside, it is exactly the pool's
-    file: a descriptor set older than the generated code would describe fields that are not
-    served, and then the pool's comment-less copy is the truth.
+    What is served is the pool's own file plus its comments, nothing else: a file is used only
+    if, comments aside, it is exactly the pool's copy (a descriptor set older than the generated
+    code would describe fields that are not served; then the comment-less copy is the truth).
     """
     resource = importlib.resources.files(_SOURCE_PACKAGE) / _SOURCE_DESCRIPTOR_SET
     try:
@@ -126,29 +126,36 @@ def _commented_files(pool: descriptor_pool.DescriptorPool) -> dict[str, bytes]:
             registered = pool.FindFileByName(file.name)
         except KeyError:
             continue
-        if _without_source_info(file) == _pool_copy(registered):
-            commented[file.name] = file.SerializeToString()
+        served = _without_json_names(file)
+        bare = descriptor_pb2.FileDescriptorProto()
+        bare.CopyFrom(served)
+        bare.ClearField("source_code_info")
+        if bare == _pool_copy(registered):
+            commented[file.name] = served.SerializeToString()
         else:
             _log.warning("reflection serves %s without comments: %s is stale", file.name, resource)
     return commented
 
 
-def _without_source_info(
+def _without_json_names(
     file: descriptor_pb2.FileDescriptorProto,
 ) -> descriptor_pb2.FileDescriptorProto:
-    bare = descriptor_pb2.FileDescriptorProto()
-    bare.CopyFrom(file)
-    bare.ClearField("source_code_info")
-    # protoc fills in json_name; the pool's copy leaves it out (clients derive the same name).
-    pending = list(bare.message_type)
+    """``file`` without the json_name protoc fills in and the pool's copy leaves out.
+
+    Kept out on purpose: given json_name, grpcurl prints responses with camelCase keys
+    (``vmId``) instead of the proto's names that the README's commands and their -d bodies use.
+    """
+    copy = descriptor_pb2.FileDescriptorProto()
+    copy.CopyFrom(file)
+    pending = list(copy.message_type)
     while pending:
         message = pending.pop()
         for field in (*message.field, *message.extension):
             field.ClearField("json_name")
         pending.extend(message.nested_type)
-    for extension in bare.extension:
+    for extension in copy.extension:
         extension.ClearField("json_name")
-    return bare
+    return copy
 
 
 def _pool_copy(file: descriptor.FileDescriptor) -> descriptor_pb2.FileDescriptorProto:
