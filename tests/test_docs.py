@@ -60,3 +60,57 @@ def test_every_test_the_safety_section_names_exists() -> None:
             assert re.search(rf"def {test}\b", source), f"{module} has no test {test}"
             named += 1
     assert named >= 12
+
+
+def _from_another_language() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## From another language")
+    return text[start : text.index("\n## ", start)]
+
+
+def _js_options(block: str) -> dict[str, str]:
+    """``key: value`` pairs of a JS object literal, comments dropped."""
+    code = re.sub(r"//.*", "", block)
+    return dict(re.findall(r"^\s*(\w+): ([^,\n]+),?\s*$", code, flags=re.MULTILINE))
+
+
+def test_from_another_language_names_files_that_exist() -> None:
+    section = _from_another_language()
+    named = set(re.findall(r"`((?:protos|examples|tests)/[\w./-]+)`", section))
+    named |= set(re.findall(r"\]\(((?:protos|examples|tests)/[\w./-]+)\)", section))
+    assert {
+        "protos/google/rpc/status.proto",
+        "protos/google/rpc/error_details.proto",
+        "examples/node/journey.js",
+        "tests/cli/test_node_example.py",
+    } <= named
+    for path in named:
+        assert (ROOT / path).exists(), f"README 'From another language' names {path}, which is gone"
+    # Its shell line runs the example the Node test runs, from the example's own folder.
+    (command,) = [line for line in section.splitlines() if line.startswith("cd examples/node")]
+    assert command.split("#")[0].strip() == (
+        "cd examples/node && npm ci && node journey.js 127.0.0.1:50051"
+    )
+
+
+def test_from_another_language_shows_the_options_the_node_example_uses() -> None:
+    section = _from_another_language()
+    (block,) = re.findall(r"```js\n(.*?)```", section, flags=re.DOTALL)
+    shown = _js_options(block)
+    journey = (ROOT / "examples" / "node" / "journey.js").read_text()
+    start = journey.index("const LOADER_OPTIONS = {")
+    used = _js_options(journey[start : journey.index("};", start)])
+
+    expected = {
+        "keepCase": "true",
+        "longs": "String",
+        "enums": "String",
+        "defaults": "true",
+        "oneofs": "true",
+    }
+    assert {k: v for k, v in shown.items() if k != "includeDirs"} == expected
+    assert {k: v for k, v in used.items() if k != "includeDirs"} == expected
+    # The README's includeDirs is relative to the repo's root, where protos/ is.
+    assert shown["includeDirs"] == "['protos']"
+    assert (ROOT / "protos" / "manatee" / "memory" / "v1" / "memory_service.proto").is_file()
+    assert "protoLoader.loadSync('manatee/memory/v1/memory_service.proto'" in block

@@ -1,11 +1,14 @@
 """Server reflection, checked with the real grpcurl and with a raw v1 reflection stream.
 
 A real server on 127.0.0.1 port 0 runs a stub MemoryService, the health service and
-``enable_reflection``. grpcurl 1.8.6 speaks v1alpha; v1 is exercised over a raw channel.
+``enable_reflection``. grpcurl 1.8.6 speaks v1alpha; v1 is exercised over a raw channel. The
+comments grpcurl shows are compared with the .proto source text itself.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,14 +17,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor, descriptor_pb2, text_format
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2, memory_service_pb2_grpc
-from manatee_grpc.server._reflection import V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME, enable_reflection
+from manatee_grpc.server._reflection import (
+    V1_SERVICE_NAME,
+    V1ALPHA_SERVICE_NAME,
+    _commented_files,
+    enable_reflection,
+)
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
+PROTO_FILE = Path(__file__).resolve().parents[1] / "protos" / memory_service_pb2.DESCRIPTOR.name
 MEMORY_SERVICE = memory_service_pb2.DESCRIPTOR.services_by_name["MemoryService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
@@ -91,6 +100,26 @@ def test_describe_memory_service_shows_every_rpc(address: str) -> None:
     assert f"{MEMORY_SERVICE.full_name} is a service:" in result.stdout
     for method in MEMORY_SERVICE.methods:
         assert rpc_line(method) in result.stdout
+    # The service's whole comment (sessions, retries, every error code) comes first.
+    lines = result.stdout.splitlines()
+    comment = leading_comment(r"service MemoryService \{")
+    assert lines[1 : 1 + len(comment) + 1] == [*comment, "service MemoryService {"]
+
+
+def leading_comment(declaration: str, inside: str = "") -> list[str]:
+    """The ``//`` lines right above the first line of the .proto matching ``declaration``.
+
+    With ``inside``, the search starts at the line matching it (a message's opening line), so
+    that a field name other messages also have is found in the right one.
+    """
+    lines = [line.strip() for line in PROTO_FILE.read_text(encoding="utf-8").splitlines()]
+    start = next(i for i, line in enumerate(lines) if re.match(inside, line)) if inside else 0
+    index = next(i for i in range(start, len(lines)) if re.match(declaration, lines[i]))
+    comment: list[str] = []
+    while lines[index - 1 - len(comment)].startswith("//"):
+        comment.insert(0, lines[index - 1 - len(comment)])
+    assert comment, f"{declaration!r} has no comment in {PROTO_FILE}"
+    return comment
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.full_name)
@@ -99,7 +128,87 @@ def test_describe_method(address: str, method: descriptor.MethodDescriptor) -> N
     result = grpcurl(address, "describe", method.full_name)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"{method.full_name} is a method:", rpc_line(method)]
+    # Our methods come with the proto's comment; the health service's file has none to give.
+    comment = (
+        leading_comment(rf"rpc {method.name}\(")
+        if method.containing_service is MEMORY_SERVICE
+        else []
+    )
+    assert result.stdout.splitlines() == [
+        f"{method.full_name} is a method:",
+        *comment,
+        rpc_line(method),
+    ]
+
+
+def test_describe_launch_vm_shows_the_stream_protocol(address: str) -> None:
+    result = grpcurl(address, "describe", "manatee.memory.v1.MemoryService.LaunchVm")
+
+    assert result.returncode == 0, result.stderr
+    assert "// Starts a sibling VM end to end: the recommended way to start one." in result.stdout
+    assert "// Client messages are handled in order, whenever they arrive:" in result.stdout
+
+
+def test_describe_field_shows_its_comment(address: str) -> None:
+    result = grpcurl(address, "describe", "manatee.memory.v1.RebalanceMemoryRequest.request_id")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "manatee.memory.v1.RebalanceMemoryRequest.request_id is a field:",
+        *leading_comment(r"string request_id = 3;", inside=r"message RebalanceMemoryRequest "),
+        "string request_id = 3;",
+    ]
+
+
+def test_describe_message_shows_its_comment_and_its_fields_comments(address: str) -> None:
+    message = memory_service_pb2.RebalanceMemoryRequest.DESCRIPTOR
+    opening = rf"message {message.name} "
+
+    result = grpcurl(address, "describe", message.full_name)
+
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    comment = leading_comment(opening)
+    assert lines[: 2 + len(comment)] == [
+        f"{message.full_name} is a message:",
+        *comment,
+        f"message {message.name} {{",
+    ]
+    for field in message.fields:
+        # grpcurl writes the type fully qualified: match the declaration by name and number.
+        declaration = rf".* {field.name} = {field.number};"
+        at = next(i for i, line in enumerate(lines) if re.fullmatch(declaration, line))
+        field_comment = leading_comment(declaration, inside=opening)
+        assert lines[at - len(field_comment) : at] == field_comment, field.name
+
+
+def test_describe_enum_value_shows_its_comment(address: str) -> None:
+    result = grpcurl(address, "describe", "manatee.memory.v1.UnreadableReason")
+
+    assert result.returncode == 0, result.stderr
+    assert "\n".join(leading_comment(r"UNREADABLE_REASON_WRAPPED = 1;")) in "\n".join(
+        line.strip() for line in result.stdout.splitlines()
+    )
+
+
+def test_a_stale_descriptor_set_is_not_served(caplog: pytest.LogCaptureFixture) -> None:
+    # A pool whose memory_service.proto differs from the checked-in descriptor set (one field
+    # renamed) must get the pool's comment-less copy: comments never describe another shape.
+    changed = descriptor_pb2.FileDescriptorProto()
+    memory_service_pb2.DESCRIPTOR.CopyToProto(changed)
+    changed.message_type[0].field[0].name = "renamed"
+    pool = descriptor_pool.DescriptorPool()
+    for dependency in memory_service_pb2.DESCRIPTOR.dependencies:
+        dependency_proto = descriptor_pb2.FileDescriptorProto()
+        dependency.CopyToProto(dependency_proto)
+        pool.Add(dependency_proto)
+    pool.Add(changed)
+
+    with caplog.at_level(logging.WARNING):
+        assert _commented_files(pool) == {}
+    assert "without comments" in caplog.text
+    # The real pool's file is current, so it is served with its comments.
+    assert list(_commented_files(descriptor_pool.Default())) == [memory_service_pb2.DESCRIPTOR.name]
 
 
 @pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.full_name)
@@ -107,9 +216,14 @@ def test_describe_message(address: str, message: descriptor.Descriptor) -> None:
     result = grpcurl(address, "describe", message.full_name)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{message.full_name} is a message:\nmessage {message.name} {{")
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    # buf lint COMMENTS holds every message and field to a comment, and reflection serves them.
+    assert lines[0] == f"{message.full_name} is a message:"
+    assert lines[1].startswith("// ")
+    assert f"message {message.name} {{" in lines
     for field in message.fields:
-        assert f" {field.name} = {field.number};" in result.stdout
+        at = next(i for i, line in enumerate(lines) if f" {field.name} = {field.number};" in line)
+        assert lines[at - 1].startswith("//"), f"{field.name} is described without a comment"
 
 
 def test_describe_enum(address: str) -> None:
@@ -190,6 +304,14 @@ def test_v1_lists_services_and_resolves_methods(address: str) -> None:
         "google/protobuf/timestamp.proto",
     ]
     assert by_method.original_request == requests[1]
+    # Our file is the pool's own copy plus its comments, and nothing else: no json_name, which
+    # would make grpcurl print camelCase keys instead of the proto's names.
+    served = files[0]
+    assert served.source_code_info.location
+    served.ClearField("source_code_info")
+    pools_copy = descriptor_pb2.FileDescriptorProto()
+    memory_service_pb2.DESCRIPTOR.CopyToProto(pools_copy)
+    assert served == pools_copy
     assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 

@@ -2,8 +2,12 @@
 
 Runs grpc_tools' protoc with the python, grpc_python, mypy and mypy_grpc generators, then moves
 the generated imports under ``manatee_grpc._proto`` so the wheel ships no top-level ``manatee``
-package. The output is deterministic; tests/test_proto.py regenerates and compares it byte for
-byte. Usage: ``.venv/bin/python tools/gen_proto.py [--out DIR]``.
+package. protoc also writes ``descriptor_set.binpb``: our files' descriptors with their comments
+(source info), which server reflection serves so that ``grpcurl describe`` shows them. The
+googleapis protos under protos/google/ are there for other languages only: Python has them from
+googleapis-common-protos, so nothing is generated for them. The output is deterministic;
+tests/test_proto.py regenerates and compares it byte for byte.
+Usage: ``.venv/bin/python tools/gen_proto.py [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ DEFAULT_OUT = REPO_ROOT / "src" / "manatee_grpc" / "_proto"
 
 # The import path of the output directory: generated code imports its siblings through it.
 PACKAGE = "manatee_grpc._proto"
+
+# The descriptor set written beside the generated code (a FileDescriptorSet of every generated
+# file, with source info, without imports); server/_reflection.py reads it.
+DESCRIPTOR_SET = "descriptor_set.binpb"
+
+# Top-level folders of protos/ that hold upstream files, shipped for other languages' clients.
+UPSTREAM_TOP_LEVELS = frozenset({"google"})
 
 # Written at the top of every __init__.py we create; also how we recognise an output directory
 # we own before replacing it.
@@ -59,6 +70,8 @@ def _run_protoc(protos: Sequence[Path], out: Path) -> None:
         f"--grpc_python_out={out}",
         f"--mypy_out={out}",
         f"--mypy_grpc_out={out}",
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        "--include_source_info",
         *(str(p) for p in protos),
     ]
     # mypy-protobuf reports every file it writes on stderr; only show it when protoc fails.
@@ -98,7 +111,11 @@ def _rewrite_imports(text: str, top_levels: Sequence[str]) -> str:
 
 def generate(out: Path) -> None:
     """Generate every proto under protos/ into ``out``, replacing what is there."""
-    protos = sorted(PROTO_ROOT.rglob("*.proto"))
+    protos = sorted(
+        path
+        for path in PROTO_ROOT.rglob("*.proto")
+        if path.relative_to(PROTO_ROOT).parts[0] not in UPSTREAM_TOP_LEVELS
+    )
     if not protos:
         raise SystemExit(f"gen_proto: no .proto files under {PROTO_ROOT}")
     top_levels = sorted({p.relative_to(PROTO_ROOT).parts[0] for p in protos})

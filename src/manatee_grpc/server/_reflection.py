@@ -3,12 +3,19 @@
 grpcio-reflection serves only ``grpc.reflection.v1alpha`` and cannot resolve a method symbol
 (``grpcurl describe pkg.Service.Method`` fails on every Python server: grpc/grpc#34743). This
 module serves v1alpha and v1 from one servicer that also resolves methods to their file.
+
+Python's descriptor pools drop a file's comments (its ``source_code_info``), so reflection built
+on them alone describes the API without a word of its contract. ``make proto`` therefore also
+writes ``manatee_grpc/_proto/descriptor_set.binpb``, our files as protoc saw them, comments
+included; those bytes are served in place of the pool's copy of the same file.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import importlib.resources
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
@@ -21,6 +28,12 @@ _METHOD_NAME = "ServerReflectionInfo"
 _V1_PACKAGE = "grpc.reflection.v1"
 _V1_FILE_NAME = "grpc/reflection/v1/reflection.proto"
 
+# Written by tools/gen_proto.py (its DESCRIPTOR_SET) into the generated package.
+_SOURCE_PACKAGE = "manatee_grpc._proto"
+_SOURCE_DESCRIPTOR_SET = "descriptor_set.binpb"
+
+_log = logging.getLogger(__name__)
+
 _Request = reflection_pb2.ServerReflectionRequest
 _Response = reflection_pb2.ServerReflectionResponse
 
@@ -32,7 +45,9 @@ def enable_reflection(server: grpc.Server | grpc.aio.Server, service_names: Sequ
     ``*_pb2`` modules register them on import.
     """
     names = sorted({*service_names, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME})
-    servicer = _ReflectionServicer(names, (descriptor_pool.Default(), _v1_pool()))
+    servicer = _ReflectionServicer(
+        names, (descriptor_pool.Default(), _v1_pool()), _commented_files(descriptor_pool.Default())
+    )
     # v1 is a copy of v1alpha under a new package: the messages are identical on the wire, so
     # one servicer and the v1alpha message classes serve both paths.
     # On an aio server every handler is a coroutine: a sync one would hold a pool thread that
@@ -92,14 +107,79 @@ def _v1_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+def _commented_files(pool: descriptor_pool.DescriptorPool) -> dict[str, bytes]:
+    """File name -> serialized FileDescriptorProto with comments, for the files ``pool`` holds.
+
+    What is served is the pool's own file plus its comments, nothing else: a file is used only
+    if, comments aside, it is exactly the pool's copy (a descriptor set older than the generated
+    code would describe fields that are not served; then the comment-less copy is the truth).
+    """
+    resource = importlib.resources.files(_SOURCE_PACKAGE) / _SOURCE_DESCRIPTOR_SET
+    try:
+        data = resource.read_bytes()
+    except OSError as error:
+        _log.warning("reflection serves no comments: cannot read %s: %s", resource, error)
+        return {}
+    commented: dict[str, bytes] = {}
+    for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
+        try:
+            registered = pool.FindFileByName(file.name)
+        except KeyError:
+            continue
+        served = _without_json_names(file)
+        bare = descriptor_pb2.FileDescriptorProto()
+        bare.CopyFrom(served)
+        bare.ClearField("source_code_info")
+        if bare == _pool_copy(registered):
+            commented[file.name] = served.SerializeToString()
+        else:
+            _log.warning("reflection serves %s without comments: %s is stale", file.name, resource)
+    return commented
+
+
+def _without_json_names(
+    file: descriptor_pb2.FileDescriptorProto,
+) -> descriptor_pb2.FileDescriptorProto:
+    """``file`` without the json_name protoc fills in and the pool's copy leaves out.
+
+    Kept out on purpose: given json_name, grpcurl prints responses with camelCase keys
+    (``vmId``) instead of the proto's names that the README's commands and their -d bodies use.
+    """
+    copy = descriptor_pb2.FileDescriptorProto()
+    copy.CopyFrom(file)
+    pending = list(copy.message_type)
+    while pending:
+        message = pending.pop()
+        for field in (*message.field, *message.extension):
+            field.ClearField("json_name")
+        pending.extend(message.nested_type)
+    for extension in copy.extension:
+        extension.ClearField("json_name")
+    return copy
+
+
+def _pool_copy(file: descriptor.FileDescriptor) -> descriptor_pb2.FileDescriptorProto:
+    proto = descriptor_pb2.FileDescriptorProto()
+    file.CopyToProto(proto)
+    return proto
+
+
 class _ReflectionServicer:
-    """Answers reflection requests from a fixed service list and a chain of descriptor pools."""
+    """Answers reflection requests from a fixed service list and a chain of descriptor pools.
+
+    ``commented_files`` (file name -> serialized FileDescriptorProto) replaces the pools' copies
+    of those files in answers: the pools' copies carry no comments.
+    """
 
     def __init__(
-        self, service_names: Sequence[str], pools: Sequence[descriptor_pool.DescriptorPool]
+        self,
+        service_names: Sequence[str],
+        pools: Sequence[descriptor_pool.DescriptorPool],
+        commented_files: Mapping[str, bytes],
     ) -> None:
         self._service_names = tuple(service_names)
         self._pools = tuple(pools)
+        self._commented_files = dict(commented_files)
 
     def ServerReflectionInfo(
         self, request_iterator: Iterable[_Request], context: grpc.ServicerContext
@@ -147,7 +227,7 @@ class _ReflectionServicer:
         return _Response(
             original_request=request,
             file_descriptor_response=reflection_pb2.FileDescriptorResponse(
-                file_descriptor_proto=_serialized_with_dependencies(file)
+                file_descriptor_proto=_serialized_with_dependencies(file, self._commented_files)
             ),
         )
 
@@ -204,8 +284,10 @@ class _ReflectionServicer:
         return _error(request, grpc.StatusCode.NOT_FOUND, f"type {containing_type!r} not found")
 
 
-def _serialized_with_dependencies(file: descriptor.FileDescriptor) -> list[bytes]:
-    """``file`` then every file it imports, transitively, each once.
+def _serialized_with_dependencies(
+    file: descriptor.FileDescriptor, commented_files: Mapping[str, bytes]
+) -> list[bytes]:
+    """``file`` then every file it imports, transitively, each once; with comments if known.
 
     Sending all of them every time lets a client that caches nothing build the descriptors.
     """
@@ -216,12 +298,10 @@ def _serialized_with_dependencies(file: descriptor.FileDescriptor) -> list[bytes
         if current.name not in ordered:
             ordered[current.name] = current
             pending.extend(reversed(current.dependencies))
-    serialized = []
-    for each in ordered.values():
-        proto = descriptor_pb2.FileDescriptorProto()
-        each.CopyToProto(proto)
-        serialized.append(proto.SerializeToString())
-    return serialized
+    return [
+        commented_files.get(each.name) or _pool_copy(each).SerializeToString()
+        for each in ordered.values()
+    ]
 
 
 def _error(request: _Request, code: grpc.StatusCode, message: str) -> _Response:

@@ -58,7 +58,10 @@ class MemoryServiceStub:
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
-    google.rpc.RetryInfo. The codes:
+    google.rpc.RetryInfo. They travel in the `grpc-status-details-bin` trailer: a serialized
+    google.rpc.Status (code, message, and the details as google.protobuf.Any). Their definitions
+    are beside this API, in google/rpc/status.proto and google/rpc/error_details.proto under
+    protos/ (googleapis' files, unchanged). The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
                            One exception: a start not smaller than the CrOS guest's memory, which
@@ -206,7 +209,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
-    google.rpc.RetryInfo. The codes:
+    google.rpc.RetryInfo. They travel in the `grpc-status-details-bin` trailer: a serialized
+    google.rpc.Status (code, message, and the details as google.protobuf.Any). Their definitions
+    are beside this API, in google/rpc/status.proto and google/rpc/error_details.proto under
+    protos/ (googleapis' files, unchanged). The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
                            One exception: a start not smaller than the CrOS guest's memory, which
@@ -350,7 +356,10 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
-    google.rpc.RetryInfo. The codes:
+    google.rpc.RetryInfo. They travel in the `grpc-status-details-bin` trailer: a serialized
+    google.rpc.Status (code, message, and the details as google.protobuf.Any). Their definitions
+    are beside this API, in google/rpc/status.proto and google/rpc/error_details.proto under
+    protos/ (googleapis' files, unchanged). The codes:
       INVALID_ARGUMENT     the request is malformed, or a LaunchVm message came out of order;
                            detected before anything is sent to mms (BadRequest names the fields).
                            One exception: a start not smaller than the CrOS guest's memory, which
