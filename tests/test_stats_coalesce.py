@@ -58,14 +58,18 @@ def test_callers_arriving_during_a_read_share_the_next_one(
     reader = StatsReader(conn)
 
     async def scenario() -> None:
-        # The first starts a read at once; the others arrive while it is in flight (nobody
-        # yields to the loop in between, so its answer cannot have been handed back yet).
+        # The first starts a read at once; the others arrive while it is in flight. mms holds
+        # its answer until all of them have joined the next read: the answer is taken on the
+        # connection thread, which sends the next read at once, so an answer arriving among
+        # them would split them over two reads.
         first = asyncio.ensure_future(reader.read_async((CROS_GUEST_VM_ID,), WAIT_S))
         await asyncio.sleep(0)  # let the first send
-        rest = [
-            asyncio.ensure_future(reader.read_async((CROS_GUEST_VM_ID, 7 + i), WAIT_S))
-            for i in range(callers - 1)
-        ]
+        with sim.holding_answers():
+            rest = [
+                asyncio.ensure_future(reader.read_async((CROS_GUEST_VM_ID, 7 + i), WAIT_S))
+                for i in range(callers - 1)
+            ]
+            await asyncio.sleep(0)  # each of them joins (they were queued before this wake-up)
         snapshots = await asyncio.gather(first, *rest)
         # One snapshot object per distinct ask within a read; every asked id is answered for.
         for index, snapshot in enumerate(snapshots[1:]):

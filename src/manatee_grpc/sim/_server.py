@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TypeVar
 
@@ -218,6 +218,13 @@ class Simulator:
         """Wait until ``predicate()`` (called under the simulator's lock) is true."""
         with self._changed:
             return self._changed.wait_for(predicate, timeout_s)
+
+    @contextlib.contextmanager
+    def holding_answers(self) -> Iterator[None]:
+        """While inside, mms reads requests but answers none of them (each answer needs the
+        simulator's lock): a test orders what happens before an answer without sleeping."""
+        with self._lock:
+            yield
 
     def with_model(self, read: Callable[[MmsModel], _T]) -> _T:
         """Run ``read`` on the model under the simulator's lock (for introspection)."""
