@@ -392,7 +392,8 @@ def test_cancel_while_queued_behind_another_launch_reserves_nothing(
         prepares_before = request_count(server, MessageType.PREPARE_VM)
         with launch(stub) as queued:
             queued.start(SMALL_MEM_BYTES)
-            wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "the launch queues")
+            assert queued.expect("queued").queued.position == 1
+            assert server.bridge.slot.launches_waiting() == 1
             assert queued.call.cancel()
             assert queued.expect_error().code() == grpc.StatusCode.CANCELLED
         wait_until(lambda: server.bridge.slot.launches_waiting() == 0, "the queue empties")
@@ -470,6 +471,8 @@ def test_two_launches_are_served_one_after_the_other(
     def second_launch() -> int:
         with launch(stub) as client:
             client.start(SMALL_MEM_BYTES)
+            assert client.expect("queued").queued.position == 1
+            record("B queued")
             reserved = client.expect("reserved").reserved
             record("B reserved")
             client.vm_started()
@@ -484,8 +487,9 @@ def test_two_launches_are_served_one_after_the_other(
         record("A reserved")
         second = pool.submit(second_launch)
         # B's start reached the server and waits for the one pending start that A holds.
-        wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "B queues behind A")
-        assert recorded() == ["A reserved"]
+        wait_until(lambda: "B queued" in recorded(), "B is told it queues behind A")
+        assert server.bridge.slot.launches_waiting() == 1
+        assert recorded() == ["A reserved", "B queued"]
         record("A vm_started")
         first.vm_started()
         first.expect("launched")
@@ -494,8 +498,8 @@ def test_two_launches_are_served_one_after_the_other(
         second_vm_id = second.result(timeout=LAUNCH_TIMEOUT_S)
 
     order = recorded()
-    assert order[:2] == ["A reserved", "A vm_started"]
-    assert sorted(order[2:]) == ["A launched", "B launched", "B reserved"]
+    assert order[:3] == ["A reserved", "B queued", "A vm_started"]
+    assert sorted(order[3:]) == ["A launched", "B launched", "B reserved"]
     assert order.index("B reserved") < order.index("B launched")
     assert first_vm_id != second_vm_id
     # mms saw A's start finish before B's reservation began.

@@ -49,6 +49,13 @@ class MemoryServiceStub:
     id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
+    Limits. Every limit on a request field is written on that field below, and the README's
+    "Limits" table gives each with the exact error the server returns (INVALID_ARGUMENT, reason
+    INVALID_ARGUMENT, BadRequest naming the field); nothing out of bounds reaches mms. Two limits
+    are gRPC's own and carry no ErrorInfo: a request message over 1 MiB
+    (`--max-receive-message-bytes`) and more than 1000 RPCs in progress at once
+    (`--max-concurrent-rpcs`) are RESOURCE_EXHAUSTED.
+
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
     google.rpc.RetryInfo. The codes:
@@ -169,6 +176,13 @@ class MemoryServiceServicer:
     id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
+    Limits. Every limit on a request field is written on that field below, and the README's
+    "Limits" table gives each with the exact error the server returns (INVALID_ARGUMENT, reason
+    INVALID_ARGUMENT, BadRequest naming the field); nothing out of bounds reaches mms. Two limits
+    are gRPC's own and carry no ErrorInfo: a request message over 1 MiB
+    (`--max-receive-message-bytes`) and more than 1000 RPCs in progress at once
+    (`--max-concurrent-rpcs`) are RESOURCE_EXHAUSTED.
+
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
     google.rpc.RetryInfo. The codes:
@@ -254,8 +268,10 @@ class MemoryServiceServicer:
     def LaunchVm(self, request_iterator, context):
         """Starts a sibling VM end to end: the recommended way to start one.
 
-        The client sends `start`. Launches queue in arrival order for the device's one pending
-        start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+        The client sends `start`. mms allows one pending start for the whole device, so launches
+        queue for it in arrival order, device-wide: a launch that must wait is sent `queued` with its
+        place (1: next) when it queues and again each time it moves up, and holds nothing while it
+        waits. The server reserves memory (retrying PrepareVm with back-off; each attempt that
         falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
         completes the start once the client says `vm_started`, and sends `launched`.
 
@@ -390,6 +406,13 @@ class MemoryService:
     beyond that the oldest answered id goes first (only above ~7 new ids a second sustained). An
     id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
+
+    Limits. Every limit on a request field is written on that field below, and the README's
+    "Limits" table gives each with the exact error the server returns (INVALID_ARGUMENT, reason
+    INVALID_ARGUMENT, BadRequest naming the field); nothing out of bounds reaches mms. Two limits
+    are gRPC's own and carry no ErrorInfo: a request message over 1 MiB
+    (`--max-receive-message-bytes`) and more than 1000 RPCs in progress at once
+    (`--max-concurrent-rpcs`) are RESOURCE_EXHAUSTED.
 
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
