@@ -517,6 +517,56 @@ def test_two_launches_are_served_one_after_the_other(
     assert listed_vm_ids(stub) == [0, first_vm_id, second_vm_id]
 
 
+def test_queued_launches_are_told_their_place_and_each_move_up(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as a, launch(stub) as b, launch(stub) as c:
+        a.start(SMALL_MEM_BYTES)
+        a_vm_id = a.expect_reserved().vm_id  # A holds the device's one pending start
+        b.start(SMALL_MEM_BYTES)
+        assert b.expect("queued").queued.position == 1
+        c.start(SMALL_MEM_BYTES)
+        assert c.expect("queued").queued.position == 2
+        # Queued launches hold nothing: mms saw one PrepareVm, A's.
+        assert request_count(server, MessageType.PREPARE_VM) == 1
+        a.vm_started()
+        a.expect("launched")
+        a.expect_ok_end()
+        # A is done: B takes the start (no more `queued` for it) and C moves up to 1.
+        b_vm_id = b.expect_reserved().vm_id
+        assert c.expect("queued").queued.position == 1
+        b.vm_started()
+        b.expect("launched")
+        b.expect_ok_end()
+        c_vm_id = c.expect_reserved().vm_id
+        c.vm_started()
+        c.expect("launched")
+        c.expect_ok_end()
+    assert [a_vm_id, b_vm_id, c_vm_id] == [a_vm_id, a_vm_id + 1, a_vm_id + 2]
+    assert listed_vm_ids(stub) == [0, a_vm_id, b_vm_id, c_vm_id]
+
+
+def test_a_launch_behind_one_that_leaves_moves_up(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as a, launch(stub) as b, launch(stub) as c:
+        a.start(SMALL_MEM_BYTES)
+        a.expect_reserved()
+        b.start(SMALL_MEM_BYTES)
+        assert b.expect("queued").queued.position == 1
+        c.start(SMALL_MEM_BYTES)
+        assert c.expect("queued").queued.position == 2
+        assert b.call.cancel()  # B's caller leaves the queue
+        assert c.expect("queued").queued.position == 1
+        a.vm_started()
+        a.expect("launched")
+        c.expect_reserved()
+        c.vm_started()
+        c.expect("launched")
+        c.expect_ok_end()
+    assert server.bridge.slot.launches_waiting() == 0
+
+
 def test_stats_and_rebalance_are_served_while_a_launch_waits_for_its_client(
     server: ManateeServer, stub: pb_grpc.MemoryServiceStub
 ) -> None:

@@ -272,11 +272,7 @@ class LaunchRun:
         self._loop = asyncio.get_running_loop()
         self._bridge.add_session_reset_listener(self._session_reset)
         try:
-            # The start is ours: a place in the queue not yet told is stale, and one being told
-            # must reach the client before anything about the start does.
-            self._queue_position = None
-            if self._queue_reporter is not None:
-                await self._queue_reporter
+            await self._finish_queue_reports()
             await self._run()
         except MmsConnectionError as error:
             # A VM the client started cannot go on: it must stop. If the link reset, mms dropped
@@ -305,6 +301,29 @@ class LaunchRun:
         self._queue_position = position
         if self._queue_reporter is None or self._queue_reporter.done():
             self._queue_reporter = asyncio.get_running_loop().create_task(self._tell_queue())
+
+    async def _finish_queue_reports(self) -> None:
+        """The start is ours: a place in the queue not yet told is stale, and one being told
+        must reach the client before anything about the start does. A client that reads
+        nothing could hold up that write, and with it the device's start: it gets the start
+        lease, like a client that never says `vm_started`."""
+        self._queue_position = None
+        reporter = self._queue_reporter
+        if reporter is None or reporter.done():
+            if reporter is not None:
+                await reporter  # its write failed: the stream is broken, say so
+            return
+        self._step = "telling the client its place in the queue"
+        lease_s = self._bridge.slot.lease_s
+        try:
+            async with asyncio.timeout(lease_s):
+                await reporter
+        except TimeoutError:
+            raise LaunchLeaseExpiredError(
+                f"the client read no launch message within the start lease ({lease_s:g} s); "
+                "the start is released",
+                leaseSeconds=f"{lease_s:g}",
+            ) from None
 
     def _stop_queue_reporter(self) -> None:
         reporter = self._queue_reporter

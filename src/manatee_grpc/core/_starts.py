@@ -206,7 +206,9 @@ class StartSlot:
 
     # --- launches ------------------------------------------------------------------------------
 
-    async def acquire_for_launch(self, token: object, on_position: OnPosition | None = None) -> None:
+    async def acquire_for_launch(
+        self, token: object, on_position: OnPosition | None = None
+    ) -> None:
         """Wait, in arrival order, until this launch owns the pending start.
 
         A launch that must wait is told its place through ``on_position`` when it queues and
