@@ -60,3 +60,49 @@ def test_every_test_the_safety_section_names_exists() -> None:
             assert re.search(rf"def {test}\b", source), f"{module} has no test {test}"
             named += 1
     assert named >= 12
+
+
+def _error_table_pairs() -> set[tuple[str, str]]:
+    """(code, ErrorInfo reason) of every row of the README's Errors table."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| Situation |", text.index("### Errors"))
+    table = text[start : text.index("\n\n", start)]
+    pairs = set()
+    for line in table.splitlines()[2:]:
+        *_, code, reasons = line.strip().strip("|").split(" | ")
+        (code,) = re.findall(r"`([A-Z_]+)`", code)
+        # Only the reason cell's own code spans: "(field `request_id`)" is not a reason.
+        reasons = re.sub(r"\(.*?\)", "", reasons)
+        pairs.update((code, reason) for reason in re.findall(r"`([A-Z_]+)`", reasons))
+    return pairs
+
+
+def _every_error_the_server_can_return() -> set[tuple[str, str]]:
+    """(code, reason) of every ManateeError (core/_errors.py, mms/_errors.py), mms errnos
+    included, and the INTERNAL that server/_status.py gives a bug of ours."""
+    import manatee_grpc.server  # noqa: F401 (imports every module that defines an error)
+    from manatee_grpc.core._errors import ManateeError, MmsRefusedError
+    from manatee_grpc.mms._messages import RES_EINVAL, RES_EIO, RES_ENOMEM
+
+    classes: list[type[ManateeError]] = [ManateeError]
+    pairs = set()
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls is MmsRefusedError:
+            for res in (RES_EINVAL, RES_ENOMEM, RES_EIO, -1):  # -1: any errno mms may add
+                error = MmsRefusedError(res, "mms refused")
+                pairs.add((error.grpc_code, error.grpc_reason))
+        else:
+            pairs.add((cls.code, cls.reason))
+    return pairs
+
+
+def test_every_error_reason_the_server_can_return_is_in_the_readme_errors_table() -> None:
+    documented = _error_table_pairs()
+    possible = _every_error_the_server_can_return()
+    missing = possible - documented
+    assert not missing, f"README's Errors table lacks {sorted(missing)}"
+    # And nothing in the table that the server cannot say (a renamed reason leaves a stale row).
+    assert {reason for _, reason in documented} <= {reason for _, reason in possible}
+    assert ("ABORTED", "LAUNCH_ABORTED") in documented

@@ -83,7 +83,8 @@ class MemoryServiceStub:
     MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
     (SHUTTING_DOWN); RetryInfo says when to retry.
     INTERNAL             mms broke its protocol: a malformed or mismatched response
-    (MMS_PROTOCOL_ERROR).
+    (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+    UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
     completes: its effects are not undone. Also a LaunchVm client that sent
     no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -210,7 +211,8 @@ class MemoryServiceServicer:
     MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
     (SHUTTING_DOWN); RetryInfo says when to retry.
     INTERNAL             mms broke its protocol: a malformed or mismatched response
-    (MMS_PROTOCOL_ERROR).
+    (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+    UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
     completes: its effects are not undone. Also a LaunchVm client that sent
     no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -441,7 +443,8 @@ class MemoryService:
     MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
     (SHUTTING_DOWN); RetryInfo says when to retry.
     INTERNAL             mms broke its protocol: a malformed or mismatched response
-    (MMS_PROTOCOL_ERROR).
+    (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+    UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
     DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
     completes: its effects are not undone. Also a LaunchVm client that sent
     no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):

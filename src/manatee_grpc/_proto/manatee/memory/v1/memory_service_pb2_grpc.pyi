@@ -90,7 +90,8 @@ class MemoryServiceStub:
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
-                           (MMS_PROTOCOL_ERROR).
+                           (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+      UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone. Also a LaunchVm client that sent
                            no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -244,7 +245,8 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
-                           (MMS_PROTOCOL_ERROR).
+                           (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+      UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone. Also a LaunchVm client that sent
                            no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -394,7 +396,8 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
-                           (MMS_PROTOCOL_ERROR).
+                           (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+      UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone. Also a LaunchVm client that sent
                            no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
