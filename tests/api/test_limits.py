@@ -155,7 +155,7 @@ EXAMPLES: dict[tuple[str | None, str], Callable[[str], Message]] = {
     ("interval", "3600 s + 1 ns"): lambda rpc: _watch(3600, 1),
     ("interval.seconds", "315,576,000,001 s"): lambda rpc: _watch(315_576_000_001, 0),
     ("interval.nanos", "nanos 2,000,000,000"): lambda rpc: _watch(0, 2_000_000_000),
-    ("interval.nanos", "1 s and −1 ns"): lambda rpc: _watch(1, -1),
+    ("interval.nanos", "1 s and -1 ns"): lambda rpc: _watch(1, -1),
     ("deltas", "no deltas"): lambda rpc: _rebalance(),
     ("deltas", "1025 deltas"): lambda rpc: _rebalance(*((i, 4096) for i in range(1, 1026))),
     ("deltas[0].vm_id", "VM 0"): lambda rpc: _rebalance((0, 4096)),
