@@ -67,7 +67,7 @@ def _error_table_pairs() -> set[tuple[str, str]]:
     text = (ROOT / "README.md").read_text()
     start = text.index("| Situation |", text.index("### Errors"))
     table = text[start : text.index("\n\n", start)]
-    pairs = set()
+    pairs: set[tuple[str, str]] = set()
     for line in table.splitlines()[2:]:
         *_, code, reasons = line.strip().strip("|").split(" | ")
         (code,) = re.findall(r"`([A-Z_]+)`", code)
@@ -85,7 +85,7 @@ def _every_error_the_server_can_return() -> set[tuple[str, str]]:
     from manatee_grpc.mms._messages import RES_EINVAL, RES_EIO, RES_ENOMEM
 
     classes: list[type[ManateeError]] = [ManateeError]
-    pairs = set()
+    pairs: set[tuple[str, str]] = set()
     while classes:
         cls = classes.pop()
         classes.extend(cls.__subclasses__())

@@ -107,13 +107,14 @@ def _ids_request(rpc: str, vm_ids: list[int]) -> Message:
 
 def _session_request(rpc: str) -> Message:
     session = "s" * 65
-    return {
+    builders: dict[str, Callable[[], Message]] = {
         "GetBalloonStats": lambda: pb.GetBalloonStatsRequest(session=session),
         "WatchBalloonStats": lambda: pb.WatchBalloonStatsRequest(session=session),
         "RebalanceMemory": lambda: _rebalance((1, 4096), session=session),
         "FinishAddVm": lambda: pb.FinishAddVmRequest(vm_id=1, session=session),
         "RemoveVm": lambda: pb.RemoveVmRequest(vm_id=1, session=session),
-    }[rpc]()
+    }
+    return builders[rpc]()
 
 
 def _request_id_request(rpc: str, request_id: str) -> Message:
@@ -342,7 +343,9 @@ def test_launch_vm_out_of_turn_row(shared_stub: pb_grpc.MemoryServiceStub) -> No
 def test_undecodable_bytes_row(shared_server: ManateeServer) -> None:
     row = row_of("request", "the bytes ff")
     with grpc.insecure_channel(shared_server.address) as channel:
-        raw = channel.unary_unary(f"/{SERVICE}/{row.rpcs[0]}")
+        raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            f"/{SERVICE}/{row.rpcs[0]}"
+        )
         with pytest.raises(grpc.RpcError) as caught:
             raw(b"\xff", timeout=CALL_TIMEOUT_S)
     assert_row(answer_of(caught.value), row)
