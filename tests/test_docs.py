@@ -30,6 +30,63 @@ def test_systemd_unit_command_line_parses_with_the_current_flags() -> None:
     assert args.mms.startswith("vsock://")
 
 
+def _unit_settings(unit_text: str) -> dict[str, str]:
+    """The unit's Key=Value settings (the last one wins, as in systemd), comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", unit_text)
+    settings: dict[str, str] = {}
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_systemd_unit_lets_the_socket_group_reach_the_socket_and_nobody_else() -> None:
+    """Reasoned from the unit's fields as systemd applies them: RuntimeDirectory= is created
+    owned by User= and Group= with RuntimeDirectoryMode= (default 0755), and the server makes
+    the socket with --socket-mode and --socket-group. A caller must search (x) every directory
+    on the way and read/write the socket."""
+    unit = _unit_settings(UNIT.read_text())
+    args = build_parser().parse_args(_exec_start(UNIT.read_text())[1:])
+    socket_path = Path(args.listen.removeprefix("unix://"))
+    runtime_dir = Path("/run") / unit["RuntimeDirectory"]
+    assert socket_path.parent == runtime_dir, "the socket lives in the unit's runtime directory"
+    dir_mode = int(unit.get("RuntimeDirectoryMode", "0755"), 8)
+    # Without Group=, systemd uses the user's primary group (here, its own same-named group).
+    dir_group = unit.get("Group", unit["User"])
+    socket_group = args.socket_group or dir_group
+    socket_mode = args.socket_mode
+
+    def may_reach(group: str | None) -> bool:
+        """Can a process that is in ``group`` (None: in none of them) open the socket?"""
+        enter = 0o010 if group == dir_group else 0o001
+        use = 0o060 if group == socket_group else 0o006
+        return bool(dir_mode & enter) and socket_mode & use == use
+
+    assert may_reach(socket_group), (
+        f"{runtime_dir} is {dir_group} {dir_mode:04o}: members of {socket_group} cannot enter it"
+    )
+    assert not may_reach(None), "everyone else can reach the socket"
+    assert socket_group == "vm-managers"
+
+
+def test_systemd_unit_and_readme_say_a_restart_drops_every_sibling_vm() -> None:
+    lines = UNIT.read_text().splitlines()
+    restart = next(i for i, line in enumerate(lines) if line.startswith("Restart="))
+    comment = []
+    for line in reversed(lines[:restart]):
+        if not line.startswith("#"):
+            break
+        comment.insert(0, line.lstrip("# "))
+    assert "dropped every sibling VM" in " ".join(comment)  # why restarting after a crash is ok
+    assert "drops every sibling VM" in " ".join(comment)  # and why a restart is not a cure
+    assert "drops EVERY sibling VM" in UNIT.read_text()  # said at the top, where installers read
+    readme = (ROOT / "README.md").read_text()
+    shutdown = readme[readme.index("**Shutdown.**") :]
+    assert "drops every sibling VM" in shutdown[: shutdown.index("\n\n")]
+
+
 def test_architecture_note_has_diagrams_and_names_real_modules() -> None:
     text = ARCHITECTURE.read_text()
     assert text.count("```mermaid") >= 2
