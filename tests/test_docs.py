@@ -34,8 +34,8 @@ def _unit_settings(unit_text: str) -> dict[str, str]:
     """The unit's Key=Value settings (the last one wins, as in systemd), comments dropped."""
     joined = re.sub(r"\\\n\s*", " ", unit_text)
     settings: dict[str, str] = {}
-    for line in joined.splitlines():
-        line = line.strip()
+    for raw_line in joined.splitlines():
+        line = raw_line.strip()
         if line and not line.startswith(("#", ";", "[")):
             key, _, value = line.partition("=")
             settings[key.strip()] = value.strip()
