@@ -74,7 +74,7 @@ def test_systemd_unit_lets_the_socket_group_reach_the_socket_and_nobody_else() -
 def test_systemd_unit_and_readme_say_a_restart_drops_every_sibling_vm() -> None:
     lines = UNIT.read_text().splitlines()
     restart = next(i for i, line in enumerate(lines) if line.startswith("Restart="))
-    comment = []
+    comment: list[str] = []
     for line in reversed(lines[:restart]):
         if not line.startswith("#"):
             break
