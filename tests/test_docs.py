@@ -3,9 +3,17 @@ architecture note names modules that exist."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import re
 import shlex
+import signal
+import subprocess
+import threading
 from pathlib import Path
+
+import pytest
 
 from manatee_grpc.cli import build_parser
 
@@ -163,3 +171,253 @@ def test_every_error_reason_the_server_can_return_is_in_the_readme_errors_table(
     # And nothing in the table that the server cannot say (a renamed reason leaves a stale row).
     assert {reason for _, reason in documented} <= {reason for _, reason in possible}
     assert ("ABORTED", "LAUNCH_ABORTED") in documented
+
+
+# --- the README's shell commands, run as written --------------------------------------------------
+#
+# Every command line of the README's `sh` blocks is one of: run here in an activated shell
+# (`. .venv/bin/activate && ...`, from the repository root), run verbatim by another test, or
+# excused with the reason it cannot run on a development machine. A server's address or socket
+# path is swapped for the test's own (port 0, a temporary directory): fixed ports collide.
+
+README = ROOT / "README.md"
+ACTIVATE = ". .venv/bin/activate"
+README_ADDRESS = "127.0.0.1:50051"
+README_SESSION = "9f2c4e1a7b3d5e60-2"
+COMMAND_TIMEOUT_S = 60.0
+SERVE_TIMEOUT_S = 30.0
+
+# One-shot commands, run in README order against one live server; each must exit 0.
+RUN_AGAINST_SERVER = [
+    "manatee-grpc health",
+    "manatee-grpc vms",
+    "manatee-grpc stats",
+    "manatee-grpc stats 0 1 --json",
+    "manatee-grpc launch 512MiB --start-cmd 'true'",
+    "manatee-grpc launch 1G",  # answered "y" on stdin
+    "manatee-grpc rebalance 1=-64MiB 2=+128MiB",
+    f"manatee-grpc remove 1 --session {README_SESSION}",
+    "manatee-grpc top --once",
+    f"python examples/launch_service.py --server {README_ADDRESS} --mem-mib 512",
+]
+# Commands that run on their own and exit 0.
+RUN_ALONE = ["manatee-grpc serve --help"]
+# Servers: started, seen SERVING, stopped with SIGTERM (exit 0). The value is the command that
+# must run first, in the background (the simulator a server is pointed at), or None.
+RUN_AS_SERVER: dict[str, str | None] = {
+    "make run": None,
+    "manatee-grpc serve": None,
+    "python -m manatee_grpc serve": None,
+    "manatee-grpc serve --listen unix:///run/manatee.sock": None,
+    "manatee-grpc serve --listen 0.0.0.0:50051 --insecure": None,
+    ".venv/bin/manatee-grpc serve --mms unix:///tmp/mms.sock": (
+        ".venv/bin/manatee-grpc sim --listen unix:///tmp/mms.sock --scenario scenario.toml"
+    ),
+}
+RUN_ELSEWHERE = {
+    ACTIVATE: "every command run here runs after it",
+    ".venv/bin/manatee-grpc sim --listen unix:///tmp/mms.sock --scenario scenario.toml": (
+        "run here as the mms of the `serve --mms unix:///tmp/mms.sock` after it, with the "
+        "README's scenario"
+    ),
+    # And every `grpcurl` line: tests/api/test_grpcurl.py runs each verbatim (checked below).
+}
+NOT_RUNNABLE = {
+    "make test": "it is this suite (lint, then all of tests/): CI runs it on a fresh clone",
+    "make install": "CI runs it (through `make test`) to create the .venv this suite runs in",
+    "manatee-grpc serve --listen unix:///run/manatee.sock --mms vsock://2:3000": (
+        "needs mms over AF_VSOCK, in a ManaTEE hypervisor"
+    ),
+    "manatee-grpc serve --listen unix:///run/manatee.sock --socket-mode 0660 --socket-group "
+    "vm-managers": (
+        "needs a group vm-managers; tests/security runs --socket-group with the test user's own"
+    ),
+    "manatee-grpc serve --listen 0.0.0.0:50051 --tls-cert server.pem --tls-key server.key "
+    "--tls-client-ca clients-ca.pem": "needs certificates; tests/security makes its own",
+    "manatee-grpc vms --server HOST:50051 --tls-ca ca.pem --tls-cert me.pem --tls-key me.key": (
+        "needs a TLS server and certificates; tests/security runs the CLI over mutual TLS"
+    ),
+    "manatee-grpc launch 2GiB --init 1GiB --start-cmd 'systemd-run --unit=crosvm-{vm_id} -p "
+    "Type=exec crosvm run --balloon-control {balloon_control_path} ...' --stop-cmd 'systemctl "
+    "stop crosvm-{vm_id}'": "needs crosvm and systemd (`...` stands for the VM's own arguments)",
+    "manatee-grpc top": (
+        "full screen until q: needs a terminal; tests/cli/test_top.py drives it in a pty"
+    ),
+    "manatee-grpc top --interval 0.5 --server unix:///run/manatee.sock": (
+        "full screen until q: needs a terminal; tests/cli/test_top.py drives it in a pty"
+    ),
+}
+
+
+def readme_shell_commands() -> list[str]:
+    """Each command line of the README's `sh` blocks, continuations joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"^```sh\n(.*?)^```", README.read_text(), re.S | re.M):
+        for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines():
+            command = re.sub(r"(^|\s+)#(\s.*)?$", "", line).strip()
+            if command:
+                commands.append(command)
+    return commands
+
+
+def _in_activated_shell(command: str) -> list[str]:
+    return ["bash", "-c", f"{ACTIVATE} && {command}"]
+
+
+def test_every_readme_command_is_run_or_excused() -> None:
+    from api.test_grpcurl import readme_commands
+
+    commands = readme_shell_commands()
+    grpcurl_lines = [command for command in commands if command.startswith("grpcurl ")]
+    assert [shlex.split(line) for line in grpcurl_lines] == readme_commands()
+    handled = (
+        set(RUN_AGAINST_SERVER)
+        | set(RUN_ALONE)
+        | set(RUN_AS_SERVER)
+        | set(RUN_ELSEWHERE)
+        | set(NOT_RUNNABLE)
+    )
+    unhandled = [c for c in commands if c not in handled and c not in grpcurl_lines]
+    assert not unhandled, f"README commands neither run nor excused here: {unhandled}"
+    stale = handled - set(commands)
+    assert not stale, f"entries here for commands the README no longer has: {stale}"
+    # The one-shot commands run in the order the README gives them (they build on each other).
+    order = {command: index for index, command in enumerate(commands)}
+    assert sorted(RUN_AGAINST_SERVER, key=order.__getitem__) == RUN_AGAINST_SERVER
+    assert all(reason.strip() for reason in NOT_RUNNABLE.values())
+
+
+def test_the_readme_client_commands_run_as_written_against_a_live_server() -> None:
+    from api.conftest import start_server
+
+    from manatee_grpc import Client
+
+    server = start_server()
+    try:
+        with Client(server.address) as client:
+            session = client.list_vms().session
+        for command in RUN_AGAINST_SERVER:
+            runnable = command.replace(README_ADDRESS, server.address)
+            runnable = runnable.replace(README_SESSION, session)
+            if runnable.startswith("manatee-grpc ") and "--server" not in runnable:
+                runnable += f" --server {server.address}"
+            result = subprocess.run(
+                _in_activated_shell(runnable),
+                cwd=ROOT,
+                input="y\n" if command == "manatee-grpc launch 1G" else "",
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT_S,
+                check=False,
+            )
+            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+            if command == "manatee-grpc health":
+                assert result.stdout.strip() == "SERVING"
+    finally:
+        server.stop(grace_s=1.0)
+
+
+def test_the_readme_commands_that_run_alone_exit_0() -> None:
+    for command in RUN_ALONE:
+        result = subprocess.run(
+            _in_activated_shell(command),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+            check=False,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stderr}"
+        assert result.stdout.strip()
+
+
+def _scenario_toml() -> str:
+    (block,) = re.findall(r"^```toml\n(.*?)^```", README.read_text(), re.S | re.M)
+    return str(block)
+
+
+def _swap_server_addresses(command: str, tmp: Path) -> str:
+    """Port-0 and temporary-directory stand-ins for the README's fixed addresses."""
+    command = command.replace("0.0.0.0:50051", "0.0.0.0:0")
+    command = command.replace("/run/manatee.sock", f"{tmp}/manatee.sock")
+    command = command.replace("/tmp/mms.sock", f"{tmp}/mms.sock")
+    command = command.replace("scenario.toml", f"{tmp}/scenario.toml")
+    if command == "make run":
+        return "make run LISTEN=127.0.0.1:0"
+    if " serve" in command and "--listen" not in command:
+        command += " --listen 127.0.0.1:0"
+    return command
+
+
+class _Background:
+    """A README command running in the background, its stderr lines read as they come."""
+
+    def __init__(self, command: str) -> None:
+        self.process = subprocess.Popen(
+            _in_activated_shell(command),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group: make's child is stopped with it
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first stderr line matching ``pattern``; fails if the command ends first."""
+        seen: list[str] = []
+        while True:
+            line = self.lines.get(timeout=SERVE_TIMEOUT_S)
+            if line is None:
+                raise AssertionError(f"ended without {pattern!r}:\n{''.join(seen)}")
+            seen.append(line)
+            if (match := re.search(pattern, line)) is not None:
+                return match
+
+    def stop(self) -> int:
+        """SIGTERM to the whole group; its exit status."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=SERVE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise
+        finally:
+            self._reader.join(timeout=SERVE_TIMEOUT_S)  # it reads to the end of the pipe
+            assert self.process.stderr is not None
+            self.process.stderr.close()
+
+
+@pytest.mark.parametrize("command", list(RUN_AS_SERVER))
+def test_the_readme_server_commands_serve_and_stop_cleanly(command: str, tmp_path: Path) -> None:
+    from manatee_grpc import Client
+
+    (tmp_path / "scenario.toml").write_text(_scenario_toml())
+    before = RUN_AS_SERVER[command]
+    mms = None if before is None else _Background(_swap_server_addresses(before, tmp_path))
+    try:
+        if mms is not None:
+            mms.wait_for(r"mms simulator listening on ")
+        server = _Background(_swap_server_addresses(command, tmp_path))
+        try:
+            address = server.wait_for(r"manatee-grpc listening on (\S+),").group(1)
+            with Client(address.replace("0.0.0.0", "127.0.0.1"), timeout_s=10.0) as client:
+                assert client.health() == "SERVING"
+                assert [vm.vm_id for vm in client.list_vms().vms] == [0]
+        finally:
+            status = server.stop()
+        # make reports its child's end its own way; the server itself exits 0 on SIGTERM.
+        assert command == "make run" or status == 0
+    finally:
+        if mms is not None:
+            assert mms.stop() == 0
