@@ -1100,7 +1100,9 @@ class LaunchVmResponse(_message.Message):
         launch queues and again each time it moves up; a launch that gets the start at once is
         never sent one. The next message after the last `queued` is about the start (`progress` or
         `reserved`). A queued launch holds nothing: it reserves no memory and sends nothing to mms
-        until its turn, and leaving (cancel, deadline) takes it out of the queue.
+        until its turn, and leaving (cancel, deadline) takes it out of the queue. A client that
+        reads none of its messages, so that its last `queued` cannot be written when its turn
+        comes, loses the start after the start lease (DEADLINE_EXCEEDED, LEASE_EXPIRED).
         """
 
         DESCRIPTOR: _descriptor.Descriptor
