@@ -33,6 +33,7 @@ from manatee_grpc.core._launch import (
     LaunchPolicy,
     LaunchRun,
     Progress,
+    Queued,
     Reserved,
     StopVm,
     StreamEnded,
@@ -205,6 +206,93 @@ def test_a_bare_prepare_is_refused_while_launches_queue_with_a_retryable_abort()
     run(scenario())
     assert bridge.connection.sent == []
     assert slot_is_empty(slot)
+
+
+def test_a_queued_launch_is_told_its_place_when_it_queues_and_each_time_it_moves_up() -> None:
+    bridge = FakeBridge()
+    slot = bridge.slot
+    tokens = {name: object() for name in "ABCD"}
+    told: dict[str, list[int]] = {name: [] for name in "BCD"}
+
+    async def launch(name: str) -> None:
+        await slot.acquire_for_launch(tokens[name], told[name].append)
+
+    async def scenario() -> None:
+        await slot.acquire_for_launch(tokens["A"], told["B"].append)  # A never waits: no word
+        b, c, d = (asyncio.create_task(launch(name)) for name in "BCD")
+        await settle()
+        assert told == {"B": [1], "C": [2], "D": [3]}
+        # Queued launches hold nothing: A still owns the start, and nobody else does.
+        assert slot.claim is not None and slot.claim.token is tokens["A"]
+        assert slot.queue_positions() == {tokens["B"]: 1, tokens["C"]: 2, tokens["D"]: 3}
+        c.cancel()  # C leaves: only those behind it move up
+        await settle()
+        assert told == {"B": [1], "C": [2], "D": [3, 2]}
+        slot.release(tokens["A"])  # B takes the start (no more word for it); D moves up
+        await b
+        await settle()
+        assert told == {"B": [1], "C": [2], "D": [3, 2, 1]}
+        assert slot.claim is not None and slot.claim.token is tokens["B"]
+        slot.release(tokens["B"])
+        await d
+        slot.release(tokens["D"])
+        assert told["D"] == [3, 2, 1]  # taking the start is not a move
+
+    run(scenario())
+    assert slot_is_empty(slot)
+
+
+def test_a_launch_queued_behind_a_bare_start_says_queued_then_reserves_when_it_is_freed() -> None:
+    bridge = FakeBridge()
+    connection = bridge.connection
+    connection.answers[PrepareVmRequest].append(PrepareVmResponse(RES_OK, 1, 0))
+    bare = bridge.slot.submit_prepare(PrepareVmRequest(512 * MIB, 256 * MIB))  # VM 1, leased
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        inbox = Inbox()
+        task = asyncio.create_task(new_launch(bridge, inbox).run(recorder.emit, 10.0))
+        await settle()
+        assert recorder.events == [Queued(1)]
+        assert connection.kinds() == ["PrepareVm"]  # a queued launch sends nothing to mms
+        connection.answers[FinishAddVmRequest].extend([FinishAddVmResponse(RES_OK)] * 2)
+        connection.answers[PrepareVmRequest].append(PrepareVmResponse(RES_OK, 2, 0))
+        bridge.slot.submit_end(FinishAddVmRequest(bare.future.result().vm_id))  # frees it
+        inbox.put(VmStarted())
+        await task
+
+    run(scenario())
+    assert recorder.events == [
+        Queued(1),
+        Reserved(2, "/run/mms_control_2.sock", 1060.0, 1),
+        Launched(2, 1),
+    ]
+    assert slot_is_empty(bridge.slot)
+
+
+def test_a_client_that_reads_nothing_while_queued_loses_the_start_at_the_lease() -> None:
+    """The `queued` write may be held up by a client that reads nothing; the launch then owns
+    the start and must still make progress or lose it (the start lease)."""
+    bridge = FakeBridge(lease_s=0.01)
+    a = object()
+    events: list[LaunchEvent] = []
+
+    async def stuck_emit(event: LaunchEvent) -> None:
+        events.append(event)
+        await asyncio.get_running_loop().create_future()  # never written
+
+    async def scenario() -> None:
+        await bridge.slot.acquire_for_launch(a)
+        task = asyncio.create_task(new_launch(bridge, Inbox()).run(stuck_emit, None))
+        await settle()
+        assert events == [Queued(1)]
+        bridge.slot.release(a)
+        with pytest.raises(LaunchLeaseExpiredError):
+            await task
+
+    run(scenario())
+    assert bridge.connection.sent == []  # it never got as far as mms
+    assert slot_is_empty(bridge.slot)
 
 
 def test_a_bare_start_lease_is_a_timer_that_removes_only_the_start_it_was_set_for() -> None:

@@ -235,6 +235,14 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Queued:
+    """The launch waits for the device's one pending start: tell ``on_queued`` its place (1:
+    next), sent when it queues and each time it moves up."""
+
+    position: int
+
+
+@dataclass(frozen=True)
 class StartVm:
     """Memory is reserved: call ``start_vm`` and answer with ``LaunchExchange.started``."""
 
@@ -264,8 +272,12 @@ class LaunchExchange:
         self.first_request = pb.LaunchVmRequest(start=start)
         self._launched: pb.VmInfo | None = None
 
-    def on_response(self, response: pb.LaunchVmResponse) -> Progress | StartVm | StopVm | None:
+    def on_response(
+        self, response: pb.LaunchVmResponse
+    ) -> Queued | Progress | StartVm | StopVm | None:
         event = response.WhichOneof("event")
+        if event == "queued":
+            return Queued(response.queued.position)
         if event == "progress":
             return Progress(response.progress.attempt, response.progress.shortfall_bytes)
         if event == "reserved":

@@ -202,6 +202,7 @@ class Client:
         init_mem_size_bytes: int | None = None,
         on_progress: Callable[[int, int], Awaitable[None] | None] | None = None,
         timeout_s: float | None = DEFAULT_LAUNCH_TIMEOUT_S,
+        on_queued: Callable[[int], Awaitable[None] | None] | None = None,
     ) -> pb.VmInfo:
         """Launch a sibling VM over one LaunchVm stream and return it once it runs.
 
@@ -224,7 +225,10 @@ class Client:
             with _translated():
                 async for response in call:
                     step = exchange.on_response(response)
-                    if isinstance(step, common.Progress):
+                    if isinstance(step, common.Queued):
+                        if on_queued is not None:
+                            await _settled(on_queued(step.position))
+                    elif isinstance(step, common.Progress):
                         if on_progress is not None:
                             await _settled(on_progress(step.attempt, step.shortfall_bytes))
                     elif isinstance(step, common.StartVm):

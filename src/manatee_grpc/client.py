@@ -194,12 +194,17 @@ class Client:
         init_mem_size_bytes: int | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         timeout_s: float | None = DEFAULT_LAUNCH_TIMEOUT_S,
+        on_queued: Callable[[int], None] | None = None,
     ) -> pb.VmInfo:
         """Launch a sibling VM over one LaunchVm stream and return it once it runs.
 
         ``start_vm(vm_id, balloon_control_path)`` starts crosvm once memory is reserved and says
         whether it did; ``stop_vm(vm_id)`` stops it when the server asks; ``on_progress(attempt,
-        shortfall_bytes)`` hears of each reservation attempt that fell short. ``timeout_s`` bounds
+        shortfall_bytes)`` hears of each reservation attempt that fell short;
+        ``on_queued(position)`` hears that the launch waits for the device's one pending start,
+        and its place in the queue (1: next), when it queues and each time it moves up (without
+        it, the wait is silent).
+        ``timeout_s`` bounds
         the whole launch (default 5 min, enough for a queue of launches ahead; None: no
         deadline). If a callback raises, the call is cancelled (the server releases the
         reservation) and the exception propagates.
@@ -219,7 +224,10 @@ class Client:
             with translated():
                 for response in call:
                     step = exchange.on_response(response)
-                    if isinstance(step, common.Progress):
+                    if isinstance(step, common.Queued):
+                        if on_queued is not None:
+                            on_queued(step.position)
+                    elif isinstance(step, common.Progress):
                         if on_progress is not None:
                             on_progress(step.attempt, step.shortfall_bytes)
                     elif isinstance(step, common.StartVm):

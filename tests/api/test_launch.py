@@ -392,7 +392,8 @@ def test_cancel_while_queued_behind_another_launch_reserves_nothing(
         prepares_before = request_count(server, MessageType.PREPARE_VM)
         with launch(stub) as queued:
             queued.start(SMALL_MEM_BYTES)
-            wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "the launch queues")
+            assert queued.expect("queued").queued.position == 1
+            assert server.bridge.slot.launches_waiting() == 1
             assert queued.call.cancel()
             assert queued.expect_error().code() == grpc.StatusCode.CANCELLED
         wait_until(lambda: server.bridge.slot.launches_waiting() == 0, "the queue empties")
@@ -470,6 +471,8 @@ def test_two_launches_are_served_one_after_the_other(
     def second_launch() -> int:
         with launch(stub) as client:
             client.start(SMALL_MEM_BYTES)
+            assert client.expect("queued").queued.position == 1
+            record("B queued")
             reserved = client.expect("reserved").reserved
             record("B reserved")
             client.vm_started()
@@ -484,8 +487,9 @@ def test_two_launches_are_served_one_after_the_other(
         record("A reserved")
         second = pool.submit(second_launch)
         # B's start reached the server and waits for the one pending start that A holds.
-        wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "B queues behind A")
-        assert recorded() == ["A reserved"]
+        wait_until(lambda: "B queued" in recorded(), "B is told it queues behind A")
+        assert server.bridge.slot.launches_waiting() == 1
+        assert recorded() == ["A reserved", "B queued"]
         record("A vm_started")
         first.vm_started()
         first.expect("launched")
@@ -494,8 +498,8 @@ def test_two_launches_are_served_one_after_the_other(
         second_vm_id = second.result(timeout=LAUNCH_TIMEOUT_S)
 
     order = recorded()
-    assert order[:2] == ["A reserved", "A vm_started"]
-    assert sorted(order[2:]) == ["A launched", "B launched", "B reserved"]
+    assert order[:3] == ["A reserved", "B queued", "A vm_started"]
+    assert sorted(order[3:]) == ["A launched", "B launched", "B reserved"]
     assert order.index("B reserved") < order.index("B launched")
     assert first_vm_id != second_vm_id
     # mms saw A's start finish before B's reservation began.
@@ -511,6 +515,56 @@ def test_two_launches_are_served_one_after_the_other(
         ("FinishAddVmRequest", second_vm_id),
     ]
     assert listed_vm_ids(stub) == [0, first_vm_id, second_vm_id]
+
+
+def test_queued_launches_are_told_their_place_and_each_move_up(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as a, launch(stub) as b, launch(stub) as c:
+        a.start(SMALL_MEM_BYTES)
+        a_vm_id = a.expect_reserved().vm_id  # A holds the device's one pending start
+        b.start(SMALL_MEM_BYTES)
+        assert b.expect("queued").queued.position == 1
+        c.start(SMALL_MEM_BYTES)
+        assert c.expect("queued").queued.position == 2
+        # Queued launches hold nothing: mms saw one PrepareVm, A's.
+        assert request_count(server, MessageType.PREPARE_VM) == 1
+        a.vm_started()
+        a.expect("launched")
+        a.expect_ok_end()
+        # A is done: B takes the start (no more `queued` for it) and C moves up to 1.
+        b_vm_id = b.expect_reserved().vm_id
+        assert c.expect("queued").queued.position == 1
+        b.vm_started()
+        b.expect("launched")
+        b.expect_ok_end()
+        c_vm_id = c.expect_reserved().vm_id
+        c.vm_started()
+        c.expect("launched")
+        c.expect_ok_end()
+    assert [a_vm_id, b_vm_id, c_vm_id] == [a_vm_id, a_vm_id + 1, a_vm_id + 2]
+    assert listed_vm_ids(stub) == [0, a_vm_id, b_vm_id, c_vm_id]
+
+
+def test_a_launch_behind_one_that_leaves_moves_up(
+    server: ManateeServer, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    with launch(stub) as a, launch(stub) as b, launch(stub) as c:
+        a.start(SMALL_MEM_BYTES)
+        a.expect_reserved()
+        b.start(SMALL_MEM_BYTES)
+        assert b.expect("queued").queued.position == 1
+        c.start(SMALL_MEM_BYTES)
+        assert c.expect("queued").queued.position == 2
+        assert b.call.cancel()  # B's caller leaves the queue
+        assert c.expect("queued").queued.position == 1
+        a.vm_started()
+        a.expect("launched")
+        c.expect_reserved()
+        c.vm_started()
+        c.expect("launched")
+        c.expect_ok_end()
+    assert server.bridge.slot.launches_waiting() == 0
 
 
 def test_stats_and_rebalance_are_served_while_a_launch_waits_for_its_client(

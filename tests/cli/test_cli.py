@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from manatee_grpc import Client, ManateeServer
 from manatee_grpc.mms._messages import MessageType
 from manatee_grpc.sim import Simulator
 
-from .conftest import run_cli, simulator, vm_ids
+from .conftest import CLI_TIMEOUT_S, REPO_ROOT, run_cli, simulator, vm_ids
 
 MIB = 1024 * 1024
 
@@ -208,6 +210,24 @@ def test_launch_with_start_cmd_then_vms_shows_it(server: ManateeServer, tmp_path
                     "--server", server.address)  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["init_mem_size_bytes"] == 256 * MIB
+
+
+def test_launch_behind_a_pending_start_says_it_is_queued(
+    server: ManateeServer, client: Client
+) -> None:
+    held = client.prepare_vm(512 * MIB)  # a bare start holds the device's one pending start
+    command = [sys.executable, "-m", "manatee_grpc", "launch", "512MiB", "--start-cmd", "true",
+               "--server", server.address]  # fmt: skip
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    ) as process:
+        assert process.stderr is not None
+        first_line = process.stderr.readline()  # blocks until the launch says where it is
+        assert first_line == "queued: position 1 (another VM start is pending)\n"
+        client.finish_add_vm(held.vm_id)  # the start is free: the launch goes on
+        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
+    assert process.returncode == 0, stderr
+    assert stdout.splitlines()[1].split()[:2] == [str(held.vm_id + 1), "running"]
 
 
 def test_launch_confirmed_on_stdin(server: ManateeServer, client: Client) -> None:

@@ -83,6 +83,37 @@ def test_launch_vm_awaits_callbacks_that_are_coroutine_functions(server: Manatee
     ]
 
 
+def test_launch_vm_awaits_on_queued_while_another_start_is_pending(server: ManateeServer) -> None:
+    async def scenario() -> tuple[list[int], pb.VmInfo, int]:
+        queued: list[int] = []
+        told = asyncio.Event()
+
+        async def on_queued(position: int) -> None:
+            await asyncio.sleep(0)  # a coroutine callback that really suspends
+            queued.append(position)
+            told.set()
+
+        async with aio.Client(server.address) as client:
+            held = await client.prepare_vm(512 * MIB)  # holds the device's one pending start
+            task = asyncio.create_task(
+                client.launch_vm(
+                    512 * MIB,
+                    start_vm=lambda vm_id, path: True,
+                    stop_vm=lambda vm_id: None,
+                    on_queued=on_queued,
+                    timeout_s=LAUNCH_TIMEOUT_S,
+                )
+            )
+            await asyncio.wait_for(told.wait(), LAUNCH_TIMEOUT_S)
+            assert not task.done()
+            await client.finish_add_vm(held.vm_id)  # frees the start: the launch goes on
+            return queued, await task, held.vm_id
+
+    queued, launched, held_vm_id = asyncio.run(scenario())
+    assert queued == [1]
+    assert launched.vm_id == held_vm_id + 1
+
+
 def test_cancelling_the_task_running_launch_vm_releases_the_launch(server: ManateeServer) -> None:
     async def scenario() -> None:
         reserved = asyncio.Event()

@@ -50,6 +50,7 @@ _AIO_ANNOTATIONS = {
     ("launch_vm", "start_vm"): "Callable[[int, str], bool | Awaitable[bool]]",
     ("launch_vm", "stop_vm"): "Callable[[int], Awaitable[None] | None]",
     ("launch_vm", "on_progress"): "Callable[[int, int], Awaitable[None] | None] | None",
+    ("launch_vm", "on_queued"): "Callable[[int], Awaitable[None] | None] | None",
     ("watch_balloon_stats", "return"): "AsyncGenerator[pb.WatchBalloonStatsResponse, None]",
 }
 

@@ -3,7 +3,9 @@ and ``test_both.py`` the scenarios both clients share."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -101,3 +103,31 @@ def test_client_calls_carry_a_request_id_and_the_session_of_their_ids(
     with pytest.raises(ManateeRpcError) as raised:
         client.remove_vm(vm.vm_id, session=vm.session)
     assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_RESET")
+
+
+def test_launch_vm_tells_on_queued_while_another_start_is_pending(client: Client) -> None:
+    held = client.prepare_vm(512 * MIB)  # a bare start holds the device's one pending start
+    queued: list[int] = []
+    told = threading.Event()
+
+    def on_queued(position: int) -> None:
+        queued.append(position)
+        told.set()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        launched = pool.submit(
+            client.launch_vm,
+            512 * MIB,
+            start_vm=lambda vm_id, path: True,
+            stop_vm=lambda vm_id: None,
+            on_queued=on_queued,
+            timeout_s=30.0,
+        )
+        assert told.wait(timeout=30.0), "the launch was never told it queued"
+        assert not launched.done()
+        client.finish_add_vm(held.vm_id)  # frees the start: the launch goes on
+        vm = launched.result(timeout=30.0)
+    assert queued == [1]
+    assert vm.vm_id == held.vm_id + 1
+    # Without on_queued the event is simply not reported (the launch behind nobody never queues).
+    assert client.launch_vm(512 * MIB, start_vm=lambda v, p: True, stop_vm=lambda v: None).vm_id

@@ -237,9 +237,16 @@ def sizes_violation(mem_bytes: int, init_bytes: int | None, prefix: str = "") ->
 
 
 def interval_violation(seconds: int, nanos: int) -> str | None:
-    """Unset (zero) means the default; otherwise 100 ms .. 1 h. Nanos are whole microseconds."""
-    total_us = seconds * 1_000_000 + nanos // 1000
-    return None if total_us == 0 or 100_000 <= total_us <= 3_600_000_000 else "interval"
+    """A valid google.protobuf.Duration first (duration.proto's bounds and sign rule), then:
+    unset (zero) means the default; otherwise 100 ms .. 1 h, exactly, in nanoseconds."""
+    if not -315_576_000_000 <= seconds <= 315_576_000_000:
+        return "interval.seconds"
+    if not -999_999_999 <= nanos <= 999_999_999:
+        return "interval.nanos"
+    if seconds and nanos and (seconds < 0) != (nanos < 0):
+        return "interval.nanos"
+    total_ns = seconds * 1_000_000_000 + nanos
+    return None if total_ns == 0 or 10**8 <= total_ns <= 3600 * 10**9 else "interval"
 
 
 # --- strategies ----------------------------------------------------------------------------------
@@ -297,8 +304,10 @@ durations = st.tuples(
     ),
     st.one_of(
         st.just(0),
-        st.sampled_from([99_999_000, 100_000_000, 999_999_000, -1_000_000_000]),
-        st.integers(-(2**31 // 1000), (2**31 - 1) // 1000).map(lambda us: us * 1000),
+        st.sampled_from(
+            [99_999_999, 100_000_000, 999_999_999, 10**9, -(10**9), 2 * 10**9, -1, 2**31 - 1]
+        ),
+        st.integers(-(2**31), 2**31 - 1),
     ),
 )
 
@@ -387,7 +396,8 @@ def test_an_interval_too_long_for_a_timedelta_is_invalid_argument(
     """Found by the test above: seconds beyond timedelta's range (2.7 million years)."""
     request = pb.WatchBalloonStatsRequest(interval=duration_pb2.Duration(seconds=seconds))
     stream = device.stub.WatchBalloonStats(request, timeout=CALL_TIMEOUT_S)
-    assert_invalid(answer_of(expect_rpc_error(lambda: next(stream))), "interval")
+    # Beyond duration.proto's +-315,576,000,000 s too: not a Duration at all.
+    assert_invalid(answer_of(expect_rpc_error(lambda: next(stream))), "interval.seconds")
 
 
 @given(data=st.data())

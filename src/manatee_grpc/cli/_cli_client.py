@@ -287,6 +287,10 @@ def _cmd_rebalance(client: Client, args: argparse.Namespace) -> int:
 def _cmd_launch(client: Client, args: argparse.Namespace) -> int:
     err: TextIO = sys.stderr
 
+    def on_queued(position: int) -> None:
+        # Launches queue device-wide for mms's one pending start: say so, or a wait looks hung.
+        print(f"queued: position {position} (another VM start is pending)", file=err, flush=True)
+
     def on_progress(attempt: int, shortfall_bytes: int) -> None:
         print(f"attempt {attempt}: shortfall {format_bytes(shortfall_bytes)}", file=err, flush=True)
 
@@ -309,6 +313,7 @@ def _cmd_launch(client: Client, args: argparse.Namespace) -> int:
         start_vm=start_vm,
         stop_vm=stop_vm,
         on_progress=on_progress,
+        on_queued=on_queued,
         timeout_s=args.launch_timeout or None,
     )
     if args.json:

@@ -108,6 +108,13 @@ InboxItem = ClientItem | SessionReset
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """The launch waits for the device's one pending start; sent on queueing and each move up."""
+
+    position: int  # 1: the next launch to take the start once it is free
+
+
+@dataclass(frozen=True, slots=True)
 class Progress:
     attempt: int  # 1-based
     shortfall_bytes: int
@@ -134,7 +141,7 @@ class Launched:
     session: int  # the connection's session mms started the VM in
 
 
-LaunchEvent = Progress | Reserved | StopVm | Launched
+LaunchEvent = Queued | Progress | Reserved | StopVm | Launched
 Emit = Callable[[LaunchEvent], Awaitable[None]]
 
 
@@ -229,6 +236,11 @@ class LaunchRun:
         self._step = "waiting for earlier launches to finish"
         self._emit: Emit | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The queue position to tell the client (None: nothing more to tell), the last one told,
+        # and the task telling it: the slot reports moves synchronously, the stream is async.
+        self._queue_position: int | None = None
+        self._told_position = 0
+        self._queue_reporter: asyncio.Task[None] | None = None
 
     async def run(self, emit: Emit, timeout_s: float | None) -> None:
         """Run the launch to its end, telling the client through ``emit``; raises how it failed.
@@ -252,10 +264,15 @@ class LaunchRun:
         if self._caller_gone():
             # The caller left before the launch queued: nothing may reach mms on its behalf.
             raise asyncio.CancelledError
-        await slot.acquire_for_launch(self._token)
+        try:
+            await slot.acquire_for_launch(self._token, self._queued)
+        except BaseException:
+            self._stop_queue_reporter()
+            raise
         self._loop = asyncio.get_running_loop()
         self._bridge.add_session_reset_listener(self._session_reset)
         try:
+            await self._finish_queue_reports()
             await self._run()
         except MmsConnectionError as error:
             # A VM the client started cannot go on: it must stop. If the link reset, mms dropped
@@ -278,6 +295,52 @@ class LaunchRun:
         finally:
             self._bridge.remove_session_reset_listener(self._session_reset)
             self._release()
+
+    def _queued(self, position: int) -> None:
+        """The slot's report of this launch's place in the queue (on the loop, must not block)."""
+        self._queue_position = position
+        if self._queue_reporter is None or self._queue_reporter.done():
+            self._queue_reporter = asyncio.get_running_loop().create_task(self._tell_queue())
+
+    async def _finish_queue_reports(self) -> None:
+        """The start is ours: a place in the queue not yet told is stale, and one being told
+        must reach the client before anything about the start does. A client that reads
+        nothing could hold up that write, and with it the device's start: it gets the start
+        lease, like a client that never says `vm_started`."""
+        self._queue_position = None
+        reporter = self._queue_reporter
+        if reporter is None or reporter.done():
+            if reporter is not None:
+                await reporter  # its write failed: the stream is broken, say so
+            return
+        self._step = "telling the client its place in the queue"
+        lease_s = self._bridge.slot.lease_s
+        try:
+            async with asyncio.timeout(lease_s):
+                await reporter
+        except TimeoutError:
+            raise LaunchLeaseExpiredError(
+                f"the client read no launch message within the start lease ({lease_s:g} s); "
+                "the start is released",
+                leaseSeconds=f"{lease_s:g}",
+            ) from None
+
+    def _stop_queue_reporter(self) -> None:
+        reporter = self._queue_reporter
+        if reporter is None:
+            return
+        if reporter.done():
+            if not reporter.cancelled():
+                reporter.exception()  # retrieved: the launch ends for its own reason
+        else:
+            reporter.cancel()
+
+    async def _tell_queue(self) -> None:
+        # Only the latest place matters: moves made while a message is being written collapse.
+        while self._queue_position is not None and self._queue_position != self._told_position:
+            position = self._queue_position
+            await self._send(Queued(position))
+            self._told_position = position
 
     def _session_reset(self, session: int) -> None:
         """mms dropped ``session`` (a bridge listener, on the connection thread): to the loop."""

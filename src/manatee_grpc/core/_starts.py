@@ -149,10 +149,16 @@ def loop_timer(loop: asyncio.AbstractEventLoop) -> CallLater:
 
 @dataclass(slots=True, eq=False)
 class _LaunchWaiter:
-    """A queued launch: woken (its future completed) when it may take the free slot."""
+    """A queued launch: its ``changed`` future completes when the slot frees or it moves up."""
 
     token: object
-    wake: asyncio.Future[None]
+    changed: asyncio.Future[None]
+
+
+# Told a queued launch's place in the queue (1: next to take the start), on the loop, when it
+# queues and each time it moves up. Must not block: the launch takes the start without waiting
+# for its client to read this.
+OnPosition = Callable[[int], None]
 
 
 class StartSlot:
@@ -200,34 +206,55 @@ class StartSlot:
 
     # --- launches ------------------------------------------------------------------------------
 
-    async def acquire_for_launch(self, token: object) -> None:
+    async def acquire_for_launch(
+        self, token: object, on_position: OnPosition | None = None
+    ) -> None:
         """Wait, in arrival order, until this launch owns the pending start.
 
-        Cancelling the wait (the caller left, its deadline passed) takes the launch out of the
-        queue and hands its turn on; nothing of it stays here.
+        A launch that must wait is told its place through ``on_position`` when it queues and
+        each time a launch ahead of it leaves the queue (took the start, or gave up). Waiting
+        holds nothing: bare starts are refused while launches queue, but the start itself is
+        free for the launch at the head. Cancelling the wait (the caller left, its deadline
+        passed) takes the launch out of the queue and hands its turn on; nothing of it stays
+        here.
         """
+        loop = asyncio.get_running_loop()
         with self._lock:
             if self._claim is None and not self._waiters:
                 self._claim = Claim(Owner.LAUNCH, token)
                 return
-            waiter = _LaunchWaiter(token, asyncio.get_running_loop().create_future())
+            waiter = _LaunchWaiter(token, loop.create_future())
             self._waiters.append(waiter)
+        told = 0
         try:
             while True:
-                await waiter.wake
                 with self._lock:
                     if self._claim is None and self._waiters[0] is waiter:
                         self._waiters.popleft()
                         self._claim = Claim(Owner.LAUNCH, token)
+                        self._tell_moved(0)
                         return
-                    # Woken, but a bare start got in first: wait for the next release.
-                    waiter.wake = asyncio.get_running_loop().create_future()
+                    # A fresh future under the lock: a change from now on completes it.
+                    waiter.changed = loop.create_future()
+                    position = self._waiters.index(waiter) + 1
+                if on_position is not None and position != told:
+                    on_position(position)
+                    told = position
+                # Woken by a release with a bare start in first, or by a move: look again.
+                await waiter.changed
         except BaseException:
             with self._lock:
                 if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                    index = self._waiters.index(waiter)
+                    del self._waiters[index]
+                    self._tell_moved(index)
                 self._wake_next()
             raise
+
+    def queue_positions(self) -> dict[object, int]:
+        """Each queued launch's token and its place in the queue (1: next); for tests, tools."""
+        with self._lock:
+            return {waiter.token: index + 1 for index, waiter in enumerate(self._waiters)}
 
     def set_vm_id(self, token: object, vm_id: int) -> None:
         with self._lock:
@@ -566,9 +593,18 @@ class StartSlot:
     def _wake_next(self) -> None:
         """The slot is free: let the first queued launch take it (on its own loop)."""
         if self._claim is None and self._waiters:
-            # From the loop or the connection thread (an answer freed it): a loop hand-off.
-            wake = self._waiters[0].wake
-            _aio.call_soon_from_thread(wake.get_loop(), _set_if_pending, wake)
+            self._wake(self._waiters[0])
+
+    def _tell_moved(self, from_index: int) -> None:
+        """The waiter at ``from_index`` left the queue: those behind it moved up one place."""
+        for index in range(from_index, len(self._waiters)):
+            self._wake(self._waiters[index])
+
+    @staticmethod
+    def _wake(waiter: _LaunchWaiter) -> None:
+        # From the loop or the connection thread (an answer freed the slot): a loop hand-off.
+        changed = waiter.changed
+        _aio.call_soon_from_thread(changed.get_loop(), _set_if_pending, changed)
 
 
 def _may_have_opened(prepare: Future[Any]) -> bool:

@@ -99,14 +99,64 @@ def session_id(value: str, field: str = "session") -> str:
 
 
 def watch_interval_s(seconds: float, field: str = "interval") -> float:
+    """A watch interval given in seconds; 0 means the default (1 s)."""
     if seconds == 0:
         return DEFAULT_WATCH_INTERVAL_S
     if not MIN_WATCH_INTERVAL_S <= seconds <= MAX_WATCH_INTERVAL_S:
-        raise InvalidArgumentError(
-            field,
-            f"{seconds:g} s is outside {MIN_WATCH_INTERVAL_S:g} s .. {MAX_WATCH_INTERVAL_S:g} s",
-        )
+        # repr, not :g: the caller must recognise the value it sent (0.099999999, not 0.1).
+        raise InvalidArgumentError(field, _interval_outside(repr(seconds)))
     return seconds
+
+
+def watch_interval(seconds: int, nanos: int, field: str = "interval") -> float:
+    """A watch interval from a google.protobuf.Duration, checked exactly (in nanoseconds)."""
+    total_ns = duration_ns(seconds, nanos, field)
+    if total_ns == 0:
+        return DEFAULT_WATCH_INTERVAL_S
+    if not _MIN_WATCH_INTERVAL_NS <= total_ns <= _MAX_WATCH_INTERVAL_NS:
+        raise InvalidArgumentError(field, _interval_outside(format_duration_ns(total_ns)))
+    return total_ns / _NS_PER_S
+
+
+def _interval_outside(given: str) -> str:
+    return f"{given} s is outside {MIN_WATCH_INTERVAL_S:g} s .. {MAX_WATCH_INTERVAL_S:g} s"
+
+
+# google.protobuf.Duration's own bounds (duration.proto): about +-10,000 years, nanos of the same
+# sign as seconds. A message outside them is not a Duration; other libraries refuse to read it.
+DURATION_MAX_SECONDS = 315_576_000_000
+DURATION_MAX_NANOS = 999_999_999
+_NS_PER_S = 1_000_000_000
+_MIN_WATCH_INTERVAL_NS = round(MIN_WATCH_INTERVAL_S * _NS_PER_S)
+_MAX_WATCH_INTERVAL_NS = round(MAX_WATCH_INTERVAL_S * _NS_PER_S)
+
+
+def duration_ns(seconds: int, nanos: int, field: str) -> int:
+    """A Duration's length in nanoseconds, if it is valid as the protobuf spec defines it."""
+    if not -DURATION_MAX_SECONDS <= seconds <= DURATION_MAX_SECONDS:
+        raise InvalidArgumentError(
+            f"{field}.seconds",
+            f"{seconds} is outside the Duration range "
+            f"-{DURATION_MAX_SECONDS} .. {DURATION_MAX_SECONDS}",
+        )
+    if not -DURATION_MAX_NANOS <= nanos <= DURATION_MAX_NANOS:
+        raise InvalidArgumentError(
+            f"{field}.nanos",
+            f"{nanos} is outside the Duration range -{DURATION_MAX_NANOS} .. {DURATION_MAX_NANOS}",
+        )
+    if seconds and nanos and (seconds < 0) != (nanos < 0):
+        raise InvalidArgumentError(
+            f"{field}.nanos",
+            f"{nanos} and {field}.seconds {seconds} have opposite signs; a Duration's must match",
+        )
+    return seconds * _NS_PER_S + nanos
+
+
+def format_duration_ns(total_ns: int) -> str:
+    """Seconds, exactly: 99_999_999 ns is "0.099999999", 1_500_000_000 ns is "1.5"."""
+    whole_s, fraction_ns = divmod(abs(total_ns), _NS_PER_S)
+    text = f"{whole_s}.{fraction_ns:09d}".rstrip("0").rstrip(".")
+    return f"-{text}" if total_ns < 0 else text
 
 
 def _json_safe(value: int, field: str, what: str = "the value") -> None:

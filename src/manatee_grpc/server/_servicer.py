@@ -35,6 +35,7 @@ from manatee_grpc.core._launch import (
     LaunchPolicy,
     LaunchRun,
     Progress,
+    Queued,
     Reserved,
     StopVm,
     StreamEnded,
@@ -300,10 +301,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         context: aio.ServicerContext[pb.WatchBalloonStatsRequest, pb.WatchBalloonStatsResponse],
     ) -> AsyncIterator[pb.WatchBalloonStatsResponse]:
         vm_ids = validate.vm_ids(request.vm_ids)
-        interval_s = validate.watch_interval_s(
-            # Not ToTimedelta(): a Duration of 10^11 s overflows timedelta (OverflowError).
-            request.interval.seconds + request.interval.nanos / 1e9
-        )
+        # Not ToTimedelta(): a Duration of 10^11 s overflows timedelta (OverflowError).
+        interval_s = validate.watch_interval(request.interval.seconds, request.interval.nanos)
         session_id = validate.session_id(request.session)
         self._check_open()
         self.bridge.check_session(session_id, "WatchBalloonStats")
@@ -461,7 +460,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     def _launch_event(self, event: LaunchEvent) -> pb.LaunchVmResponse:
         message = pb.LaunchVmResponse()
-        if isinstance(event, Progress):
+        if isinstance(event, Queued):
+            message.queued.position = event.position
+        elif isinstance(event, Progress):
             message.progress.attempt = event.attempt
             message.progress.shortfall_bytes = event.shortfall_bytes
             if event.next_attempt_delay_s is not None:

@@ -171,10 +171,11 @@ class BalloonDelta(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     DELTA_BYTES_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
-    """The VM whose balloon changes."""
+    """The VM whose balloon changes. In a RebalanceMemoryRequest: a sibling VM, in [1, 2^32 - 1]."""
     delta_bytes: _builtins.int
     """Balloon delta in bytes: positive inflates the balloon (takes memory from that VM), negative
-    deflates it (gives memory to that VM).
+    deflates it (gives memory to that VM). In a RebalanceMemoryRequest: at most 2^53 either way
+    (mms reads numbers as doubles).
     """
     def __init__(
         self,
@@ -325,12 +326,13 @@ class GetBalloonStatsRequest(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """The session `vm_ids` were learnt in; empty means the current session. Another session is
-    NOT_FOUND (SESSION_RESET).
+    NOT_FOUND (SESSION_RESET). At most 64 characters (INVALID_ARGUMENT).
     """
     @_builtins.property
     def vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The VMs to read. Empty means every VM the server knows in the current mms session: the
-        CrOS guest and each VM started through this server.
+        CrOS guest and each VM started through this server. At most 1024 ids, each in
+        [0, 2^32 - 1], none repeated (INVALID_ARGUMENT naming `vm_ids` or `vm_ids[i]`).
         """
 
     def __init__(
@@ -447,18 +449,23 @@ class WatchBalloonStatsRequest(_message.Message):
     session: _builtins.str
     """The session `vm_ids` were learnt in; empty means the current session. Another session is
     NOT_FOUND (SESSION_RESET) when the watch begins; later resets are `session_reset` events.
+    At most 64 characters (INVALID_ARGUMENT).
     """
     @_builtins.property
     def vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The VMs to watch. Empty means every VM the server knows at each tick, so VMs started later
-        appear and removed ones disappear.
+        appear and removed ones disappear. At most 1024 ids, each in [0, 2^32 - 1], none repeated
+        (INVALID_ARGUMENT naming `vm_ids` or `vm_ids[i]`).
         """
 
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """Time between snapshots. Unset or zero means 1 s; less than 100 ms (or more than 1 h) is
-        INVALID_ARGUMENT. The server rounds it to the nearest multiple of 100 ms (1.26 s ticks
-        every 1.3 s), so that watchers asking for nearly the same period share one poll of mms.
+        """Time between snapshots. Unset or zero means 1 s; otherwise from 100 ms to 3600 s inclusive
+        (INVALID_ARGUMENT naming `interval`). It must be a valid Duration as duration.proto defines
+        it: `seconds` within +-315,576,000,000, `nanos` within +-999,999,999 and of the same sign
+        as a non-zero `seconds` (INVALID_ARGUMENT naming `interval.seconds` or `interval.nanos`).
+        The server rounds it to the nearest multiple of 100 ms (1.26 s ticks every 1.3 s), so that
+        watchers asking for nearly the same period share one poll of mms.
         """
 
     def __init__(
@@ -646,13 +653,13 @@ class RebalanceMemoryRequest(_message.Message):
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """The session the VM ids were learnt in; empty means the current session. Another session is
-    NOT_FOUND (SESSION_RESET) and nothing reaches mms.
+    NOT_FOUND (SESSION_RESET) and nothing reaches mms. At most 64 characters (INVALID_ARGUMENT).
     """
     request_id: _builtins.str
     """Identifies this rebalance for safe retries (AIP-155): a repeat returns the first answer
-    and moves nothing. At most 64 characters; a UUID is recommended. Empty: no deduplication.
-    Remembered while in flight and 10 minutes after the answer, up to 4096 ids; see "Retries"
-    above (RESOURCE_EXHAUSTED, REQUEST_IDS_FULL).
+    and moves nothing. At most 64 printable characters; a UUID is recommended. Empty: no
+    deduplication. Remembered while in flight and 10 minutes after the answer, up to 4096 ids;
+    see "Retries" above (RESOURCE_EXHAUSTED, REQUEST_IDS_FULL).
     """
     validate_only: _builtins.bool
     """Preview only (AIP-163): the answer gives the `actual_deltas` and `fully_applied` this same
@@ -676,6 +683,8 @@ class RebalanceMemoryRequest(_message.Message):
     def deltas(self) -> _containers.RepeatedCompositeFieldContainer[Global___BalloonDelta]:
         """Balloon deltas for sibling VMs, at most one per VM. The CrOS guest (id 0) must not appear:
         its delta is derived. Each delta is rounded down to a page multiple (toward minus infinity).
+        From 1 to 1024 deltas, and their sum (the CrOS guest's delta, negated) at most 2^53 either
+        way (INVALID_ARGUMENT naming `deltas` or `deltas[i].vm_id` / `deltas[i].delta_bytes`).
         """
 
     def __init__(
@@ -742,16 +751,18 @@ class PrepareVmRequest(_message.Message):
     INIT_MEM_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     mem_size_bytes: _builtins.int
-    """The new VM's memory size in bytes; must be a positive page multiple, smaller than the CrOS
-    guest's memory.
+    """The new VM's memory size in bytes; must be a positive multiple of 4096, at most 2^53, and
+    smaller than the CrOS guest's memory (which only mms knows: that one is refused by mms,
+    still INVALID_ARGUMENT, with ErrorInfo reachedMms "true").
     """
     init_mem_size_bytes: _builtins.int
-    """The memory the VM starts with, in bytes; a page multiple, at most `mem_size_bytes`. The rest
-    starts inside its balloon. Unset means min(1000 MiB, `mem_size_bytes`).
+    """The memory the VM starts with, in bytes; a positive multiple of 4096, at most
+    `mem_size_bytes`. The rest starts inside its balloon. Unset means min(1000 MiB,
+    `mem_size_bytes`).
     """
     request_id: _builtins.str
     """Identifies this attempt for safe retries (AIP-155): a repeat returns the first answer and
-    sends nothing to mms. At most 64 characters; a UUID is recommended. Empty: no
+    sends nothing to mms. At most 64 printable characters; a UUID is recommended. Empty: no
     deduplication. A caller with a request_id who leaves before the answer keeps the
     reservation under the lease, so that its retry finds it. Remembered as for
     RebalanceMemoryRequest.request_id (see "Retries" above).
@@ -831,10 +842,12 @@ class FinishAddVmRequest(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
-    """The pending VM, as returned by PrepareVm; its crosvm must already be running."""
+    """The pending VM, as returned by PrepareVm; its crosvm must already be running. In
+    [1, 2^32 - 1] (INVALID_ARGUMENT).
+    """
     session: _builtins.str
     """The session `vm_id` was learnt in; empty means the current session. Another session is
-    NOT_FOUND (SESSION_RESET) and nothing reaches mms.
+    NOT_FOUND (SESSION_RESET) and nothing reaches mms. At most 64 characters (INVALID_ARGUMENT).
     """
     def __init__(
         self,
@@ -883,11 +896,11 @@ class RemoveVmRequest(_message.Message):
     VM_ID_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     vm_id: _builtins.int
-    """The VM to remove; not 0 (the CrOS guest)."""
+    """The VM to remove: a sibling VM, in [1, 2^32 - 1]; not 0 (the CrOS guest)."""
     session: _builtins.str
     """The session `vm_id` was learnt in; empty means the current session. Another session is
     NOT_FOUND (SESSION_RESET) and nothing reaches mms: an id from an earlier session never
-    removes the VM that has the same id now.
+    removes the VM that has the same id now. At most 64 characters (INVALID_ARGUMENT).
     """
     def __init__(
         self,
@@ -982,9 +995,14 @@ class LaunchVmRequest(_message.Message):
         MEM_SIZE_BYTES_FIELD_NUMBER: _builtins.int
         INIT_MEM_SIZE_BYTES_FIELD_NUMBER: _builtins.int
         mem_size_bytes: _builtins.int
-        """The new VM's memory size in bytes; same rules as PrepareVmRequest.mem_size_bytes."""
+        """The new VM's memory size in bytes; same rules as PrepareVmRequest.mem_size_bytes (errors
+        name `start.mem_size_bytes`).
+        """
         init_mem_size_bytes: _builtins.int
-        """The memory the VM starts with, in bytes. Unset means min(1000 MiB, `mem_size_bytes`)."""
+        """The memory the VM starts with, in bytes; same rules as
+        PrepareVmRequest.init_mem_size_bytes (errors name `start.init_mem_size_bytes`). Unset
+        means min(1000 MiB, `mem_size_bytes`).
+        """
         def __init__(
             self,
             *,
@@ -1094,6 +1112,36 @@ class LaunchVmResponse(_message.Message):
     """A server message on a LaunchVm stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Queued(_message.Message):
+        """The launch waits for the device's one pending start, which another launch or a bare
+        PrepareVm start holds; launches queue for it in arrival order, device-wide. Sent when the
+        launch queues and again each time it moves up; a launch that gets the start at once is
+        never sent one. The next message after the last `queued` is about the start (`progress` or
+        `reserved`). A queued launch holds nothing: it reserves no memory and sends nothing to mms
+        until its turn, and leaving (cancel, deadline) takes it out of the queue. A client that
+        reads none of its messages, so that its last `queued` cannot be written when its turn
+        comes, loses the start after the start lease (DEADLINE_EXCEEDED, LEASE_EXPIRED).
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        POSITION_FIELD_NUMBER: _builtins.int
+        position: _builtins.int
+        """The launch's place among the launches waiting, from 1: 1 means it takes the start as
+        soon as whoever holds it now finishes or releases it; n means n - 1 launches are ahead.
+        """
+        def __init__(
+            self,
+            *,
+            position: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     @_typing.final
     class Progress(_message.Message):
@@ -1226,6 +1274,7 @@ class LaunchVmResponse(_message.Message):
     RESERVED_FIELD_NUMBER: _builtins.int
     STOP_VM_FIELD_NUMBER: _builtins.int
     LAUNCHED_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def progress(self) -> Global___LaunchVmResponse.Progress:
         """A reservation attempt fell short and will be retried."""
@@ -1242,6 +1291,10 @@ class LaunchVmResponse(_message.Message):
     def launched(self) -> Global___LaunchVmResponse.Launched:
         """Launch complete."""
 
+    @_builtins.property
+    def queued(self) -> Global___LaunchVmResponse.Queued:
+        """Waiting for the device's one pending start; `position` says where in the queue."""
+
     def __init__(
         self,
         *,
@@ -1249,12 +1302,13 @@ class LaunchVmResponse(_message.Message):
         reserved: Global___LaunchVmResponse.Reserved | None = ...,
         stop_vm: Global___LaunchVmResponse.StopVm | None = ...,
         launched: Global___LaunchVmResponse.Launched | None = ...,
+        queued: Global___LaunchVmResponse.Queued | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "launched", b"launched", "progress", b"progress", "reserved", b"reserved", "stop_vm", b"stop_vm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "launched", b"launched", "progress", b"progress", "queued", b"queued", "reserved", b"reserved", "stop_vm", b"stop_vm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "launched", b"launched", "progress", b"progress", "reserved", b"reserved", "stop_vm", b"stop_vm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "launched", b"launched", "progress", b"progress", "queued", b"queued", "reserved", b"reserved", "stop_vm", b"stop_vm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "reserved", "stop_vm", "launched"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "reserved", "stop_vm", "launched", "queued"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

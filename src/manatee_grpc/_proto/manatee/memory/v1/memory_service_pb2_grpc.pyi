@@ -56,6 +56,13 @@ class MemoryServiceStub:
     id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
+    Limits. Every limit on a request field is written on that field below, and the README's
+    "Limits" table gives each with the exact error the server returns (INVALID_ARGUMENT, reason
+    INVALID_ARGUMENT, BadRequest naming the field); nothing out of bounds reaches mms. Two limits
+    are gRPC's own and carry no ErrorInfo: a request message over 1 MiB
+    (`--max-receive-message-bytes`) and more than 1000 RPCs in progress at once
+    (`--max-concurrent-rpcs`) are RESOURCE_EXHAUSTED.
+
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
     google.rpc.RetryInfo. They travel in the `grpc-status-details-bin` trailer: a serialized
@@ -88,7 +95,8 @@ class MemoryServiceStub:
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
-                           (MMS_PROTOCOL_ERROR).
+                           (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+      UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone. Also a LaunchVm client that sent
                            no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -139,8 +147,10 @@ class MemoryServiceStub:
     LaunchVm: _grpc.StreamStreamMultiCallable[_memory_service_pb2.LaunchVmRequest, _memory_service_pb2.LaunchVmResponse]
     """Starts a sibling VM end to end: the recommended way to start one.
 
-    The client sends `start`. Launches queue in arrival order for the device's one pending
-    start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+    The client sends `start`. mms allows one pending start for the whole device, so launches
+    queue for it in arrival order, device-wide: a launch that must wait is sent `queued` with its
+    place (1: next) when it queues and again each time it moves up, and holds nothing while it
+    waits. The server reserves memory (retrying PrepareVm with back-off; each attempt that
     falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
     completes the start once the client says `vm_started`, and sends `launched`.
 
@@ -207,6 +217,13 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
+    Limits. Every limit on a request field is written on that field below, and the README's
+    "Limits" table gives each with the exact error the server returns (INVALID_ARGUMENT, reason
+    INVALID_ARGUMENT, BadRequest naming the field); nothing out of bounds reaches mms. Two limits
+    are gRPC's own and carry no ErrorInfo: a request message over 1 MiB
+    (`--max-receive-message-bytes`) and more than 1000 RPCs in progress at once
+    (`--max-concurrent-rpcs`) are RESOURCE_EXHAUSTED.
+
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
     google.rpc.RetryInfo. They travel in the `grpc-status-details-bin` trailer: a serialized
@@ -239,7 +256,8 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
-                           (MMS_PROTOCOL_ERROR).
+                           (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+      UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone. Also a LaunchVm client that sent
                            no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -287,8 +305,10 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     LaunchVm: _aio.StreamStreamMultiCallable[_memory_service_pb2.LaunchVmRequest, _memory_service_pb2.LaunchVmResponse]  # type: ignore[assignment]
     """Starts a sibling VM end to end: the recommended way to start one.
 
-    The client sends `start`. Launches queue in arrival order for the device's one pending
-    start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+    The client sends `start`. mms allows one pending start for the whole device, so launches
+    queue for it in arrival order, device-wide: a launch that must wait is sent `queued` with its
+    place (1: next) when it queues and again each time it moves up, and holds nothing while it
+    waits. The server reserves memory (retrying PrepareVm with back-off; each attempt that
     falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
     completes the start once the client says `vm_started`, and sends `launched`.
 
@@ -354,6 +374,13 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     id in flight is never forgotten: if all 4096 are, a call with a new id is RESOURCE_EXHAUSTED
     (REQUEST_IDS_FULL, with RetryInfo) and nothing reaches mms.
 
+    Limits. Every limit on a request field is written on that field below, and the README's
+    "Limits" table gives each with the exact error the server returns (INVALID_ARGUMENT, reason
+    INVALID_ARGUMENT, BadRequest naming the field); nothing out of bounds reaches mms. Two limits
+    are gRPC's own and carry no ErrorInfo: a request message over 1 MiB
+    (`--max-receive-message-bytes`) and more than 1000 RPCs in progress at once
+    (`--max-concurrent-rpcs`) are RESOURCE_EXHAUSTED.
+
     Errors. Failures are standard gRPC status codes with standard google.rpc error details:
     google.rpc.ErrorInfo (domain "manatee.memory.v1", reason as below), google.rpc.BadRequest and
     google.rpc.RetryInfo. They travel in the `grpc-status-details-bin` trailer: a serialized
@@ -386,7 +413,8 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
                            MMS_CONNECTION_LOST, MMS_HUNG), or the server is shutting down
                            (SHUTTING_DOWN); RetryInfo says when to retry.
       INTERNAL             mms broke its protocol: a malformed or mismatched response
-                           (MMS_PROTOCOL_ERROR).
+                           (MMS_PROTOCOL_ERROR); or a bug in the server (INTERNAL).
+      UNKNOWN              mms answered with an errno other than -22, -12 and -5 (MMS_ERRNO).
       DEADLINE_EXCEEDED    the caller's deadline passed. The request already sent to mms still
                            completes: its effects are not undone. Also a LaunchVm client that sent
                            no `vm_started` before `reserved.lease_expire_time` (LEASE_EXPIRED):
@@ -456,8 +484,10 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_memory_service_pb2.LaunchVmResponse], _abc.AsyncIterator[_memory_service_pb2.LaunchVmResponse]]:
         """Starts a sibling VM end to end: the recommended way to start one.
 
-        The client sends `start`. Launches queue in arrival order for the device's one pending
-        start. The server reserves memory (retrying PrepareVm with back-off; each attempt that
+        The client sends `start`. mms allows one pending start for the whole device, so launches
+        queue for it in arrival order, device-wide: a launch that must wait is sent `queued` with its
+        place (1: next) when it queues and again each time it moves up, and holds nothing while it
+        waits. The server reserves memory (retrying PrepareVm with back-off; each attempt that
         falls short is reported as `progress`), sends `reserved` so the client starts crosvm, then
         completes the start once the client says `vm_started`, and sends `launched`.
 
