@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from manatee_grpc.core._events import DEFAULT_CAPACITY
 from manatee_grpc.core._launch import DEFAULT_ATTEMPT_DELAYS_S, DEFAULT_STOP_TIMEOUT_S
 from manatee_grpc.mms._connection import DEFAULT_WATCHDOG_S
 from manatee_grpc.mms._messages import MessageType
@@ -61,3 +62,7 @@ class ServerConfig:
     # Reset the stream when mms is silent past the watchdog even if VMs are at stake (mms then
     # drops them all). Off: a hung mms only turns health NOT_SERVING until it answers.
     mms_hang_reset: bool = False
+    # Events (WatchEvents): how many the server keeps for replay, and the append-only JSON-lines
+    # audit file they also go to (None: none).
+    event_ring_size: int = DEFAULT_CAPACITY
+    audit_file: str | None = None
