@@ -262,6 +262,20 @@ class Client:
         )
         return self._watch(request)
 
+    def watch_events(
+        self, replay_last: int = 0, kinds: Iterable[pb.EventKind.ValueType] = ()
+    ) -> Iterator[pb.WatchEventsResponse]:
+        """The last ``replay_last`` events, `caught_up`, then live events, until the iterator
+        is closed (which cancels the call)."""
+        call = self._stub.WatchEvents(
+            pb.WatchEventsRequest(replay_last=replay_last, kinds=list(kinds))
+        )
+        try:
+            with _translated():
+                yield from call
+        finally:
+            call.cancel()
+
     def _watch(
         self, request: pb.WatchBalloonStatsRequest
     ) -> Iterator[pb.WatchBalloonStatsResponse]:

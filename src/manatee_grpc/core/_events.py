@@ -150,18 +150,30 @@ def _json_values(values: Mapping[str, object]) -> dict[str, Any]:
     return loaded
 
 
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """In a subscription: the replay is over (``last_sequence`` was the newest event then);
+    what follows is live."""
+
+    last_sequence: int
+
+
 class Subscription:
-    """One subscriber's view: the replayed events, then live ones through a bounded queue."""
+    """One subscriber's view: the replayed events, CaughtUp, then live ones through a bounded
+    queue."""
 
     def __init__(
         self,
         replay: Iterable[Event],
         kinds: frozenset[EventKind],
         max_queued: int,
+        last_sequence: int,
     ) -> None:
-        self._queue: collections.deque[Event] = collections.deque(replay)
+        self._replay: collections.deque[Event] = collections.deque(replay)
+        self._caught_up: CaughtUp | None = CaughtUp(last_sequence)
+        self._queue: collections.deque[Event] = collections.deque()
         self._kinds = kinds
-        self._max_queued = max(max_queued, len(self._queue))
+        self._max_queued = max_queued
         self._missed = 0
         self._first_missed = 0
         self._last_missed = 0
@@ -188,7 +200,12 @@ class Subscription:
         if self._wake is not None:
             self._wake.set()
 
-    def take_nowait(self) -> Event | Missed | None:
+    def take_nowait(self) -> Event | Missed | CaughtUp | None:
+        if self._replay:
+            return self._replay.popleft()
+        if self._caught_up is not None:
+            caught_up, self._caught_up = self._caught_up, None
+            return caught_up
         if self._missed:
             missed = Missed(self._missed, self._first_missed, self._last_missed)
             self._missed = 0
@@ -197,8 +214,8 @@ class Subscription:
             return self._queue.popleft()
         return None
 
-    async def take_async(self) -> Event | Missed | None:
-        """The next event, or a Missed marker; None once the log closed."""
+    async def take_async(self) -> Event | Missed | CaughtUp | None:
+        """The next event or marker; None once the log ended its subscriptions."""
         while True:
             item = self.take_nowait()
             if item is not None:
@@ -432,7 +449,7 @@ class EventLog:
                     if len(replay) >= replay_last:
                         break
             replay.reverse()
-        subscription = Subscription(replay, wanted, self._subscriber_queue)
+        subscription = Subscription(replay, wanted, self._subscriber_queue, self._sequence)
         if self._ending:
             subscription.close()
         else:

@@ -34,6 +34,7 @@ from manatee_grpc.core._errors import (
 )
 from manatee_grpc.core._events import (
     Caller,
+    CaughtUp,
     Event,
     EventError,
     EventKind,
@@ -506,7 +507,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         subscription = self.events.subscribe(replay_last, kinds)
         try:
             while (item := await subscription.take_async()) is not None:
-                if isinstance(item, Missed):
+                if isinstance(item, CaughtUp):
+                    yield pb.WatchEventsResponse(
+                        caught_up=pb.WatchEventsResponse.CaughtUp(last_sequence=item.last_sequence)
+                    )
+                elif isinstance(item, Missed):
                     yield pb.WatchEventsResponse(
                         events_missed=pb.WatchEventsResponse.EventsMissed(
                             count=item.count,

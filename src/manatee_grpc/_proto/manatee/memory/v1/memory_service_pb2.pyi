@@ -1541,8 +1541,31 @@ class WatchEventsResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CaughtUp(_message.Message):
+        """Sent once, after the replayed events (also when none were asked for): what follows is
+        live. A caller that wants only the past stops reading here.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+        last_sequence: _builtins.int
+        """The newest event's sequence number when the watch began (0 if there was none)."""
+        def __init__(
+            self,
+            *,
+            last_sequence: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["last_sequence", b"last_sequence"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     EVENT_FIELD_NUMBER: _builtins.int
     EVENTS_MISSED_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> Global___Event:
         """An event."""
@@ -1551,17 +1574,22 @@ class WatchEventsResponse(_message.Message):
     def events_missed(self) -> Global___WatchEventsResponse.EventsMissed:
         """Events this watcher missed."""
 
+    @_builtins.property
+    def caught_up(self) -> Global___WatchEventsResponse.CaughtUp:
+        """The replay is over."""
+
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
         events_missed: Global___WatchEventsResponse.EventsMissed | None = ...,
+        caught_up: Global___WatchEventsResponse.CaughtUp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events_missed", b"events_missed", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "events_missed", b"events_missed", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events_missed", b"events_missed", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "events_missed", b"events_missed", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["event", "events_missed"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["event", "events_missed", "caught_up"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 

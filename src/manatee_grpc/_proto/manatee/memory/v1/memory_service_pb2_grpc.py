@@ -327,7 +327,7 @@ class MemoryServiceServicer:
         """Streams what happens to the device's memory, and who asked, until the caller cancels.
 
         On connect the server replays the last `replay_last` events it still holds (it keeps the
-        last 1000 by default, `serve --event-ring`), then follows live. Every state-changing call
+        last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
         that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
         one event when it ends, failed or not, with the caller's identity; a call refused as
         INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
