@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -264,7 +264,7 @@ class Client:
 
     def watch_events(
         self, replay_last: int = 0, kinds: Iterable[pb.EventKind.ValueType] = ()
-    ) -> Iterator[pb.WatchEventsResponse]:
+    ) -> Generator[pb.WatchEventsResponse, None, None]:
         """The last ``replay_last`` events, `caught_up`, then live events, until the iterator
         is closed (which cancels the call)."""
         call = self._stub.WatchEvents(
