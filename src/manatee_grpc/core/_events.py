@@ -96,7 +96,8 @@ class Event:
     caller: Caller
     session: str = ""  # the mms session the VM ids belong to ("" when none applies)
     vm_ids: tuple[int, ...] = ()
-    # Kind-specific facts, JSON values only (see the proto's EventKind for the keys).
+    # Kind-specific facts, JSON values only (see the proto's EventKind for the keys). The
+    # server's own details are built of plain values; free-form ones pass _json_values first.
     details: Mapping[str, Any] = field(default_factory=dict)
     error: EventError | None = None  # the act failed (RPC events only)
 
@@ -402,7 +403,7 @@ class EventLog:
             POLICY,
             session=session,
             vm_ids=vm_ids,
-            details={"inputs": dict(inputs), "action": action},
+            details=_json_values({"inputs": dict(inputs), "action": action}),
         )
 
     def _record(
@@ -426,7 +427,7 @@ class EventLog:
             caller=caller,
             session=session,
             vm_ids=tuple(vm_ids),
-            details=_json_values(details) if details else {},
+            details=details if details is not None else {},
             error=error,
         )
         self._ring.append(event)

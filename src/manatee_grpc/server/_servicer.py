@@ -359,6 +359,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         session_id = validate.session_id(request.session)
         request_id = validate_request_id(request.request_id)
         details: dict[str, object] = {"requested_deltas": _delta_objects(deltas.items())}
+        if request_id:
+            details["request_id"] = request_id
         record = self._recorder(EventKind.REBALANCE_MEMORY, context, session_id, tuple(deltas))
         try:
             self._check_open()
@@ -397,6 +399,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             "mem_size_bytes": mem_size_bytes,
             "init_mem_size_bytes": init_mem_size_bytes,
         }
+        if request_id:
+            details["request_id"] = request_id
         record = self._recorder(EventKind.PREPARE_VM, context, "", ())
         try:
             self._check_open()

@@ -126,15 +126,16 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     `ring_capacity`.
     """
     EVENT_KIND_PREPARE_VM: _EventKind.ValueType  # 2
-    """A PrepareVm call ended. details: `mem_size_bytes`, `init_mem_size_bytes`, and on success
-    `reserved`, `shortfall_bytes`.
+    """A PrepareVm call ended. details: `mem_size_bytes`, `init_mem_size_bytes`, `request_id`
+    (if given), and on success `reserved`, `shortfall_bytes`.
     """
     EVENT_KIND_FINISH_ADD_VM: _EventKind.ValueType  # 3
     """A FinishAddVm call ended (a start that failed in mms carries its error, e.g. MMS_EIO)."""
     EVENT_KIND_REMOVE_VM: _EventKind.ValueType  # 4
     """A RemoveVm call ended."""
     EVENT_KIND_REBALANCE_MEMORY: _EventKind.ValueType  # 5
-    """A RebalanceMemory call ended. details: `requested_deltas` as the caller gave them, and on
+    """A RebalanceMemory call ended. details: `requested_deltas` as the caller gave them,
+    `request_id` (if given; a repeat is an event of its own, with the first call's result), and on
     success `applied_requested_deltas` (page-aligned, the CrOS guest's last), `actual_deltas`
     (each a {`vm_id`, `delta_bytes`} object) and `fully_applied`.
     """
@@ -177,15 +178,16 @@ EVENT_KIND_SERVER_STARTED: EventKind.ValueType  # 1
 `ring_capacity`.
 """
 EVENT_KIND_PREPARE_VM: EventKind.ValueType  # 2
-"""A PrepareVm call ended. details: `mem_size_bytes`, `init_mem_size_bytes`, and on success
-`reserved`, `shortfall_bytes`.
+"""A PrepareVm call ended. details: `mem_size_bytes`, `init_mem_size_bytes`, `request_id`
+(if given), and on success `reserved`, `shortfall_bytes`.
 """
 EVENT_KIND_FINISH_ADD_VM: EventKind.ValueType  # 3
 """A FinishAddVm call ended (a start that failed in mms carries its error, e.g. MMS_EIO)."""
 EVENT_KIND_REMOVE_VM: EventKind.ValueType  # 4
 """A RemoveVm call ended."""
 EVENT_KIND_REBALANCE_MEMORY: EventKind.ValueType  # 5
-"""A RebalanceMemory call ended. details: `requested_deltas` as the caller gave them, and on
+"""A RebalanceMemory call ended. details: `requested_deltas` as the caller gave them,
+`request_id` (if given; a repeat is an event of its own, with the first call's result), and on
 success `applied_requested_deltas` (page-aligned, the CrOS guest's last), `actual_deltas`
 (each a {`vm_id`, `delta_bytes`} object) and `fully_applied`.
 """
