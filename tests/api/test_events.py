@@ -279,8 +279,12 @@ def test_lease_expiry_session_resets_and_mms_outages_are_server_events(tmp_path:
             last = last_sequence(client)
             prepared = client.prepare_vm(MEM_BYTES)
             events = new_events(server, last, at_least=2)
-            expired = events[1]
-            assert expired.kind == pb.EVENT_KIND_START_LEASE_EXPIRED
+            by_kind = {e.kind: e for e in events}
+            assert len(events) == 2 and set(by_kind) == {
+                pb.EVENT_KIND_PREPARE_VM,
+                pb.EVENT_KIND_START_LEASE_EXPIRED,
+            }
+            expired = by_kind[pb.EVENT_KIND_START_LEASE_EXPIRED]
             assert list(expired.vm_ids) == [prepared.vm_id] and expired.caller.origin == "server"
 
             last = events[-1].sequence
@@ -297,3 +301,31 @@ def test_lease_expiry_session_resets_and_mms_outages_are_server_events(tmp_path:
             assert reset.session != prepared.session
     finally:
         server.stop(grace_s=1.0)
+
+
+def test_a_launch_that_waits_is_queued_then_one_end_event_and_a_caller_who_leaves_aborts(
+    server: ManateeServer, client: Client, stub: pb_grpc.MemoryServiceStub
+) -> None:
+    from .test_launch import launch
+
+    last = last_sequence(client)
+    with launch(stub) as first:
+        first.start(MEM_BYTES)
+        first_vm_id = first.expect_reserved().vm_id
+        with launch(stub) as queued:
+            queued.start(MEM_BYTES)
+            wait_until(lambda: server.bridge.slot.launches_waiting() == 1, "the launch queues")
+            assert queued.call.cancel()
+        events = new_events(server, last, at_least=2)
+        assert [e.kind for e in events] == [
+            pb.EVENT_KIND_LAUNCH_QUEUED,
+            pb.EVENT_KIND_LAUNCH_ABORTED,
+        ]
+        assert details_of(events[0])["launches_waiting"] == 1
+        assert events[1].error.code == "CANCELLED"
+        first.vm_started()
+        first.expect("launched")
+        first.expect_ok_end()
+    events = new_events(server, events[-1].sequence)
+    assert [e.kind for e in events] == [pb.EVENT_KIND_LAUNCH_LAUNCHED]
+    assert list(events[0].vm_ids) == [first_vm_id]
