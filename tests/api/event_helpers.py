@@ -39,3 +39,13 @@ def new_events(server: ManateeServer, after: int, at_least: int = 1) -> list[pb.
 
         wait_until(enough, f"{at_least} new events after #{after}")
     return found
+
+
+def wait_mms_available_recorded(client: Client) -> None:
+    """Wait until the server has recorded that mms is available: the connection thread hands
+    that event over as it connects, so it can land after the server's start returned (and
+    after a test's first call)."""
+    wait_until(
+        lambda: any(e.kind == pb.EVENT_KIND_MMS_AVAILABLE for e in recorded_events(client)),
+        "MMS_AVAILABLE recorded",
+    )

@@ -10,10 +10,17 @@ import sys
 import threading
 
 import pytest
+from api.event_helpers import wait_mms_available_recorded
 
 from manatee_grpc import Client, ManateeRpcError, ManateeServer
 
 from .conftest import REPO_ROOT, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _settled(client: Client) -> None:
+    wait_mms_available_recorded(client)
+
 
 LINE_WAIT_S = 30.0
 

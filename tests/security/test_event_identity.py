@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from api.conftest import start_server
-from api.event_helpers import last_sequence, recorded_events
+from api.event_helpers import last_sequence, recorded_events, wait_mms_available_recorded
 
 from manatee_grpc import Client, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
@@ -33,6 +33,7 @@ def test_a_state_changing_call_under_mtls_is_one_event_with_the_certificate_subj
         tls_channel(target, pki.ca_pem, pki.client) as channel,
         Client(target, channel=channel) as client,
     ):
+        wait_mms_available_recorded(client)
         last = last_sequence(client)
         prepared = client.prepare_vm(512 << 20)
         with pytest.raises(ManateeRpcError):
