@@ -8,6 +8,7 @@ import queue
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from api.event_helpers import wait_mms_available_recorded
@@ -109,3 +110,19 @@ def _top_once(address: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "manatee_grpc", "top", "--once", "--server", address],
         capture_output=True, text=True, timeout=60, check=False, cwd=REPO_ROOT, env=env,
     )  # fmt: skip
+
+
+def test_serve_takes_an_audit_file_and_a_ring_size_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    from manatee_grpc.cli import build_parser
+    from manatee_grpc.cli._main import _config_from
+
+    args = build_parser().parse_args(["serve", "--audit-file", "/x/a.jsonl", "--event-ring", "5"])
+    config = _config_from(args)
+    assert (config.audit_file, config.event_ring_size) == ("/x/a.jsonl", 5)
+    assert _config_from(build_parser().parse_args(["serve"])).audit_file is None
+
+    result = run_cli("serve", "--listen", "127.0.0.1:0", "--audit-file", str(tmp_path / "no" / "a"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("manatee-grpc: error: ") and "No such file" in result.stderr
+    result = run_cli("serve", "--event-ring", "0")
+    assert result.returncode == 2 and "--event-ring" in result.stderr
