@@ -243,6 +243,8 @@ SERVE_TIMEOUT_S = 30.0
 
 # One-shot commands, run in README order against one live server; each must exit 0.
 RUN_AGAINST_SERVER = [
+    "manatee-grpc events",
+    "manatee-grpc events --kind rebalance_memory --json",
     "manatee-grpc health",
     "manatee-grpc vms",
     "manatee-grpc stats",
@@ -271,6 +273,7 @@ RUN_AS_SERVER: dict[str, str | None] = {
     # With the README's settings file and workload scenario.
     "manatee-grpc serve --policy balance-available --policy-config policy.toml": None,
     "manatee-grpc serve --sim-scenario workload.toml --policy balance-available": None,
+    "manatee-grpc serve --audit-file /var/log/manatee-grpc/events.jsonl": None,
 }
 RUN_ELSEWHERE = {
     ACTIVATE: "every command run here runs after it",
@@ -281,6 +284,13 @@ RUN_ELSEWHERE = {
     "cd examples/node && npm ci && node journey.js 127.0.0.1:50051": (
         "tests/cli/test_node_example.py installs from the lockfile and runs journey.js against "
         "live servers (on port 0 and on a unix socket)"
+    ),
+    "manatee-grpc events --follow --last 0": (
+        "follows until Ctrl-C; tests/cli/test_events_cli.py runs `events --follow` and reads "
+        "the events it prints as they happen"
+    ),
+    "manatee-grpc events --follow": (
+        "follows until Ctrl-C; tests/cli/test_events_cli.py runs it and reads its lines"
     ),
     # And every `grpcurl` line: tests/api/test_grpcurl.py runs each verbatim (checked below).
 }
@@ -408,6 +418,7 @@ def _swap_server_addresses(command: str, tmp: Path) -> str:
     command = command.replace("0.0.0.0:50051", "0.0.0.0:0")
     command = command.replace("/run/manatee.sock", f"{tmp}/manatee.sock")
     command = command.replace("/tmp/mms.sock", f"{tmp}/mms.sock")
+    command = command.replace("/var/log/manatee-grpc/events.jsonl", f"{tmp}/events.jsonl")
     for name in _readme_toml_files():
         command = re.sub(rf"(?<![\w/]){re.escape(name)}", f"{tmp}/{name}", command)
     if command == "make run":

@@ -114,6 +114,7 @@ def test_rpcs_are_as_agreed() -> None:
         "FinishAddVm": ("FinishAddVmRequest", "FinishAddVmResponse", False, False),
         "RemoveVm": ("RemoveVmRequest", "RemoveVmResponse", False, False),
         "ListVms": ("ListVmsRequest", "ListVmsResponse", False, False),
+        "WatchEvents": ("WatchEventsRequest", "WatchEventsResponse", False, True),
     }
 
 

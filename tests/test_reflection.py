@@ -301,6 +301,7 @@ def test_v1_lists_services_and_resolves_methods(address: str) -> None:
     assert [f.name for f in files] == [
         "manatee/memory/v1/memory_service.proto",
         "google/protobuf/duration.proto",
+        "google/protobuf/struct.proto",
         "google/protobuf/timestamp.proto",
     ]
     assert by_method.original_request == requests[1]

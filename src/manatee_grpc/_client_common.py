@@ -184,6 +184,12 @@ def rebalance_request(
     )
 
 
+def watch_events_request(
+    replay_last: int, kinds: Iterable[pb.EventKind.ValueType]
+) -> pb.WatchEventsRequest:
+    return pb.WatchEventsRequest(replay_last=replay_last, kinds=list(kinds))
+
+
 def prepare_request(
     mem_size_bytes: int, init_mem_size_bytes: int | None, request_id: str | None
 ) -> pb.PrepareVmRequest:

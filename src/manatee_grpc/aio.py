@@ -193,6 +193,19 @@ class Client:
         finally:
             call.cancel()
 
+    async def watch_events(
+        self, replay_last: int = 0, kinds: Iterable[pb.EventKind.ValueType] = ()
+    ) -> AsyncGenerator[pb.WatchEventsResponse, None]:
+        """The last ``replay_last`` events, `caught_up`, then live events, as an async generator
+        until it is closed (which cancels the call) or the client is."""
+        call = self._stub.WatchEvents(common.watch_events_request(replay_last, kinds))
+        try:
+            with _translated():
+                async for response in call:
+                    yield response
+        finally:
+            call.cancel()
+
     async def launch_vm(
         self,
         mem_size_bytes: int,

@@ -185,6 +185,18 @@ class Client:
         finally:
             call.cancel()
 
+    def watch_events(
+        self, replay_last: int = 0, kinds: Iterable[pb.EventKind.ValueType] = ()
+    ) -> Generator[pb.WatchEventsResponse, None, None]:
+        """The last ``replay_last`` events, `caught_up`, then live events, until the iterator
+        is closed (which cancels the call)."""
+        call = self._stub.WatchEvents(common.watch_events_request(replay_last, kinds))
+        try:
+            with translated():
+                yield from call
+        finally:
+            call.cancel()
+
     def launch_vm(
         self,
         mem_size_bytes: int,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from api.conftest import start_server
 from api.helpers import wait_until
@@ -189,3 +190,38 @@ def test_the_policy_runs_by_itself_every_period_and_is_off_by_default(tmp_path: 
             plain.run_policy_tick()
     finally:
         plain.stop(grace_s=1.0)
+
+
+def _policy_events(rig: Rig) -> list[pb.Event]:
+    """Every POLICY_DECISION event the server kept, oldest first (the replay, to caught_up)."""
+    stream = rig.stub.WatchEvents(
+        pb.WatchEventsRequest(replay_last=1000, kinds=[pb.EVENT_KIND_POLICY_DECISION]),
+        timeout=30,
+    )
+    events = []
+    for message in stream:
+        if message.WhichOneof("update") == "caught_up":
+            stream.cancel()
+            break
+        events.append(message.event)
+    return events
+
+
+def test_each_policy_decision_is_one_event_with_its_inputs_and_outcome(rising: Rig) -> None:
+    rising.start_vm()
+    rising.start_vm()
+    decisions = []
+    for _ in range(4):
+        rising.clock.advance(100)
+        decisions.append(rising.server.run_policy_tick())
+    assert any(decision.acted for decision in decisions)
+    events = _policy_events(rising)
+    assert len(events) == len(decisions)
+    for event, decision in zip(events, decisions, strict=True):
+        assert event.caller.origin == "policy"
+        details = json_format.MessageToDict(event.details)
+        assert details["inputs"]["policy_sequence"] == decision.sequence
+        assert [vm["vm_id"] for vm in details["inputs"]["vms"]] == [vm.vm_id for vm in decision.vms]
+        action = details["action"]
+        assert (action["acted"], action["reason"]) == (decision.acted, decision.reason)
+        assert {int(vm): d for vm, d in action["actual_deltas"].items()} == dict(decision.actual)

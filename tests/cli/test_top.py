@@ -126,7 +126,8 @@ def test_one_row_per_vm_with_bar_and_human_numbers_under_the_header() -> None:
     lines = render(view, 140, 30, NOW_S + 0.5)
 
     assert lines[0] == (
-        f"manatee-grpc top · session 1 · connected · updated {clock(NOW_S)} · every 1 s · {SERVER}"
+        f"manatee-grpc top · session 1 · connected · updated {clock(NOW_S)} · every 1 s · "
+        f"policy: none seen · {SERVER}"
     )
     assert lines[1] == LEGEND
     assert lines[3].split() == [

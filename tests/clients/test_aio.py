@@ -167,3 +167,22 @@ def test_a_watch_is_an_async_iterator_that_aclosing_ends(server: ManateeServer) 
     events = asyncio.run(scenario())
 
     assert events == ["snapshot", "snapshot"]
+
+
+def test_watch_events_is_an_async_iterator_of_the_replay_then_caught_up(
+    server: ManateeServer,
+) -> None:
+    async def scenario() -> list[str]:
+        async with aio.Client(server.address) as client:
+            with pytest.raises(ManateeRpcError):
+                await client.remove_vm(42)  # one REMOVE_VM event (refused, still recorded)
+            updates = []
+            watch = client.watch_events(replay_last=10, kinds=[pb.EVENT_KIND_REMOVE_VM])
+            async with contextlib.aclosing(watch):
+                async for message in watch:
+                    updates.append(message.WhichOneof("update"))
+                    if updates[-1] == "caught_up":
+                        break
+            return updates
+
+    assert asyncio.run(scenario()) == ["event", "caught_up"]

@@ -52,6 +52,7 @@ _AIO_ANNOTATIONS = {
     ("launch_vm", "on_progress"): "Callable[[int, int], Awaitable[None] | None] | None",
     ("launch_vm", "on_queued"): "Callable[[int], Awaitable[None] | None] | None",
     ("watch_balloon_stats", "return"): "AsyncGenerator[pb.WatchBalloonStatsResponse, None]",
+    ("watch_events", "return"): "AsyncGenerator[pb.WatchEventsResponse, None]",
 }
 
 
@@ -80,9 +81,11 @@ def test_both_clients_have_the_same_methods_arguments_defaults_and_results() -> 
         assert aio_sig.return_annotation == _AIO_ANNOTATIONS.get(
             (name, "return"), sync_sig.return_annotation
         ), name
-        # Every call is a coroutine but the watch, which is an async iterator at once.
+        # Every call is a coroutine but the watches, which are async iterators at once.
         is_coroutine = inspect.iscoroutinefunction(aio_methods[name])
-        assert is_coroutine == (name not in {"__init__", "watch_balloon_stats"}), name
+        assert is_coroutine == (name not in {"__init__", "watch_balloon_stats", "watch_events"}), (
+            name
+        )
 
 
 def test_a_callback_that_raises_cancels_the_launch_and_releases_it(

@@ -359,6 +359,56 @@ def _cmd_health(client: Client, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+DEFAULT_EVENTS = 20
+
+
+def _count_arg(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if not 0 <= count < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or more")
+    return count
+
+
+def _kind_arg(text: str) -> pb.EventKind.ValueType:
+    from manatee_grpc.cli._events_view import kind_names, kind_value
+
+    try:
+        return kind_value(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected one of {', '.join(kind_names())}"
+        ) from None
+
+
+def _cmd_events(client: Client, args: argparse.Namespace) -> int:
+    from manatee_grpc.cli._events_view import event_json, event_line
+
+    for message in client.watch_events(args.last, args.kinds):
+        update = message.WhichOneof("update")
+        if update == "caught_up":
+            if not args.follow:
+                return 0
+            continue
+        if update == "events_missed":
+            missed = message.events_missed
+            if args.json:
+                line = {"missed": missed.count, "first_sequence": missed.first_sequence,
+                        "last_sequence": missed.last_sequence}  # fmt: skip
+                print(json.dumps(line, separators=(",", ":")), flush=True)
+            else:
+                print(f"... {missed.count} events missed (#{missed.first_sequence}"
+                      f"-#{missed.last_sequence}): reading too slowly", flush=True)  # fmt: skip
+            continue
+        if args.json:
+            print(json.dumps(event_json(message.event), separators=(",", ":")), flush=True)
+        else:
+            print(event_line(message.event), flush=True)
+    return 0
+
+
 # --- wiring ------------------------------------------------------------------------------------
 
 
@@ -433,6 +483,26 @@ def add_client_commands(
     remove.add_argument("vm_id", type=int, metavar="ID")
     _add_session_argument(remove)
     add("health", _cmd_health, "health of the MemoryService (exit 1 unless SERVING)")
+    events = add("events", _cmd_events, "what happened and who asked (WatchEvents)")
+    events.add_argument(
+        "--last",
+        type=_count_arg,
+        default=DEFAULT_EVENTS,
+        metavar="N",
+        help="show the last N events the server holds first (default %(default)s)",
+    )
+    events.add_argument(
+        "--follow", "-f", action="store_true", help="then keep printing new events (Ctrl-C quits)"
+    )
+    events.add_argument(
+        "--kind",
+        dest="kinds",
+        action="append",
+        type=_kind_arg,
+        default=[],
+        metavar="KIND",
+        help="only events of this kind (repeatable), e.g. rebalance_memory",
+    )
     # Imported here: _top imports this module's helpers.
     from manatee_grpc.cli._top import add_top_arguments, run_top
 

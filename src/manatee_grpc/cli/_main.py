@@ -150,7 +150,31 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TOML",
         help="the policy's settings file (period, margins, floors, ceilings, step cap, ...)",
     )
+    parser.add_argument(
+        "--audit-file",
+        default=None,
+        metavar="PATH",
+        help="append every event (WatchEvents) to PATH, one JSON object per line; never "
+        "truncated, and a restart continues its sequence numbers (default off)",
+    )
+    parser.add_argument(
+        "--event-ring",
+        type=_positive_int_arg,
+        default=defaults.event_ring_size,
+        metavar="N",
+        help="how many recent events the server keeps for WatchEvents replay (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO")
+
+
+def _positive_int_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
 
 
 def _socket_mode_arg(text: str) -> int:
@@ -234,6 +258,8 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         launch_stop_timeout_s=args.launch_stop_timeout,
         policy=args.policy,
         policy_config_path=args.policy_config,
+        event_ring_size=args.event_ring,
+        audit_file=args.audit_file,
     )
 
 

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc.cli._common import credentials_from
-from manatee_grpc.cli._top_view import ASCII_FALLBACK, TopView, render
+from manatee_grpc.cli._top_view import ASCII_FALLBACK, SHOWN_EVENTS, TopView, render
 from manatee_grpc.client import Client, ManateeRpcError
 
 MIN_INTERVAL_S = 0.1  # the server's floor for WatchBalloonStats
@@ -105,11 +105,25 @@ def _print_once(client: Client) -> int:
     view.vm_list(client.list_vms(), time.time())
     view.connected()
     view.snapshot(client.get_balloon_stats(), time.time())
+    _recent_events(client, view)
     # Not a terminal (and no $COLUMNS): a script gets whole lines, not ones cut at 80.
     width = shutil.get_terminal_size((0, 0)).columns or UNLIMITED_WIDTH
     for line in render(view, width, None, time.time()):
         print(_printable(line))
     return 0
+
+
+def _recent_events(client: Client, view: TopView) -> None:
+    """The server's latest events (WatchEvents replay) into the view; none from an older server."""
+    try:
+        for message in client.watch_events(SHOWN_EVENTS):
+            if message.WhichOneof("update") == "caught_up":
+                break
+            if message.WhichOneof("update") == "event":
+                view.server_event(message.event, time.time())
+    except ManateeRpcError as error:
+        if error.code != grpc.StatusCode.UNIMPLEMENTED:
+            raise
 
 
 def _printable(line: str) -> str:
@@ -151,7 +165,12 @@ class Failed:
     error: ManateeRpcError
 
 
-FeedEvent = Listed | Connected | Streamed | Disconnected | Failed
+@dataclass(frozen=True, slots=True)
+class ServerEvent:
+    event: pb.Event
+
+
+FeedEvent = Listed | Connected | Streamed | Disconnected | Failed | ServerEvent
 
 
 def apply(view: TopView, event: FeedEvent, now_s: float) -> None:
@@ -164,6 +183,8 @@ def apply(view: TopView, event: FeedEvent, now_s: float) -> None:
         view.message(event.message, now_s)
     elif isinstance(event, Disconnected):
         view.disconnected(event.problem, event.attempt, event.retry_in_s, now_s)
+    elif isinstance(event, ServerEvent):
+        view.server_event(event.event, now_s)
     else:
         raise event.error
 
@@ -197,18 +218,46 @@ class Feed:
         self._lock = threading.Lock()
         self._cancel_call: Callable[[], object] | None = None
         self._thread = threading.Thread(target=self._run, name="top-feed", daemon=True)
+        self._cancel_events: Callable[[], object] | None = None
+        self._events_thread = threading.Thread(
+            target=self._run_events, name="top-events", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._events_thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
         with self._lock:
-            cancel_call = self._cancel_call
-        if cancel_call is not None:
-            cancel_call()
+            cancel_calls = (self._cancel_call, self._cancel_events)
+        for cancel_call in cancel_calls:
+            if cancel_call is not None:
+                cancel_call()
         self._thread.join(FEED_JOIN_S)
+        self._events_thread.join(FEED_JOIN_S)
         self._channel.close()
+
+    def _run_events(self) -> None:
+        """WatchEvents, resubscribed after the stream ends: the lines under the table."""
+        replay_last = SHOWN_EVENTS  # the first time only: later ones would repeat lines
+        while not self._stopping.is_set():
+            try:
+                call = self._stub.WatchEvents(pb.WatchEventsRequest(replay_last=replay_last))
+                with self._lock:
+                    self._cancel_events = call.cancel
+                if self._stopping.is_set():
+                    call.cancel()
+                for message in call:
+                    replay_last = 0
+                    if message.WhichOneof("update") == "event":
+                        self._post(ServerEvent(message.event))
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return  # an older server: top shows what it sees itself
+            except ValueError:
+                return  # stop() closed the channel under us
+            self._stopping.wait(RECONNECT_MAX_S / 2)
 
     def _run(self) -> None:
         failures = 0

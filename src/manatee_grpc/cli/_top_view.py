@@ -89,6 +89,8 @@ class TopView:
     vms: dict[int, pb.VmInfo] = field(default_factory=dict)  # of the current session only
     dropped_updates: int = 0
     events: list[tuple[float, str]] = field(default_factory=list)
+    # The latest POLICY_DECISION the server reported (WatchEvents), as one line; None: none yet.
+    policy: str | None = None
 
     # --- what the feed reports ---------------------------------------------------------------
 
@@ -131,6 +133,15 @@ class TopView:
             self._event(now_s, f"mms unavailable ({outage.reason}): {outage.message}")
         elif event == "snapshot":
             self.snapshot(message.snapshot, now_s)
+
+    def server_event(self, event: pb.Event, now_s: float) -> None:
+        """One event of the server's WatchEvents stream: a line under the table."""
+        from manatee_grpc.cli._events_view import summary, who
+
+        line = f"{summary(event)} by {who(event)}"
+        if event.kind == pb.EVENT_KIND_POLICY_DECISION:
+            self.policy = line.removeprefix("POLICY_DECISION ")
+        self._event(event.time.ToNanoseconds() / 1e9 if event.HasField("time") else now_s, line)
 
     def snapshot(self, snapshot: Snapshot, now_s: float) -> None:
         if self.session is not None and snapshot.session != self.session:
@@ -223,6 +234,7 @@ def _header(view: TopView, now_s: float) -> str:
         parts.append(f"every {view.interval_s:g} s")
     if view.dropped_updates:
         parts.append(f"{view.dropped_updates} updates dropped")
+    parts.append(f"policy: {view.policy}" if view.policy is not None else "policy: none seen")
     parts.append(view.server)
     return " · ".join(parts)
 

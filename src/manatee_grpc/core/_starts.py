@@ -187,6 +187,8 @@ class StartSlot:
         # Bare PrepareVm calls on their way, by id() of their request: on_response stamps the
         # session mms answered in on them.
         self._bare_in_flight: dict[int, BarePrepare] = {}
+        # Told (vm_id, session) when a start's lease runs out, under the lock: must not block.
+        self.on_lease_expired: Callable[[int | None, int], None] | None = None
 
     @property
     def lease_s(self) -> float:
@@ -576,6 +578,8 @@ class StartSlot:
             if claim is not self._claim or claim.lease_generation != generation:
                 return  # the start ended (or got a new lease) before this timer fired
             claim.lease_ran_out = True
+            if self.on_lease_expired is not None:
+                self.on_lease_expired(claim.vm_id, claim.session)
             self._remove_unfinished(claim, "its PrepareVm lease expired before FinishAddVm")
 
     def _launch_in_progress_error(self) -> StartInProgressError:

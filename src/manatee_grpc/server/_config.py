@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from manatee_grpc.core._events import DEFAULT_CAPACITY
 from manatee_grpc.core._launch import DEFAULT_ATTEMPT_DELAYS_S, DEFAULT_STOP_TIMEOUT_S
 from manatee_grpc.mms._connection import DEFAULT_WATCHDOG_S
 from manatee_grpc.mms._messages import MessageType
@@ -65,3 +66,7 @@ class ServerConfig:
     # (TOML; PolicySettings in core/_policy.py lists the keys; defaults without a file).
     policy: str | None = None
     policy_config_path: str | None = None
+    # Events (WatchEvents): how many the server keeps for replay, and the append-only JSON-lines
+    # audit file they also go to (None: none).
+    event_ring_size: int = DEFAULT_CAPACITY
+    audit_file: str | None = None

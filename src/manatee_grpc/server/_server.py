@@ -22,6 +22,7 @@ launch or lease-less wait released; client pings no more often than every 10 s a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import tempfile
 import threading
@@ -35,6 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2 as pb
 from manatee_grpc.core import _aio
 from manatee_grpc.core._bridge import BridgeConfig, MemoryBridge
+from manatee_grpc.core._events import SERVER, AuditFile, EventKind, EventLog
 from manatee_grpc.core._launch import LaunchPolicy
 from manatee_grpc.core._policy import POLICY_NAMES, PolicyDecision, PolicyRunner, PolicySettings
 from manatee_grpc.core._starts import loop_timer
@@ -111,6 +113,8 @@ class ManateeServer:
         self.policy: PolicyRunner | None = None  # the balancing policy, when --policy is on
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self.events: EventLog | None = None
+        self._mms_usable = False  # as the last MMS_AVAILABLE/UNAVAILABLE event said
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -127,6 +131,9 @@ class ManateeServer:
     def _start(self, listener: _listen.Listener) -> ManateeServer:
         config = self.config
         policy_settings = _policy_settings(config)  # a bad file fails before anything runs
+        # An audit file we cannot open fails the start, before anything runs.
+        audit = AuditFile(config.audit_file) if config.audit_file is not None else None
+        self.events = EventLog(config.event_ring_size, audit)
         if config.metrics_listen is not None:  # a busy port fails here, before anything runs
             self.metrics_address = self.metrics.serve(config.metrics_listen)
         mms_address = self._mms_address()
@@ -156,6 +163,7 @@ class ManateeServer:
             attach_metrics(metrics, self.connection, self.bridge)
         loop = self._loop = asyncio.new_event_loop()
         self.bridge.slot.use_call_later(loop_timer(loop))
+        self.bridge.slot.on_lease_expired = self._lease_expired
         self.watch_hub = WatchHub(
             lambda vm_ids: self.bridge.get_balloon_stats_async(vm_ids, WATCH_POLL_TIMEOUT_S)
         )
@@ -164,15 +172,27 @@ class ManateeServer:
         health_follower = _HealthFollower(self.health, loop)
         health_follower.set(False)
         self.connection.add_usable_listener(health_follower.set)
+        self.connection.add_usable_listener(self._usable_changed)
         self.connection.set_stakes(self._stakes)
         self.servicer = MemoryServicer(
             self.bridge,
             LaunchPolicy(config.launch_attempt_delays_s, config.launch_stop_timeout_s),
             self.watch_hub,
             observe_rpc=None if metrics is None else metrics.observe_rpc,
+            events=self.events,
         )
         self._loop_thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
         self._loop_thread.start()
+        assert self._loop_thread.ident is not None
+        self.events.attach(loop, self._loop_thread.ident)
+        self.events.publish(
+            EventKind.SERVER_STARTED,
+            SERVER,
+            details={
+                "audit_file": config.audit_file or "",
+                "ring_capacity": config.event_ring_size,
+            },
+        )
         self.port = self._on_loop(self._start_grpc(listener))
         self.address = _client_target(config.listen, self.port)
         self.connection.start()
@@ -187,6 +207,8 @@ class ManateeServer:
     def _undo_start(self) -> None:
         self.metrics.close()
         self._stop_loop()
+        if self.events is not None:
+            self.events.close()
         if self.connection is not None:
             self.connection.stop()
         if self.simulator is not None:
@@ -247,8 +269,29 @@ class ManateeServer:
         return self.connection.reset(reason)
 
     def _policy_decided(self, decision: PolicyDecision) -> None:
-        # On the loop. The record (inputs, deltas, outcome) is kept by the runner (recent()).
+        # On the loop. The record (inputs, deltas, outcome) is kept by the runner (recent()),
+        # and is one POLICY_DECISION event: the rebalance it sent (if any) is part of it, since
+        # the policy calls the bridge, not the servicer that records RebalanceMemory events.
         logger.info("%s", decision.summary())
+        if self.events is not None:
+            self.events.publish_policy_decision(
+                {
+                    "policy_sequence": decision.sequence,
+                    "vms": [dataclasses.asdict(vm) for vm in decision.vms],
+                    "left_out": {str(vm): why for vm, why in decision.left_out.items()},
+                },
+                {
+                    "acted": decision.acted,
+                    "reason": decision.reason,
+                    "planned_deltas": {str(vm): d for vm, d in decision.planned.items()},
+                    "actual_deltas": {str(vm): d for vm, d in decision.actual.items()},
+                    "fully_applied": decision.fully_applied,
+                    "moved_bytes": decision.moved_bytes,
+                    "error": decision.error,
+                },
+                session=decision.session,
+                vm_ids=sorted({vm.vm_id for vm in decision.vms} | set(decision.planned)),
+            )
 
     def run_policy_tick(self, timeout_s: float = 30.0) -> PolicyDecision:
         """Run one policy period now, from any thread but the loop's; returns its decision."""
@@ -262,6 +305,33 @@ class ManateeServer:
         if previous_session and self._loop is not None:  # the first connect is not a reset
             _aio.call_soon_from_thread(
                 self._loop, self.watch_hub.session_changed, previous_session, session
+            )
+            if self.events is not None:
+                public = self.bridge.books.public_session_id
+                self.events.publish_from_thread(
+                    EventKind.SESSION_RESET,
+                    SERVER,
+                    session=public(session),
+                    details={"previous_session": public(previous_session)},
+                )
+
+    def _usable_changed(self, usable: bool) -> None:
+        # On the connection thread, which calls its listeners in order: one event per change.
+        if usable == self._mms_usable or self.events is None:
+            return
+        self._mms_usable = usable
+        kind = EventKind.MMS_AVAILABLE if usable else EventKind.MMS_UNAVAILABLE
+        self.events.publish_from_thread(kind, SERVER, session=self.bridge.books.session_id)
+
+    def _lease_expired(self, vm_id: int | None, session: int) -> None:
+        # Under the slot's lock, on the loop (lease timers are loop timers): cheap, no waiting.
+        if self.events is not None:
+            self.events.publish(
+                EventKind.START_LEASE_EXPIRED,
+                SERVER,
+                session=self.bridge.books.public_session_id(session) if session else "",
+                vm_ids=() if vm_id is None else (vm_id,),
+                details={"lease_s": self.config.prepare_lease_s},
             )
 
     def _mms_address(self) -> _transport.MmsAddress:
@@ -299,8 +369,12 @@ class ManateeServer:
             if self.policy is not None:  # no rebalance while we go away
                 self._on_loop(_call(self.policy.stop))
             self._on_loop(_call(self.watch_hub.close))
+            assert self.events is not None
+            # Event watchers end now; what in-flight calls do meanwhile is still recorded.
+            self._on_loop(_call(self.events.end_subscriptions))
             self._on_loop(self._grpc_stop(grace_s))
             self._stop_loop()
+            self.events.close()
             logger.info("gRPC stopped; releasing what is left")
             # 3. Release a pending start nobody will finish, while mms still listens.
             self._release_pending_start()

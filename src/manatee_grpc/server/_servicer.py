@@ -12,12 +12,12 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
@@ -26,7 +26,23 @@ from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_
 from manatee_grpc.core import _validation as validate
 from manatee_grpc.core._books import VmRecord, VmState
 from manatee_grpc.core._bridge import MemoryBridge
-from manatee_grpc.core._errors import InvalidArgumentError, ManateeError, ServerShuttingDownError
+from manatee_grpc.core._errors import (
+    InvalidArgumentError,
+    LaunchAbortedError,
+    ManateeError,
+    ServerShuttingDownError,
+)
+from manatee_grpc.core._events import (
+    Caller,
+    CaughtUp,
+    Event,
+    EventError,
+    EventKind,
+    EventLog,
+    Missed,
+    Origin,
+    event_error,
+)
 from manatee_grpc.core._launch import (
     ClientItem,
     Inbox,
@@ -258,8 +274,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         launch_policy: LaunchPolicy,
         watch_hub: WatchHub,
         observe_rpc: RpcObserver | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.bridge = bridge
+        # What happened and who asked (WatchEvents, the audit file).
+        self.events = events if events is not None else EventLog()
         self._launch_policy = launch_policy
         self._watch_hub = watch_hub
         self._shutting_down = threading.Event()
@@ -338,14 +357,34 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         deltas = validate.balloon_deltas([(d.vm_id, d.delta_bytes) for d in request.deltas])
         session_id = validate.session_id(request.session)
         request_id = validate_request_id(request.request_id)
-        self._check_open()
         if request.validate_only:
-            # AIP-163: the answer the call would get now; no RebalanceMemory, no request id kept.
+            # AIP-163: the answer the call would get now; no RebalanceMemory, no request id kept,
+            # and no event (a preview changes nothing).
+            self._check_open()
             result = await self.bridge.preview_rebalance(deltas, _timeout_s(context), session_id)
-        else:
+            return pb.RebalanceMemoryResponse(
+                requested_deltas=[_delta(d) for d in result.requested],
+                actual_deltas=[_delta(d) for d in result.actual],
+                fully_applied=result.fully_applied,
+            )
+        details: dict[str, object] = {"requested_deltas": _delta_objects(deltas.items())}
+        if request_id:
+            details["request_id"] = request_id
+        record = self._recorder(EventKind.REBALANCE_MEMORY, context, session_id, tuple(deltas))
+        try:
+            self._check_open()
             result = await self.bridge.rebalance(
                 deltas, _timeout_s(context), session_id, request_id
             )
+        except BaseException as error:
+            record(details=details, error=event_error(error))
+            raise
+        details["applied_requested_deltas"] = _delta_objects(
+            (d.vm_id, d.delta_bytes) for d in result.requested
+        )
+        details["actual_deltas"] = _delta_objects((d.vm_id, d.delta_bytes) for d in result.actual)
+        details["fully_applied"] = result.fully_applied
+        record(details=details)
         return pb.RebalanceMemoryResponse(
             requested_deltas=[_delta(d) for d in result.requested],
             actual_deltas=[_delta(d) for d in result.actual],
@@ -365,10 +404,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.init_mem_size_bytes if request.HasField("init_mem_size_bytes") else None,
         )
         request_id = validate_request_id(request.request_id)
-        self._check_open()
-        result = await self.bridge.prepare_vm(
-            mem_size_bytes, init_mem_size_bytes, _timeout_s(context), request_id
-        )
+        details: dict[str, object] = {
+            "mem_size_bytes": mem_size_bytes,
+            "init_mem_size_bytes": init_mem_size_bytes,
+        }
+        if request_id:
+            details["request_id"] = request_id
+        record = self._recorder(EventKind.PREPARE_VM, context, "", ())
+        try:
+            self._check_open()
+            result = await self.bridge.prepare_vm(
+                mem_size_bytes, init_mem_size_bytes, _timeout_s(context), request_id
+            )
+        except BaseException as error:
+            record(details=details, error=event_error(error))
+            raise
+        details["reserved"] = result.reserved
+        details["shortfall_bytes"] = result.shortfall_bytes
+        record(session=result.session_id, vm_ids=(result.vm_id,), details=details)
         response = pb.PrepareVmResponse(
             vm_id=result.vm_id,
             reserved=result.reserved,
@@ -388,9 +441,15 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.FinishAddVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
         session_id = validate.session_id(request.session)
-        self._check_open()
-        record = await self.bridge.finish_add_vm(vm_id, _timeout_s(context), session_id)
-        return pb.FinishAddVmResponse(vm=self._vm_info(record))
+        record = self._recorder(EventKind.FINISH_ADD_VM, context, session_id, (vm_id,))
+        try:
+            self._check_open()
+            vm = await self.bridge.finish_add_vm(vm_id, _timeout_s(context), session_id)
+        except BaseException as error:
+            record(error=event_error(error))
+            raise
+        record()
+        return pb.FinishAddVmResponse(vm=self._vm_info(vm))
 
     @_guard_async
     async def RemoveVm(
@@ -400,8 +459,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.RemoveVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
         session_id = validate.session_id(request.session)
-        self._check_open()
-        await self.bridge.remove_vm(vm_id, _timeout_s(context), session_id)
+        record = self._recorder(EventKind.REMOVE_VM, context, session_id, (vm_id,))
+        try:
+            self._check_open()
+            await self.bridge.remove_vm(vm_id, _timeout_s(context), session_id)
+        except BaseException as error:
+            record(error=event_error(error))
+            raise
+        record()
         return pb.RemoveVmResponse()
 
     @_guard_async
@@ -415,6 +480,64 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     def _vm_info(self, record: VmRecord) -> pb.VmInfo:
         return _vm_info(record, self.bridge.books.public_session_id(record.session))
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _recorder(
+        self,
+        kind: EventKind,
+        context: aio.ServicerContext,  # type: ignore[type-arg]
+        session_id: str,
+        vm_ids: tuple[int, ...],
+    ) -> _Recorder:
+        """How a state-changing call records its one event when it ends, failed or not."""
+        caller = _caller(context)
+        # The session the caller named, else the one current as the call came in.
+        session = session_id or self.bridge.books.session_id
+
+        def record(
+            *,
+            session: str = session,
+            vm_ids: tuple[int, ...] = vm_ids,
+            details: dict[str, object] | None = None,
+            error: EventError | None = None,
+        ) -> None:
+            self.events.publish(
+                kind, caller, session=session, vm_ids=vm_ids, details=details, error=error
+            )
+
+        return record
+
+    @_guard_async_stream
+    async def WatchEvents(
+        self,
+        request: pb.WatchEventsRequest,
+        context: aio.ServicerContext[pb.WatchEventsRequest, pb.WatchEventsResponse],
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        kinds = _event_kinds(request.kinds)
+        self._check_open()
+        replay_last = min(request.replay_last, self.events.capacity)
+        subscription = self.events.subscribe(replay_last, kinds)
+        try:
+            while (item := await subscription.take_async()) is not None:
+                if isinstance(item, CaughtUp):
+                    yield pb.WatchEventsResponse(
+                        caught_up=pb.WatchEventsResponse.CaughtUp(last_sequence=item.last_sequence)
+                    )
+                elif isinstance(item, Missed):
+                    yield pb.WatchEventsResponse(
+                        events_missed=pb.WatchEventsResponse.EventsMissed(
+                            count=item.count,
+                            first_sequence=item.first_sequence,
+                            last_sequence=item.last_sequence,
+                        )
+                    )
+                else:
+                    yield pb.WatchEventsResponse(event=_event_message(item))
+        finally:
+            self.events.unsubscribe(subscription)
+        # The log ended its subscriptions: the server is going away.
+        raise ServerShuttingDownError("the server is shutting down")
 
     # --- launch --------------------------------------------------------------------------------
 
@@ -450,13 +573,47 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             caller_gone=context.cancelled,
         )
 
+        caller = _caller(context)
+        details = {"mem_size_bytes": mem_size_bytes, "init_mem_size_bytes": init_mem_size_bytes}
+        slot = self.bridge.slot
+        if slot.claim is not None or slot.launches_waiting():
+            self.events.publish(
+                EventKind.LAUNCH_QUEUED,
+                caller,
+                session=self.bridge.books.session_id,
+                details={**details, "launches_waiting": slot.launches_waiting() + 1},
+            )
+        # The VM and its session once mms answered: the launch's event names them.
+        started: list[tuple[int, int]] = []
+
         async def emit(event: LaunchEvent) -> None:
+            if isinstance(event, Reserved | Launched):
+                started[:] = [(event.vm_id, event.session)]
             await context.write(self._launch_event(event))
+
+        def record(kind: EventKind, error: EventError | None = None) -> None:
+            public = self.bridge.books.public_session_id
+            self.events.publish(
+                kind,
+                caller,
+                session=public(started[0][1]) if started else self.bridge.books.session_id,
+                vm_ids=(started[0][0],) if started else (),
+                details=details,
+                error=error,
+            )
 
         try:
             await run.run(emit, timeout_s)
+        except BaseException as error:
+            aborted = isinstance(
+                error, asyncio.CancelledError | LaunchAbortedError | ServerShuttingDownError
+            )
+            kind = EventKind.LAUNCH_ABORTED if aborted else EventKind.LAUNCH_FAILED
+            record(kind, event_error(error))
+            raise
         finally:
             reader.cancel()
+        record(EventKind.LAUNCH_LAUNCHED)
 
     def _launch_event(self, event: LaunchEvent) -> pb.LaunchVmResponse:
         message = pb.LaunchVmResponse()
@@ -483,6 +640,78 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             if record is not None and record.session == event.session:
                 message.launched.vm.CopyFrom(self._vm_info(record))
         return message
+
+
+class _Recorder(Protocol):
+    def __call__(
+        self,
+        *,
+        session: str = ...,
+        vm_ids: tuple[int, ...] = ...,
+        details: dict[str, object] | None = None,
+        error: EventError | None = None,
+    ) -> None: ...
+
+
+def _caller(context: aio.ServicerContext) -> Caller:  # type: ignore[type-arg]
+    """Who is calling: gRPC's peer address, and the client certificate's subject under mTLS."""
+    subject = ""
+    auth = context.auth_context()
+    values = list(auth.get("x509_subject") or ())
+    common_names = list(auth.get("x509_common_name") or ())
+    if values:
+        subject = values[0].decode(errors="replace")
+    elif common_names:
+        subject = "CN=" + common_names[0].decode(errors="replace")
+    return Caller(Origin.CLIENT, context.peer() or "", subject)
+
+
+_EVENT_KINDS: dict[int, EventKind] = {
+    pb.EventKind.Value(f"EVENT_KIND_{kind.value}"): kind for kind in EventKind
+}
+_EVENT_KIND_NUMBERS: dict[EventKind, int] = {kind: number for number, kind in _EVENT_KINDS.items()}
+
+
+def _event_kinds(numbers: Iterable[int]) -> frozenset[EventKind]:
+    kinds = set()
+    for index, number in enumerate(numbers):
+        kind = _EVENT_KINDS.get(number)
+        if kind is None:
+            raise InvalidArgumentError(
+                f"kinds[{index}]", f"{number} is not a known EventKind (nor UNSPECIFIED)"
+            )
+        kinds.add(kind)
+    return frozenset(kinds)
+
+
+def _event_message(event: Event) -> pb.Event:
+    details = struct_pb2.Struct()
+    if event.details:
+        details.update(event.details)
+    message = pb.Event(
+        sequence=event.sequence,
+        time=_timestamp(event.time_unix_s),
+        kind=_EVENT_KIND_NUMBERS[event.kind],  # type: ignore[arg-type]
+        caller=pb.EventCaller(
+            origin=event.caller.origin.value,
+            peer=event.caller.peer,
+            certificate_subject=event.caller.certificate_subject,
+        ),
+        session=event.session,
+        vm_ids=event.vm_ids,
+        details=details,
+    )
+    if event.error is not None:
+        message.error.CopyFrom(
+            pb.EventError(
+                code=event.error.code, reason=event.error.reason, message=event.error.message
+            )
+        )
+    return message
+
+
+def _delta_objects(deltas: Iterable[tuple[int, int]]) -> list[dict[str, int]]:
+    return [{"vm_id": vm_id, "delta_bytes": delta_bytes} for vm_id, delta_bytes in deltas]
 
 
 async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox) -> None:

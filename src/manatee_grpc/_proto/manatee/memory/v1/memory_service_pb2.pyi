@@ -13,6 +13,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -111,6 +112,114 @@ UNREADABLE_REASON_MISSING: UnreadableReason.ValueType  # 5
 UNREADABLE_REASON_NOT_AN_OBJECT: UnreadableReason.ValueType  # 6
 """The statistics are not a JSON object."""
 Global___UnreadableReason: _TypeAlias = UnreadableReason  # noqa: Y015
+
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Never sent."""
+    EVENT_KIND_SERVER_STARTED: _EventKind.ValueType  # 1
+    """The server started (origin "server"). details: `audit_file` (path or empty),
+    `ring_capacity`.
+    """
+    EVENT_KIND_PREPARE_VM: _EventKind.ValueType  # 2
+    """A PrepareVm call ended. details: `mem_size_bytes`, `init_mem_size_bytes`, `request_id`
+    (if given), and on success `reserved`, `shortfall_bytes`.
+    """
+    EVENT_KIND_FINISH_ADD_VM: _EventKind.ValueType  # 3
+    """A FinishAddVm call ended (a start that failed in mms carries its error, e.g. MMS_EIO)."""
+    EVENT_KIND_REMOVE_VM: _EventKind.ValueType  # 4
+    """A RemoveVm call ended."""
+    EVENT_KIND_REBALANCE_MEMORY: _EventKind.ValueType  # 5
+    """A RebalanceMemory call ended. details: `requested_deltas` as the caller gave them,
+    `request_id` (if given; a repeat is an event of its own, with the first call's result), and on
+    success `applied_requested_deltas` (page-aligned, the CrOS guest's last), `actual_deltas`
+    (each a {`vm_id`, `delta_bytes`} object) and `fully_applied`.
+    """
+    EVENT_KIND_LAUNCH_QUEUED: _EventKind.ValueType  # 6
+    """A LaunchVm found the start taken and waits its turn. details: `mem_size_bytes`,
+    `launches_waiting` (including this one).
+    """
+    EVENT_KIND_LAUNCH_LAUNCHED: _EventKind.ValueType  # 7
+    """A LaunchVm ended with its VM running. details: `mem_size_bytes`, `init_mem_size_bytes`."""
+    EVENT_KIND_LAUNCH_FAILED: _EventKind.ValueType  # 8
+    """A LaunchVm ended with an error (its client's `vm_start_failed`, no memory, the lease, a
+    deadline, mms); `error` says which. details as for LAUNCHED.
+    """
+    EVENT_KIND_LAUNCH_ABORTED: _EventKind.ValueType  # 9
+    """A LaunchVm ended because its caller went away or the server shut down. details as above."""
+    EVENT_KIND_START_LEASE_EXPIRED: _EventKind.ValueType  # 10
+    """A start opened by a bare PrepareVm was not finished within its lease; the server removes
+    it (origin "server").
+    """
+    EVENT_KIND_SESSION_RESET: _EventKind.ValueType  # 11
+    """The mms connection was re-established: a new session; mms dropped every sibling VM of the
+    previous one (origin "server"). details: `previous_session`.
+    """
+    EVENT_KIND_MMS_UNAVAILABLE: _EventKind.ValueType  # 12
+    """The mms stream stopped being usable (lost, hung, out of step) (origin "server")."""
+    EVENT_KIND_MMS_AVAILABLE: _EventKind.ValueType  # 13
+    """The mms stream is usable again (origin "server")."""
+    EVENT_KIND_POLICY_DECISION: _EventKind.ValueType  # 14
+    """The balancing policy decided (origin "policy"). details: `inputs` (what it read, a
+    free-form object) and `action` (what it chose: a word or an object).
+    """
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """What an event records. The keys of `Event.details` for each kind are listed with it."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Never sent."""
+EVENT_KIND_SERVER_STARTED: EventKind.ValueType  # 1
+"""The server started (origin "server"). details: `audit_file` (path or empty),
+`ring_capacity`.
+"""
+EVENT_KIND_PREPARE_VM: EventKind.ValueType  # 2
+"""A PrepareVm call ended. details: `mem_size_bytes`, `init_mem_size_bytes`, `request_id`
+(if given), and on success `reserved`, `shortfall_bytes`.
+"""
+EVENT_KIND_FINISH_ADD_VM: EventKind.ValueType  # 3
+"""A FinishAddVm call ended (a start that failed in mms carries its error, e.g. MMS_EIO)."""
+EVENT_KIND_REMOVE_VM: EventKind.ValueType  # 4
+"""A RemoveVm call ended."""
+EVENT_KIND_REBALANCE_MEMORY: EventKind.ValueType  # 5
+"""A RebalanceMemory call ended. details: `requested_deltas` as the caller gave them,
+`request_id` (if given; a repeat is an event of its own, with the first call's result), and on
+success `applied_requested_deltas` (page-aligned, the CrOS guest's last), `actual_deltas`
+(each a {`vm_id`, `delta_bytes`} object) and `fully_applied`.
+"""
+EVENT_KIND_LAUNCH_QUEUED: EventKind.ValueType  # 6
+"""A LaunchVm found the start taken and waits its turn. details: `mem_size_bytes`,
+`launches_waiting` (including this one).
+"""
+EVENT_KIND_LAUNCH_LAUNCHED: EventKind.ValueType  # 7
+"""A LaunchVm ended with its VM running. details: `mem_size_bytes`, `init_mem_size_bytes`."""
+EVENT_KIND_LAUNCH_FAILED: EventKind.ValueType  # 8
+"""A LaunchVm ended with an error (its client's `vm_start_failed`, no memory, the lease, a
+deadline, mms); `error` says which. details as for LAUNCHED.
+"""
+EVENT_KIND_LAUNCH_ABORTED: EventKind.ValueType  # 9
+"""A LaunchVm ended because its caller went away or the server shut down. details as above."""
+EVENT_KIND_START_LEASE_EXPIRED: EventKind.ValueType  # 10
+"""A start opened by a bare PrepareVm was not finished within its lease; the server removes
+it (origin "server").
+"""
+EVENT_KIND_SESSION_RESET: EventKind.ValueType  # 11
+"""The mms connection was re-established: a new session; mms dropped every sibling VM of the
+previous one (origin "server"). details: `previous_session`.
+"""
+EVENT_KIND_MMS_UNAVAILABLE: EventKind.ValueType  # 12
+"""The mms stream stopped being usable (lost, hung, out of step) (origin "server")."""
+EVENT_KIND_MMS_AVAILABLE: EventKind.ValueType  # 13
+"""The mms stream is usable again (origin "server")."""
+EVENT_KIND_POLICY_DECISION: EventKind.ValueType  # 14
+"""The balancing policy decided (origin "policy"). details: `inputs` (what it read, a
+free-form object) and `action` (what it chose: a word or an object).
+"""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
 class VmInfo(_message.Message):
@@ -1313,3 +1422,251 @@ class LaunchVmResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___LaunchVmResponse: _TypeAlias = LaunchVmResponse  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    """A request to follow the server's events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAY_LAST_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    replay_last: _builtins.int
+    """How many past events to send first, newest last: at most the number the server holds (the
+    larger values are served as that number). 0 sends only new events.
+    """
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
+        """Only events of these kinds (replayed and live); empty means every kind. Each must be a
+        known kind other than EVENT_KIND_UNSPECIFIED, else INVALID_ARGUMENT (field `kinds[i]`).
+        """
+
+    def __init__(
+        self,
+        *,
+        replay_last: _builtins.int = ...,
+        kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "replay_last", b"replay_last"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class EventCaller(_message.Message):
+    """Who caused an event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_SUBJECT_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    """"client" (an RPC caller), "server" (the server on its own) or "policy" (the balancing
+    policy).
+    """
+    peer: _builtins.str
+    """The caller's address as gRPC reports it (`ipv4:127.0.0.1:53124`, `unix:...`); empty for
+    the server and the policy.
+    """
+    certificate_subject: _builtins.str
+    """The subject of the client's certificate under mutual TLS (`CN=ops-tool`); empty otherwise."""
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        certificate_subject: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_subject", b"certificate_subject", "origin", b"origin", "peer", b"peer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventCaller: _TypeAlias = EventCaller  # noqa: Y015
+
+@_typing.final
+class EventError(_message.Message):
+    """How the act an event records failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The gRPC status code's name (`NOT_FOUND`)."""
+    reason: _builtins.str
+    """The google.rpc.ErrorInfo reason (`VM_NOT_FOUND`), or empty."""
+    message: _builtins.str
+    """The status message."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventError: _TypeAlias = EventError  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """One thing that happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    VM_IDS_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """1, 2, 3, ... in the order the server recorded them; with an audit file, numbering goes on
+    across restarts from the file's last line.
+    """
+    kind: Global___EventKind.ValueType
+    """What happened."""
+    session: _builtins.str
+    """The mms session `vm_ids` belong to; empty when none applies."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def caller(self) -> Global___EventCaller:
+        """Who asked."""
+
+    @_builtins.property
+    def vm_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The VMs concerned."""
+
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """Kind-specific facts (see EventKind). Numbers are JSON numbers: exact up to 2^53."""
+
+    @_builtins.property
+    def error(self) -> Global___EventError:
+        """Set when the act failed."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___EventKind.ValueType = ...,
+        caller: Global___EventCaller | None = ...,
+        session: _builtins.str = ...,
+        vm_ids: _abc.Iterable[_builtins.int] | None = ...,
+        details: _struct_pb2.Struct | None = ...,
+        error: Global___EventError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "details", b"details", "error", b"error", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "details", b"details", "error", b"error", "kind", b"kind", "sequence", b"sequence", "session", b"session", "time", b"time", "vm_ids", b"vm_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class WatchEventsResponse(_message.Message):
+    """A message on a WatchEvents stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EventsMissed(_message.Message):
+        """The watcher read too slowly and the server dropped these events for it (oldest first);
+        the stream goes on with the newer ones.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        COUNT_FIELD_NUMBER: _builtins.int
+        FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+        LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+        count: _builtins.int
+        """How many events were dropped."""
+        first_sequence: _builtins.int
+        """The first sequence number dropped."""
+        last_sequence: _builtins.int
+        """The last sequence number dropped."""
+        def __init__(
+            self,
+            *,
+            count: _builtins.int = ...,
+            first_sequence: _builtins.int = ...,
+            last_sequence: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_sequence", b"first_sequence", "last_sequence", b"last_sequence"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CaughtUp(_message.Message):
+        """Sent once, after the replayed events (also when none were asked for): what follows is
+        live. A caller that wants only the past stops reading here.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+        last_sequence: _builtins.int
+        """The newest event's sequence number when the watch began (0 if there was none)."""
+        def __init__(
+            self,
+            *,
+            last_sequence: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["last_sequence", b"last_sequence"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_MISSED_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___Event:
+        """An event."""
+
+    @_builtins.property
+    def events_missed(self) -> Global___WatchEventsResponse.EventsMissed:
+        """Events this watcher missed."""
+
+    @_builtins.property
+    def caught_up(self) -> Global___WatchEventsResponse.CaughtUp:
+        """The replay is over."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___Event | None = ...,
+        events_missed: Global___WatchEventsResponse.EventsMissed | None = ...,
+        caught_up: Global___WatchEventsResponse.CaughtUp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "events_missed", b"events_missed", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "event", b"event", "events_missed", b"events_missed", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["event", "events_missed", "caught_up"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
+
+Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015

@@ -108,6 +108,7 @@ class MemoryServiceStub:
     RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
+    WatchEvents          INVALID_ARGUMENT, UNAVAILABLE
     """
 
     def __init__(self, channel):
@@ -155,6 +156,11 @@ class MemoryServiceStub:
                 '/manatee.memory.v1.MemoryService/ListVms',
                 request_serializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.ListVmsRequest.SerializeToString,
                 response_deserializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.ListVmsResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/manatee.memory.v1.MemoryService/WatchEvents',
+                request_serializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -241,6 +247,7 @@ class MemoryServiceServicer:
     RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
+    WatchEvents          INVALID_ARGUMENT, UNAVAILABLE
     """
 
     def GetBalloonStats(self, request, context):
@@ -345,6 +352,24 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Streams what happens to the device's memory, and who asked, until the caller cancels.
+
+        On connect the server replays the last `replay_last` events it still holds (it keeps the
+        last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
+        that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
+        one event when it ends, failed or not, with the caller's identity; a call refused as
+        INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+        running out, an mms session reset, mms going away and coming back) and the balancing
+        policy's decisions are events too. A watcher that reads too slowly loses its oldest
+        unread events (at most 256 wait for it) and is told how many with `events_missed`; it
+        never slows the server or other watchers. The same events go to the audit file
+        (`serve --audit-file`), one JSON object per line.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -387,6 +412,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ListVms,
                     request_deserializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.ListVmsRequest.FromString,
                     response_serializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.ListVmsResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.WatchEventsRequest.FromString,
+                    response_serializer=manatee_dot_memory_dot_v1_dot_memory__service__pb2.WatchEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +509,7 @@ class MemoryService:
     RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
     UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
     ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
+    WatchEvents          INVALID_ARGUMENT, UNAVAILABLE
     """
 
     @staticmethod
@@ -687,6 +718,33 @@ class MemoryService:
             '/manatee.memory.v1.MemoryService/ListVms',
             manatee_dot_memory_dot_v1_dot_memory__service__pb2.ListVmsRequest.SerializeToString,
             manatee_dot_memory_dot_v1_dot_memory__service__pb2.ListVmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/manatee.memory.v1.MemoryService/WatchEvents',
+            manatee_dot_memory_dot_v1_dot_memory__service__pb2.WatchEventsRequest.SerializeToString,
+            manatee_dot_memory_dot_v1_dot_memory__service__pb2.WatchEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,6 +115,7 @@ class MemoryServiceStub:
       RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
+      WatchEvents          INVALID_ARGUMENT, UNAVAILABLE
     """
 
     @_typing.overload
@@ -190,6 +191,20 @@ class MemoryServiceStub:
     ListVms: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.ListVmsRequest, _memory_service_pb2.ListVmsResponse]
     """Lists the VMs of the current mms session, CrOS guest included, from the server's own state
     (no mms round trip).
+    """
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_memory_service_pb2.WatchEventsRequest, _memory_service_pb2.WatchEventsResponse]
+    """Streams what happens to the device's memory, and who asked, until the caller cancels.
+
+    On connect the server replays the last `replay_last` events it still holds (it keeps the
+    last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
+    that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
+    one event when it ends, failed or not, with the caller's identity; a call refused as
+    INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+    running out, an mms session reset, mms going away and coming back) and the balancing
+    policy's decisions are events too. A watcher that reads too slowly loses its oldest
+    unread events (at most 256 wait for it) and is told how many with `events_missed`; it
+    never slows the server or other watchers. The same events go to the audit file
+    (`serve --audit-file`), one JSON object per line.
     """
 
 @_typing.type_check_only
@@ -276,6 +291,7 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
       RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
+      WatchEvents          INVALID_ARGUMENT, UNAVAILABLE
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -348,6 +364,20 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     ListVms: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.ListVmsRequest, _memory_service_pb2.ListVmsResponse]  # type: ignore[assignment]
     """Lists the VMs of the current mms session, CrOS guest included, from the server's own state
     (no mms round trip).
+    """
+    WatchEvents: _aio.UnaryStreamMultiCallable[_memory_service_pb2.WatchEventsRequest, _memory_service_pb2.WatchEventsResponse]  # type: ignore[assignment]
+    """Streams what happens to the device's memory, and who asked, until the caller cancels.
+
+    On connect the server replays the last `replay_last` events it still holds (it keeps the
+    last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
+    that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
+    one event when it ends, failed or not, with the caller's identity; a call refused as
+    INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+    running out, an mms session reset, mms going away and coming back) and the balancing
+    policy's decisions are events too. A watcher that reads too slowly loses its oldest
+    unread events (at most 256 wait for it) and is told how many with `events_missed`; it
+    never slows the server or other watchers. The same events go to the audit file
+    (`serve --audit-file`), one JSON object per line.
     """
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -433,6 +463,7 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
       RemoveVm             INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED,
                            UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
       ListVms              UNAVAILABLE, DEADLINE_EXCEEDED
+      WatchEvents          INVALID_ARGUMENT, UNAVAILABLE
     """
 
     @_abc_1.abstractmethod
@@ -551,6 +582,26 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_memory_service_pb2.ListVmsResponse, _abc.Awaitable[_memory_service_pb2.ListVmsResponse]]:
         """Lists the VMs of the current mms session, CrOS guest included, from the server's own state
         (no mms round trip).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _memory_service_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_memory_service_pb2.WatchEventsResponse], _abc.AsyncIterator[_memory_service_pb2.WatchEventsResponse]]:
+        """Streams what happens to the device's memory, and who asked, until the caller cancels.
+
+        On connect the server replays the last `replay_last` events it still holds (it keeps the
+        last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
+        that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
+        one event when it ends, failed or not, with the caller's identity; a call refused as
+        INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+        running out, an mms session reset, mms going away and coming back) and the balancing
+        policy's decisions are events too. A watcher that reads too slowly loses its oldest
+        unread events (at most 256 wait for it) and is told how many with `events_missed`; it
+        never slows the server or other watchers. The same events go to the audit file
+        (`serve --audit-file`), one JSON object per line.
         """
 
 def add_MemoryServiceServicer_to_server(servicer: MemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
