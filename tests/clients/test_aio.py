@@ -172,11 +172,11 @@ def test_a_watch_is_an_async_iterator_that_aclosing_ends(server: ManateeServer) 
 def test_watch_events_is_an_async_iterator_of_the_replay_then_caught_up(
     server: ManateeServer,
 ) -> None:
-    async def scenario() -> list[str]:
+    async def scenario() -> list[str | None]:
         async with aio.Client(server.address) as client:
             with pytest.raises(ManateeRpcError):
                 await client.remove_vm(42)  # one REMOVE_VM event (refused, still recorded)
-            updates = []
+            updates: list[str | None] = []
             watch = client.watch_events(replay_last=10, kinds=[pb.EVENT_KIND_REMOVE_VM])
             async with contextlib.aclosing(watch):
                 async for message in watch:
