@@ -364,7 +364,7 @@ def test_once_prints_one_screen_and_exits(server: ManateeServer, client: Client)
         (["--interval", "0.05"], "must be at least 0.1 s"),
         (["--interval", "soon"], "expected seconds"),
         ([], "needs a terminal; use --once"),
-        (["--once", "--json"], "no --json"),
+        (["--once", "--json"], "unrecognized arguments: --json"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str) -> None:

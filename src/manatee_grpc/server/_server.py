@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
+import os
+import secrets
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -40,13 +40,13 @@ from manatee_grpc.core._watch import WatchHub
 from manatee_grpc.mms import _transport
 from manatee_grpc.mms._connection import BackoffPolicy, ConnectionConfig, MmsConnection, Stakes
 from manatee_grpc.mms._messages import CROS_GUEST_VM_ID
-from manatee_grpc.server import _listen
+from manatee_grpc.server import _config, _listen
 from manatee_grpc.server._config import ServerConfig
 from manatee_grpc.server._metrics import Metrics, attach_metrics
 from manatee_grpc.server._reflection import enable_reflection
 from manatee_grpc.server._servicer import MemoryServicer
 from manatee_grpc.server._servicer import add_to_server as add_memory_service
-from manatee_grpc.sim import Simulator
+from manatee_grpc.sim import Scenario, Simulator
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,6 @@ class ManateeServer:
         # More services on the same server (the benchmark's no-op floor, an embedder's own).
         self._extra_handlers = tuple(extra_handlers)
         self.simulator: Simulator | None = None
-        self._sim_dir: tempfile.TemporaryDirectory[str] | None = None
         self.connection: MmsConnection | None = None
         self._grpc: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,20 +111,59 @@ class ManateeServer:
     # --- start ---------------------------------------------------------------------------------
 
     def start(self) -> ManateeServer:
+        """Check every setting, then bind, then start; a refusal leaves nothing running.
+
+        Everything that can be checked without holding a resource is checked first (ranges,
+        who may connect, a busy gRPC port, the mms address and an fd://N, the scenario), so a
+        refusal has started nothing and logged nothing. Then the ports are bound (metrics,
+        gRPC), and only then does anything run (the simulator, the mms connection, serving): a
+        bind that still fails undoes the little that was done.
+        """
+        config = self.config
+        _config.check(config)
         # Who may connect is checked (and a stale unix socket removed) before anything starts.
-        listener = _listen.prepare(self.config)
+        listener = _listen.prepare(config)
+        mms_address, scenario = self._check_mms()
         try:
-            return self._start(listener)
+            return self._start(listener, mms_address, scenario)
         except BaseException:
-            # A failed start (busy port, bad scenario, cannot bind) leaves nothing running.
+            # A failed start (busy port, cannot bind) leaves nothing running.
             self._undo_start()
             raise
 
-    def _start(self, listener: _listen.Listener) -> ManateeServer:
+    def _check_mms(self) -> tuple[_transport.MmsAddress, Scenario | None]:
+        """The mms address to dial (the embedded simulator's if none) and its scenario."""
         config = self.config
-        if config.metrics_listen is not None:  # a busy port fails here, before anything runs
-            self.metrics_address = self.metrics.serve(config.metrics_listen)
-        mms_address = self._mms_address()
+        if config.mms is not None:
+            try:
+                address = _transport.parse_address(config.mms)
+                if address.scheme == "fd":
+                    # A handed-over fd cannot be redialled: one that is not a connected stream
+                    # socket would have the connection retry for ever.
+                    _transport.check_handed_over_fd(address)
+            except _transport.AddressError as error:
+                raise _config.ConfigError(f"--mms: {error}") from None
+            return address, None
+        scenario = Scenario.from_file(config.sim_scenario) if config.sim_scenario else None
+        # An abstract socket (Linux): no file or directory, so a killed server leaves nothing.
+        name = f"manatee-sim-{os.getpid()}-{secrets.token_hex(8)}"
+        return _transport.parse_address(_transport.ABSTRACT_PREFIX + name), scenario
+
+    def _start(
+        self,
+        listener: _listen.Listener,
+        mms_address: _transport.MmsAddress,
+        scenario: Scenario | None,
+    ) -> ManateeServer:
+        config = self.config
+        if config.metrics_listen is not None:
+            try:
+                self.metrics_address = self.metrics.serve(config.metrics_listen)
+            except OSError as error:
+                raise _listen.ListenError(
+                    f"--metrics-listen {config.metrics_listen}: cannot bind "
+                    f"({error.strerror or error})"
+                ) from None
         self.connection = MmsConnection(
             ConnectionConfig(
                 address=mms_address,
@@ -171,6 +209,14 @@ class ManateeServer:
         self._loop_thread.start()
         self.port = self._on_loop(self._start_grpc(listener))
         self.address = _client_target(config.listen, self.port)
+        # Both ports are bound: from here on, things run.
+        if config.mms is None:
+            self.simulator = Simulator(scenario=scenario, listen=mms_address).start()
+            logger.warning(
+                "no --mms given: running against the embedded mms SIMULATOR at %s; no real VM "
+                "memory is managed",
+                self.simulator.address,
+            )
         self.connection.start()
         self._on_loop(self._grpc_start())
         logger.info("manatee-grpc listening on %s, mms at %s", self.address, mms_address)
@@ -183,8 +229,6 @@ class ManateeServer:
             self.connection.stop()
         if self.simulator is not None:
             self.simulator.stop()
-        if self._sim_dir is not None:
-            self._sim_dir.cleanup()
 
     async def _start_grpc(self, listener: _listen.Listener) -> int:
         # aio objects belong to the loop that made them: create the server on its own thread.
@@ -246,25 +290,6 @@ class ManateeServer:
                 self._loop, self.watch_hub.session_changed, previous_session, session
             )
 
-    def _mms_address(self) -> _transport.MmsAddress:
-        if self.config.mms is not None:
-            return _transport.parse_address(self.config.mms)
-        from manatee_grpc.sim import Scenario
-
-        scenario = (
-            Scenario.from_file(self.config.sim_scenario) if self.config.sim_scenario else None
-        )
-        self._sim_dir = tempfile.TemporaryDirectory(prefix="manatee-sim-")
-        listen = _transport.parse_address(f"unix://{Path(self._sim_dir.name) / 'mms.sock'}")
-        self.simulator = Simulator(scenario=scenario, listen=listen)
-        self.simulator.start()
-        logger.warning(
-            "no --mms given: running against the embedded mms SIMULATOR at %s; no real VM "
-            "memory is managed",
-            self.simulator.address,
-        )
-        return self.simulator.address
-
     # --- stop ----------------------------------------------------------------------------------
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -290,8 +315,6 @@ class ManateeServer:
             self.connection.stop()
             if self.simulator is not None:
                 self.simulator.stop()
-            if self._sim_dir is not None:
-                self._sim_dir.cleanup()
             self.metrics.close()
             self._stopped.set()
             logger.info("manatee-grpc stopped")
