@@ -486,7 +486,10 @@ def run_client_command(args: argparse.Namespace, parser: argparse.ArgumentParser
         reason = f" ({exc.reason})" if exc.reason else ""
         print(f"error: {exc.code.name}{reason}: {exc.message}", file=sys.stderr)
         for violation in exc.field_violations:
-            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+            named = f"{violation.field}: {violation.description}"
+            # The message usually is the first violation already: say each one once.
+            if named not in exc.message:
+                print(f"  {named}", file=sys.stderr)
         if exc.retry_delay_s is not None:
             print(f"  retry in {exc.retry_delay_s:g} s", file=sys.stderr)
         return ERROR_EXIT_BASE + int(exc.code.value[0])

@@ -26,7 +26,12 @@ from manatee_grpc._proto.manatee.memory.v1 import memory_service_pb2_grpc as pb_
 from manatee_grpc.core import _validation as validate
 from manatee_grpc.core._books import VmRecord, VmState
 from manatee_grpc.core._bridge import MemoryBridge
-from manatee_grpc.core._errors import InvalidArgumentError, ManateeError, ServerShuttingDownError
+from manatee_grpc.core._errors import (
+    InvalidArgumentError,
+    LaunchAbortedError,
+    ManateeError,
+    ServerShuttingDownError,
+)
 from manatee_grpc.core._launch import (
     ClientItem,
     Inbox,
@@ -97,6 +102,10 @@ _STAT_API_NAMES = tuple(_STAT_FIELD_NAMES[name] for name in BALLOON_STAT_FIELDS)
 
 
 RpcObserver = Callable[[str, grpc.StatusCode, float], None]
+
+# How long a LaunchVm stream whose client half ended early waits to be cancelled (the client
+# left) before it is failed as the client's mistake; see _settle_stream_end.
+STREAM_END_SETTLE_S = 1.0
 
 
 def _status_of(servicer: MemoryServicer, error: Exception) -> grpc.Status:
@@ -196,7 +205,7 @@ def _guard_async(method: F) -> F:
             raise
         except Exception as error:
             status = _status_of(self, error)
-            _observe(self, method.__name__, status.code, started_s)
+            _observe(self, method.__name__, _final_code(context, status.code), started_s)
             await context.abort(status.code, status.details, status.trailing_metadata)
         _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
         return response
@@ -222,11 +231,17 @@ def _guard_async_stream(method: F) -> F:
             raise
         except Exception as error:
             status = _status_of(self, error)
-            _observe(self, method.__name__, status.code, started_s)
+            _observe(self, method.__name__, _final_code(context, status.code), started_s)
             await context.abort(status.code, status.details, status.trailing_metadata)
         _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
 
     return cast(F, stream)
+
+
+def _final_code(context: aio.ServicerContext, code: grpc.StatusCode) -> grpc.StatusCode:  # type: ignore[type-arg]
+    """The code the RPC really ended with: a caller that left saw CANCELLED, whatever error
+    its leaving caused (a LaunchVm stream that ends before `start` reads as a bad request)."""
+    return grpc.StatusCode.CANCELLED if context.cancelled() else code
 
 
 def _timeout_s(context: grpc.ServicerContext | aio.ServicerContext) -> float | None:  # type: ignore[type-arg]
@@ -426,6 +441,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self._check_open()
         timeout_s = _timeout_s(context)
         first = await anext(aiter(request_iterator), None)
+        if first is None:
+            await _settle_stream_end()
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidArgumentError("start", "the first LaunchVm message must be `start`")
         start = first.start
@@ -450,6 +467,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
         try:
             await run.run(emit, timeout_s)
+        except LaunchAbortedError:  # the client's half of the stream ended before `launched`
+            await _settle_stream_end()
+            raise
         finally:
             reader.cancel()
 
@@ -476,6 +496,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             if record is not None and record.session == event.session:
                 message.launched.vm.CopyFrom(self._vm_info(record))
         return message
+
+
+async def _settle_stream_end() -> None:
+    """Give a LaunchVm stream whose client half ended a moment to show that its client left.
+
+    gRPC hands the handler the end of the client's stream before the cancellation of a client
+    that hung up. Blamed at once, that client would count as a bad request (INVALID_ARGUMENT,
+    or ABORTED mid-launch) instead of the CANCELLED it is; a cancellation that comes within
+    ``STREAM_END_SETTLE_S`` interrupts this wait. Only a client that half-closed too early
+    (a bug) waits this much longer for its error; the launch has released everything by now.
+    """
+    await asyncio.sleep(STREAM_END_SETTLE_S)
 
 
 async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox) -> None:
