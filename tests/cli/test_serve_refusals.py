@@ -197,6 +197,8 @@ def test_a_bundle_with_a_leaf_among_cas_is_refused(tmp_dir: Path, pki: Pki) -> N
         (["--metrics-listen", "127.0.0.1:65536"], "--metrics-listen"),
         (["--mms", "tcp://127.0.0.1:65536"], "--mms"),
         (["--mms", "vsock://2:4294967296"], "--mms"),
+        (["--sim-scenario", "/nonexistent/scenario.toml"], "--sim-scenario"),
+        (["--sim-scenario", "pyproject.toml"], "--sim-scenario"),  # TOML, not a scenario
         (["--grace", "soon"], "--grace"),
         (["--log-level", "LOUD"], "--log-level"),
         (["--no-such-flag"], "--no-such-flag"),

@@ -319,6 +319,10 @@ def check_port_free(address: ListenAddress) -> None:
             try:
                 trial.bind(sockaddr)
             except OSError as error:
+                # Only what makes gRPC's bind fail too; it skips, with a warning, an address
+                # family the host cannot bind (``localhost`` on a host without IPv6).
+                if error.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    continue
                 raise ListenError(
                     f"--listen {address.listen}: cannot bind {sockaddr[0]} port {address.port} "
                     f"({error.strerror})"

@@ -46,7 +46,7 @@ from manatee_grpc.server._metrics import Metrics, attach_metrics
 from manatee_grpc.server._reflection import enable_reflection
 from manatee_grpc.server._servicer import MemoryServicer
 from manatee_grpc.server._servicer import add_to_server as add_memory_service
-from manatee_grpc.sim import Scenario, Simulator
+from manatee_grpc.sim import Scenario, ScenarioError, Simulator
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,16 @@ class ManateeServer:
             except _transport.AddressError as error:
                 raise _config.ConfigError(f"--mms: {error}") from None
             return address, None
-        scenario = Scenario.from_file(config.sim_scenario) if config.sim_scenario else None
+        scenario = None
+        if config.sim_scenario is not None:
+            try:
+                scenario = Scenario.from_file(config.sim_scenario)
+            except OSError as error:
+                raise _config.ConfigError(
+                    f"--sim-scenario {config.sim_scenario}: cannot read it ({error.strerror})"
+                ) from None
+            except ScenarioError as error:
+                raise _config.ConfigError(f"--sim-scenario: {error}") from None
         # An abstract socket (Linux): no file or directory, so a killed server leaves nothing.
         name = f"manatee-sim-{os.getpid()}-{secrets.token_hex(8)}"
         return _transport.parse_address(_transport.ABSTRACT_PREFIX + name), scenario
