@@ -114,16 +114,16 @@ class ManateeServer:
         """Check every setting, then bind, then start; a refusal leaves nothing running.
 
         Everything that can be checked without holding a resource is checked first (ranges,
-        who may connect, a busy gRPC port, the mms address and an fd://N, the scenario), so a
-        refusal has started nothing and logged nothing. Then the ports are bound (metrics,
-        gRPC), and only then does anything run (the simulator, the mms connection, serving): a
-        bind that still fails undoes the little that was done.
+        the mms address and an fd://N, the scenario, who may connect, a busy gRPC port), so a
+        refusal has started nothing. Then the ports are bound (metrics, gRPC), and only then
+        does anything run (the simulator, the mms connection, serving): a bind that still fails
+        undoes the little that was done.
         """
         config = self.config
         _config.check(config)
-        # Who may connect is checked (and a stale unix socket removed) before anything starts.
-        listener = _listen.prepare(config)
         mms_address, scenario = self._check_mms()
+        # Who may connect is checked (and, last, a stale unix socket removed).
+        listener = _listen.prepare(config)
         try:
             return self._start(listener, mms_address, scenario)
         except BaseException:
