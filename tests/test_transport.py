@@ -86,6 +86,7 @@ def exchange(client: socket.socket, server_side: socket.socket) -> None:
         ("tcp://[::ffff:1.2.3.4]:1", MmsAddress("tcp", host="::ffff:1.2.3.4", port=1), None),
         ("fd://0", MmsAddress("fd", fd=0), None),
         ("fd://37", MmsAddress("fd", fd=37), None),
+        ("unix-abstract:manatee-sim", MmsAddress("unix", path="\0manatee-sim"), None),
     ],
 )
 def test_parse_every_form(text: str, expected: MmsAddress, canonical: str | None) -> None:
@@ -118,6 +119,9 @@ def test_parse_every_form(text: str, expected: MmsAddress, canonical: str | None
         "vsock://2 :5000",
         "unix:",
         "unix://",
+        "unix-abstract:",
+        "unix-abstract:a\0b",
+        "unix-abstract:" + "x" * 107,
         "unix://relative/path",
         "unix:a\0b",
         "unix:\ud800",

@@ -320,7 +320,10 @@ def test_invalid_argument_exits_13_and_names_the_field(server: ManateeServer) ->
 
     assert result.returncode == 13  # 10 + INVALID_ARGUMENT (3)
     assert result.stderr.startswith("error: INVALID_ARGUMENT (INVALID_ARGUMENT): ")
-    assert "  start.mem_size_bytes: " in result.stderr
+    assert "start.mem_size_bytes: must be positive" in result.stderr
+    # Named once: the message is the field violation, so it is not repeated under it.
+    assert result.stderr.count("start.mem_size_bytes") == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,7 @@ def test_serve_takes_an_audit_file_and_a_ring_size_and_refuses_a_bad_one(tmp_pat
 
     result = run_cli("serve", "--listen", "127.0.0.1:0", "--audit-file", str(tmp_path / "no" / "a"))
     assert result.returncode == 2
-    assert result.stderr.startswith("manatee-grpc: error: ") and "No such file" in result.stderr
+    (line,) = result.stderr.splitlines()  # one line, naming the flag and the cause
+    assert line.startswith("manatee-grpc: error: --audit-file ") and "No such file" in line
     result = run_cli("serve", "--event-ring", "0")
     assert result.returncode == 2 and "--event-ring" in result.stderr

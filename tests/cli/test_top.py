@@ -32,7 +32,9 @@ from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc.cli import _top as top
 from manatee_grpc.cli._top_view import (
     ASCII_FALLBACK,
+    CHANGE_HOLD_TICKS,
     LEGEND,
+    LEGEND_ONCE,
     Sample,
     TopView,
     bar,
@@ -197,17 +199,83 @@ def test_change_column_shows_what_moved_since_the_last_tick() -> None:
     assert _row(lines, 2).endswith("]  new")
     assert lines[-1] == f"{clock(NOW_S + 1)}  VM 2 added (512.0 MiB)"
 
-    # The same numbers again: nothing changed since the last tick.
+    # The same numbers again for the next ticks: the change stays, saying how old it is, for
+    # CHANGE_HOLD_TICKS ticks in all (a one-tick flash was easy to miss); then it goes.
+    same = _snapshot(
+        1,
+        CROS,
+        _stats(1, 384 * MIB, 640 * MIB, 384 * MIB, 256 * MIB),
+        _stats(2, 0, 512 * MIB, 256 * MIB, 128 * MIB),
+    )
+    for tick in range(2, CHANGE_HOLD_TICKS + 1):
+        view.snapshot(same, NOW_S + tick)
+        lines = render(view, 160, 30, NOW_S + tick)
+        age = f"({tick - 1} s ago)"
+        assert _row(lines, 1).endswith(f"]  Δballoon +128 MiB Δavail -128 MiB {age}")
+        assert _row(lines, 2).endswith(f"]  new {age}")
+    view.snapshot(same, NOW_S + CHANGE_HOLD_TICKS + 1)
+    lines = render(view, 160, 30, NOW_S + CHANGE_HOLD_TICKS + 1)
+    assert "Δ" not in "\n".join(lines)
+    assert _row(lines, 2).endswith("]")
+
+
+def test_a_newer_change_replaces_the_one_held() -> None:
+    view = _view((1, GIB, RUNNING))
+    for tick, balloon_mib in enumerate([0, 64, 64, 96]):
+        view.snapshot(_snapshot(1, CROS, _stats(1, balloon_mib * MIB, GIB, GIB, GIB)), NOW_S + tick)
+    assert _row(render(view, 160, 30, NOW_S + 3), 1).endswith("]  Δballoon +32 MiB")
+
+
+def test_three_large_changes_fit_120_columns_whole() -> None:
+    view = _view((1, GIB, RUNNING), (2, 16 * GIB, RUNNING))
     view.snapshot(
         _snapshot(
-            1,
-            CROS,
-            _stats(1, 384 * MIB, 640 * MIB, 384 * MIB, 256 * MIB),
-            _stats(2, 0, 512 * MIB, 256 * MIB, 128 * MIB),
+            1, _stats(0, 0, 8 * GIB, 4 * GIB, 3 * GIB), _stats(2, 0, 16 * GIB, 8 * GIB, 4 * GIB)
         ),
-        NOW_S + 2,
+        NOW_S,
     )
-    assert "Δ" not in "\n".join(render(view, 160, 30, NOW_S + 2))
+    moved = _snapshot(
+        1,
+        _stats(0, 1408 * MIB, 8 * GIB - 1408 * MIB, 3 * GIB + 128 * MIB, 3 * GIB - 96 * MIB),
+        _stats(2, 1536 * MIB, 16 * GIB - 1536 * MIB, 6 * GIB + 512 * MIB, 3 * GIB - 300 * MIB),
+    )
+    view.snapshot(moved, NOW_S + 1)
+    view.snapshot(moved, NOW_S + 12.4)  # held, with a two-digit age
+    lines = render(view, 120, 30, NOW_S + 12.4)
+
+    assert all(len(line) <= 120 for line in lines)
+    assert "…" not in "\n".join(lines)  # nothing was cut
+    # Shorter names and units where the full ones would not fit; every delta is there.
+    assert _row(lines, 0).endswith("]  Δbal +1.38G Δav -896M Δfree -96M (11 s ago)")
+    assert _row(lines, 2).endswith("]  Δbal +1.5G Δav -1.5G Δfree -1.29G (11 s ago)")
+    # Where there is room, the full form.
+    assert _row(render(view, 160, 30, NOW_S + 12.4), 0).endswith(
+        "]  Δballoon +1.38 GiB Δavail -896 MiB Δfree -96 MiB (11 s ago)"
+    )
+
+
+def test_reconnecting_before_any_update_shows_no_last_update() -> None:
+    view = TopView(server=SERVER, interval_s=1.0)
+    view.disconnected("UNAVAILABLE", attempt=1, retry_in_s=0.2, now_s=NOW_S)
+    status = render(view, 160, 30, NOW_S)[1]
+    assert status == "reconnecting… UNAVAILABLE; attempt 1, next in 0.2 s  ·  q quits"
+
+    # After a good update, a failed refresh keeps it on screen and says so.
+    view.vm_list(_vm_list(1), NOW_S + 1)
+    view.connected()
+    view.snapshot(_snapshot(1, CROS), NOW_S + 1)
+    view.disconnected("UNAVAILABLE", attempt=1, retry_in_s=0.2, now_s=NOW_S + 2)
+    assert render(view, 160, 30, NOW_S + 2)[1].endswith(
+        "next in 0.2 s; showing the last update  ·  q quits"
+    )
+
+
+def test_one_screen_has_no_keys_to_press() -> None:
+    view = TopView(server=SERVER, interval_s=None)
+    view.snapshot(_snapshot(1, CROS), NOW_S)
+    lines = render(view, 160, None, NOW_S)
+    assert lines[1] == LEGEND_ONCE
+    assert "q quits" not in "\n".join(lines)
 
 
 def test_in_stream_session_reset_is_a_visible_line_and_drops_the_siblings() -> None:
@@ -347,6 +415,7 @@ def test_once_prints_one_screen_and_exits(server: ManateeServer, client: Client)
     assert lines[0].startswith(f"manatee-grpc top · session {session} · connected · updated ")
     assert lines[0].endswith(f" · {server.address}")
     assert "every" not in lines[0]  # one screen: no interval to speak of
+    assert "q quits" not in result.stdout  # and no key to press
     row = _row(lines, vm_id)
     # Started with 256 MiB of its 512 MiB: the rest is in its balloon.
     assert row.split()[:6] == [str(vm_id), "running", "512.0", "MiB", "256.0", "MiB"]
@@ -365,7 +434,7 @@ def test_once_prints_one_screen_and_exits(server: ManateeServer, client: Client)
         (["--interval", "0.05"], "must be at least 0.1 s"),
         (["--interval", "soon"], "expected seconds"),
         ([], "needs a terminal; use --once"),
-        (["--once", "--json"], "no --json"),
+        (["--once", "--json"], "unrecognized arguments: --json"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str) -> None:

@@ -22,6 +22,7 @@ from api.conftest import start_server
 from manatee_grpc import ManateeServer, ServerConfig, cli
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
+from manatee_grpc.server._listen import ListenError
 from manatee_grpc.server._metrics import Metrics, MetricsAddressError, parse_listen
 
 from .conftest import metrics_address, scrape, scrape_until
@@ -83,8 +84,9 @@ def test_a_busy_metrics_port_fails_start() -> None:
         server = ManateeServer(
             ServerConfig(listen="127.0.0.1:0", metrics_listen=f"127.0.0.1:{port}")
         )
-        with pytest.raises(OSError):
+        with pytest.raises(ListenError, match=f"--metrics-listen 127.0.0.1:{port}: cannot bind"):
             server.start()
+    assert server.simulator is None  # refused before the embedded simulator started
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -197,3 +199,55 @@ def test_rpc_series_count_and_time_calls_through_the_server(
         )
 
     scrape_until(address, moved, "one OK GetBalloonStats and one NOT_FOUND RemoveVm counted")
+
+
+LEFT_LAUNCHES = 50
+
+
+def _until_reserved(call: Iterator[pb.LaunchVmResponse]) -> Iterator[pb.LaunchVmResponse]:
+    for response in call:
+        yield response
+        if response.WhichOneof("event") == "reserved":
+            return
+
+
+def test_launch_streams_whose_client_left_count_as_cancelled(server: ManateeServer) -> None:
+    # Each client opens its own connection, starts a launch, reads `reserved` (so the server
+    # is surely in the launch) and hangs up without a word. The server hears the end of the
+    # client's stream before the cancellation; counted at once, the launch read as ABORTED
+    # (or INVALID_ARGUMENT before `start`), when what the client saw was CANCELLED.
+    unblock: list[queue.Queue[None]] = []
+    try:
+        for _ in range(LEFT_LAUNCHES):
+            hold: queue.Queue[None] = queue.Queue()
+            unblock.append(hold)
+
+            def requests(hold: queue.Queue[None] = hold) -> Iterator[pb.LaunchVmRequest]:
+                yield pb.LaunchVmRequest(start=pb.LaunchVmRequest.Start(mem_size_bytes=256 * MIB))
+                hold.get()  # the client says nothing more: it leaves
+
+            with grpc.insecure_channel(server.address) as channel:
+                call = pb_grpc.MemoryServiceStub(channel).LaunchVm(requests(), timeout=30)
+                # The launch before may still hold the start (its hang-up not yet seen): this
+                # one is then told it queued before it gets `reserved`.
+                events = [response.WhichOneof("event") for response in _until_reserved(call)]
+                assert set(events[:-1]) <= {"queued"} and events[-1] == "reserved", events
+    finally:
+        for hold in unblock:
+            hold.put(None)
+
+    def launch_codes(current: Scrape) -> dict[str, float]:
+        series = current.samples.get("manatee_grpc_server_handled_total", {})
+        return {
+            dict(labels)["grpc_code"]: value
+            for labels, value in series.items()
+            if dict(labels)["grpc_method"] == "LaunchVm"
+        }
+
+    current = scrape_until(
+        metrics_address(server),
+        lambda s: sum(launch_codes(s).values()) >= LEFT_LAUNCHES,
+        f"all {LEFT_LAUNCHES} launches are counted",
+        timeout_s=60.0,
+    )
+    assert launch_codes(current) == {"CANCELLED": LEFT_LAUNCHES}

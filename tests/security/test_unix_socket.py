@@ -93,6 +93,9 @@ def test_a_stale_socket_is_removed_and_the_server_starts(sock_dir: Path) -> None
     dead.bind(str(path))
     dead.close()
     stale_inode = os.lstat(path).st_ino
+    # A second name keeps the stale inode allocated: once unlinked, the filesystem could give
+    # its number to the very next file, the new socket.
+    os.link(path, sock_dir / "stale-link")
     os.chmod(path, 0o666)  # a wide mode the new socket must not inherit
     server = start_server(listen=f"unix://{path}")
     try:

@@ -7,8 +7,12 @@ Health is watched from before the signal, so "NOT_SERVING at once" is measured, 
 
 from __future__ import annotations
 
+import os
 import queue
+import re
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -314,3 +318,64 @@ def test_a_second_sigint_during_the_grace_period_exits_at_once(
     # The abrupt exit closed the mms link, and mms dropped the pending start with it.
     assert simulator.wait_until(lambda: not simulator.connected)
     assert simulator.with_model(lambda model: model.start_state) is StartState.IDLE
+
+
+# --- what a shutdown leaves in the log and on disk ----------------------------------------------
+
+
+def test_a_clean_sigterm_logs_a_shutdown_not_a_lost_mms_connection(simulator: Simulator) -> None:
+    with serve(simulator, grace_s=5.0) as server:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit(CALL_TIMEOUT_S) == 0, server.log()
+        log = server.log()
+    assert "closed the mms connection (session 1): shutting down" in log
+    # The operator asked for it: nothing was lost, so nothing may read like a loss.
+    assert "mms connection lost" not in log
+    assert " WARNING " not in log, log
+
+
+_LISTENING_WITH_MMS_RE = re.compile(r"manatee-grpc listening on \S+, mms at (\S+)")
+
+
+def _unix_socket_names() -> str:
+    """Every unix socket of this network namespace; abstract ones read ``@name``."""
+    return Path("/proc/net/unix").read_text()
+
+
+def test_a_killed_server_leaves_nothing_of_its_embedded_simulator(tmp_path: Path) -> None:
+    # TMPDIR is where the embedded simulator's socket directory used to be made.
+    tmp_dir = tmp_path / "tmp"
+    tmp_dir.mkdir()
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "manatee_grpc", "serve", "--listen", "127.0.0.1:0"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(tmp_dir), "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        wait_until(
+            lambda: (
+                process.poll() is not None
+                or _LISTENING_WITH_MMS_RE.search(log_path.read_text()) is not None
+            ),
+            "the server said where it listens",
+            CALL_TIMEOUT_S,
+        )
+        match = _LISTENING_WITH_MMS_RE.search(log_path.read_text())
+        assert match is not None, log_path.read_text()
+        mms = match.group(1)
+        assert mms.startswith("unix-abstract:"), mms
+        abstract_name = "@" + mms.removeprefix("unix-abstract:")
+        assert abstract_name in _unix_socket_names()
+        process.send_signal(signal.SIGKILL)
+        process.wait(CALL_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # No directory or socket file to clean up, and the kernel took the abstract name back.
+    assert list(tmp_dir.iterdir()) == []
+    assert abstract_name not in _unix_socket_names()

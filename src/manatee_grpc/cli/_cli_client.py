@@ -422,26 +422,51 @@ def add_client_commands(
         default=DEFAULT_SERVER,
         help="manatee-grpc address: HOST:PORT or unix:///abs/path (default %(default)s)",
     )
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
     common.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)"
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds per call (default %(default)s)",
     )
     common.add_argument(
-        "--tls-ca", default=None, metavar="PEM", help="connect with TLS, trusting this CA"
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="connect with TLS, trusting this CA (default: plaintext, unless --tls-cert)",
     )
     common.add_argument(
-        "--tls-cert", default=None, metavar="PEM", help="client certificate (mutual TLS)"
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="client certificate for mutual TLS (default: none)",
     )
-    common.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+    common.add_argument(
+        "--tls-key", default=None, metavar="PEM", help="its private key (default: none)"
+    )
+    # Every command but `top` (a screen, not a report) can print JSON instead of a table.
+    with_json = argparse.ArgumentParser(add_help=False)
+    with_json.add_argument(
+        "--json", action="store_true", help="print JSON with stable keys, for scripts"
+    )
 
-    def add(name: str, run: Callable[[Client, argparse.Namespace], int], help_text: str) -> Any:
-        parser = commands.add_parser(name, parents=[common], help=help_text)
+    def add(
+        name: str,
+        run: Callable[[Client, argparse.Namespace], int],
+        help_text: str,
+        *,
+        json: bool = True,
+    ) -> Any:
+        parents = [common, with_json] if json else [common]
+        parser = commands.add_parser(name, parents=parents, help=help_text)
         parser.set_defaults(client_command=run)
         return parser
 
     add("vms", _cmd_vms, "list the VMs of the current mms session")
     stats = add("stats", _cmd_stats, "balloon statistics of some or all VMs")
-    stats.add_argument("vm_ids", nargs="*", type=int, metavar="ID")
+    stats.add_argument(
+        "vm_ids", nargs="*", type=int, metavar="ID", help="VMs to show (default: every VM)"
+    )
     _add_session_argument(stats)
     rebalance = add("rebalance", _cmd_rebalance, "move memory between sibling VMs and CrOS")
     rebalance.add_argument(
@@ -458,19 +483,30 @@ def add_client_commands(
     )
     _add_session_argument(rebalance)
     launch = add("launch", _cmd_launch, "launch a sibling VM (LaunchVm)")
-    launch.add_argument("mem_size_bytes", type=_size_arg, metavar="SIZE", help="e.g. 2GiB")
     launch.add_argument(
-        "--init", dest="init_mem_size_bytes", type=_size_arg, default=None, metavar="SIZE"
+        "mem_size_bytes", type=_size_arg, metavar="SIZE", help="the VM's memory, e.g. 2GiB"
+    )
+    launch.add_argument(
+        "--init",
+        dest="init_mem_size_bytes",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="memory the VM starts with, the rest inside its balloon (default: the smaller of "
+        "1000 MiB and SIZE)",
     )
     launch.add_argument(
         "--start-cmd",
         default=None,
         metavar="CMD",
         help="shell command that starts crosvm; {vm_id} and {balloon_control_path} are "
-        "substituted; exit status 0 means started (without it, you are asked on stdin)",
+        "substituted; exit status 0 means started (default: none, you are asked on stdin)",
     )
     launch.add_argument(
-        "--stop-cmd", default=None, metavar="CMD", help="shell command that stops VM {vm_id}"
+        "--stop-cmd",
+        default=None,
+        metavar="CMD",
+        help="shell command that stops VM {vm_id} when the server asks (default: none)",
     )
     launch.add_argument(
         "--launch-timeout",
@@ -480,7 +516,7 @@ def add_client_commands(
         help="deadline for the whole launch (default %(default)g; 0 for none)",
     )
     remove = add("remove", _cmd_remove, "remove a sibling VM or release a pending start")
-    remove.add_argument("vm_id", type=int, metavar="ID")
+    remove.add_argument("vm_id", type=int, metavar="ID", help="the VM (or pending start) id")
     _add_session_argument(remove)
     add("health", _cmd_health, "health of the MemoryService (exit 1 unless SERVING)")
     events = add("events", _cmd_events, "what happened and who asked (WatchEvents)")
@@ -506,7 +542,9 @@ def add_client_commands(
     # Imported here: _top imports this module's helpers.
     from manatee_grpc.cli._top import add_top_arguments, run_top
 
-    add_top_arguments(add("top", run_top, "live view of every VM's memory (q or Ctrl-C quits)"))
+    add_top_arguments(
+        add("top", run_top, "live view of every VM's memory (q or Ctrl-C quits)", json=False)
+    )
 
 
 def _add_session_argument(parser: argparse.ArgumentParser) -> None:
@@ -537,7 +575,10 @@ def run_client_command(args: argparse.Namespace, parser: argparse.ArgumentParser
         reason = f" ({exc.reason})" if exc.reason else ""
         print(f"error: {exc.code.name}{reason}: {exc.message}", file=sys.stderr)
         for violation in exc.field_violations:
-            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+            named = f"{violation.field}: {violation.description}"
+            # The message usually is the first violation already: say each one once.
+            if named not in exc.message:
+                print(f"  {named}", file=sys.stderr)
         if exc.retry_delay_s is not None:
             print(f"  retry in {exc.retry_delay_s:g} s", file=sys.stderr)
         return ERROR_EXIT_BASE + int(exc.code.value[0])

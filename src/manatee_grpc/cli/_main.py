@@ -11,13 +11,16 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any, NoReturn, cast
 
 from manatee_grpc.cli._cli_client import add_client_commands, is_client_command, run_client_command
 from manatee_grpc.mms._connection import DEFAULT_WATCHDOG_S
 from manatee_grpc.mms._messages import MessageType
-from manatee_grpc.server._config import DEFAULT_LISTEN, ServerConfig
+from manatee_grpc.server._config import DEFAULT_LISTEN, LOG_LEVELS, ConfigError, ServerConfig
 
 logger = logging.getLogger("manatee_grpc")
+
+PROG = "manatee-grpc"
 
 # SIGTERM stops the server gracefully, SIGINT too; a SIGINT during the grace period exits at once.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -30,6 +33,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
+        metavar="ADDRESS",
         help="gRPC address: HOST:PORT or unix:///abs/path (default %(default)s)",
     )
     parser.add_argument(
@@ -43,29 +47,44 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--socket-group",
         default=None,
         metavar="GROUP",
-        help="group (name or gid) of a unix --listen socket; widen --socket-mode to let it in",
+        help="group (name or gid) of a unix --listen socket; widen --socket-mode to let it in "
+        "(default: the server's own group)",
     )
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="allow plaintext gRPC on a non-loopback TCP address (refused otherwise)",
+        help="allow plaintext gRPC (and plain-HTTP metrics) on a non-loopback TCP address "
+        "(default off: refused)",
     )
-    parser.add_argument("--tls-cert", default=None, metavar="PEM", help="server TLS certificate")
-    parser.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+    parser.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="server TLS certificate (default: none, plaintext)",
+    )
+    parser.add_argument(
+        "--tls-key", default=None, metavar="PEM", help="its private key (default: none)"
+    )
     parser.add_argument(
         "--tls-client-ca",
         default=None,
         metavar="PEM",
-        help="require client certificates signed by this CA (mutual TLS)",
+        help="require client certificates signed by this CA (mutual TLS); every certificate "
+        "in the file must be a CA certificate (default: none, no client certificates)",
     )
     parser.add_argument(
         "--mms",
         default=None,
-        help="mms address: vsock://CID:PORT, unix:///path, tcp://HOST:PORT or fd://N; "
-        "without it an embedded simulator is started",
+        metavar="ADDRESS",
+        help="mms address: vsock://CID:PORT, unix:///path, unix-abstract:NAME, tcp://HOST:PORT "
+        "or fd://N (a connected stream socket handed over by a launcher); default: an embedded "
+        "simulator is started",
     )
     parser.add_argument(
-        "--sim-scenario", default=None, help="scenario file (TOML/JSON) for the embedded simulator"
+        "--sim-scenario",
+        default=None,
+        metavar="FILE",
+        help="scenario file (TOML/JSON) for the embedded simulator (default: mms's defaults)",
     )
     parser.add_argument(
         "--metrics-listen",
@@ -77,40 +96,76 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-workers",
         type=int,
-        default=defaults.max_workers,
-        help="deprecated, ignored: handlers are coroutines on one event loop (no thread pool)",
+        default=None,
+        metavar="N",
+        help="DEPRECATED, no effect: handlers are coroutines on one event loop, there is no "
+        "thread pool to size; still accepted (N >= 1, a warning is logged) so that existing "
+        "units keep starting (default: unset)",
     )
-    parser.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs)
     parser.add_argument(
-        "--max-receive-message-bytes", type=int, default=defaults.max_receive_message_bytes
+        "--max-concurrent-rpcs",
+        type=int,
+        default=defaults.max_concurrent_rpcs,
+        metavar="N",
+        help="RPCs in progress beyond N are refused with RESOURCE_EXHAUSTED; 0 for no cap "
+        "(default %(default)s)",
     )
     parser.add_argument(
-        "--grace", type=float, default=defaults.grace_s, help="shutdown grace period, seconds"
+        "--max-receive-message-bytes",
+        type=int,
+        default=defaults.max_receive_message_bytes,
+        metavar="BYTES",
+        help="largest request message accepted, 1..2147483647 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace_s,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long in-flight RPCs may run before they are cancelled; "
+        "0 or more (default %(default)s)",
     )
     parser.add_argument(
         "--prepare-lease",
         type=float,
         default=defaults.prepare_lease_s,
+        metavar="SECONDS",
         help="the start lease: seconds a bare PrepareVm start may wait for FinishAddVm or "
         "RemoveVm, and a LaunchVm for `vm_started` after `reserved` (default %(default)s)",
     )
     parser.add_argument(
         "--launch-attempt-delays",
         default=",".join(f"{d:g}" for d in defaults.launch_attempt_delays_s),
-        help="seconds to wait before each LaunchVm reservation attempt (default %(default)s)",
+        metavar="SECONDS,...",
+        help="seconds to wait before each LaunchVm reservation attempt, one per attempt, each "
+        "0 or more (default %(default)s)",
     )
     parser.add_argument(
         "--no-coalesce-stats",
         action="store_true",
-        help="send one mms GetBalloonStats per RPC instead of sharing concurrent reads",
+        help="send one mms GetBalloonStats per RPC instead of sharing concurrent reads "
+        "(default off: shared)",
     )
-    parser.add_argument("--balloon-control-dir", default=defaults.balloon_control_dir)
-    parser.add_argument("--mms-connect-timeout", type=float, default=defaults.mms_connect_timeout_s)
+    parser.add_argument(
+        "--balloon-control-dir",
+        default=defaults.balloon_control_dir,
+        metavar="DIR",
+        help="directory of the balloon control sockets a launch is told to give crosvm "
+        "(DIR/mms_control_VMID.sock) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mms-connect-timeout",
+        type=float,
+        default=defaults.mms_connect_timeout_s,
+        metavar="SECONDS",
+        help="how long one connect to mms may take (default %(default)s)",
+    )
     parser.add_argument(
         "--mms-max-frame-bytes",
         type=int,
         default=defaults.mms_max_body_bytes,
-        help="largest mms response body accepted (default %(default)s)",
+        metavar="BYTES",
+        help="largest mms response body accepted, 1..4294967295 (default %(default)s)",
     )
     parser.add_argument(
         "--mms-watchdog",
@@ -124,8 +179,21 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         + "; defaults: "
         + ", ".join(f"{t.name}={s:g}" for t, s in DEFAULT_WATCHDOG_S.items()),
     )
-    parser.add_argument("--mms-backoff-initial", type=float, default=defaults.mms_backoff_initial_s)
-    parser.add_argument("--mms-backoff-max", type=float, default=defaults.mms_backoff_max_s)
+    parser.add_argument(
+        "--mms-backoff-initial",
+        type=float,
+        default=defaults.mms_backoff_initial_s,
+        metavar="SECONDS",
+        help="wait before the first redial of a lost mms connection; it doubles per failure "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--mms-backoff-max",
+        type=float,
+        default=defaults.mms_backoff_max_s,
+        metavar="SECONDS",
+        help="longest wait between redials, at least --mms-backoff-initial (default %(default)s)",
+    )
     parser.add_argument(
         "--mms-hang-reset",
         action="store_true",
@@ -136,6 +204,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--launch-stop-timeout",
         type=float,
         default=defaults.launch_stop_timeout_s,
+        metavar="SECONDS",
         help="seconds a LaunchVm client may take to stop its VM when asked (default %(default)s)",
     )
     parser.add_argument(
@@ -148,7 +217,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy-config",
         default=None,
         metavar="TOML",
-        help="the policy's settings file (period, margins, floors, ceilings, step cap, ...)",
+        help="the policy's settings file (period, margins, floors, ceilings, step cap, ...; "
+        "default: none, every setting at its default)",
     )
     parser.add_argument(
         "--audit-file",
@@ -164,7 +234,13 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="how many recent events the server keeps for WatchEvents replay (default %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="least severe log messages shown (default %(default)s)",
+    )
 
 
 def _positive_int_arg(text: str) -> int:
@@ -230,6 +306,7 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         ) from None
     if args.policy_config is not None and args.policy is None:
         raise _UsageError("--policy-config needs --policy balance-available")
+    defaults = ServerConfig()
     return ServerConfig(
         listen=args.listen,
         socket_mode=args.socket_mode,
@@ -241,8 +318,9 @@ def _config_from(args: argparse.Namespace) -> ServerConfig:
         mms=args.mms,
         sim_scenario=args.sim_scenario,
         metrics_listen=args.metrics_listen,
-        max_workers=args.max_workers,
-        max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+        max_workers=defaults.max_workers if args.max_workers is None else args.max_workers,
+        # 0 is "no cap"; a negative value stays, for the range check to name.
+        max_concurrent_rpcs=None if args.max_concurrent_rpcs == 0 else args.max_concurrent_rpcs,
         max_receive_message_bytes=args.max_receive_message_bytes,
         grace_s=args.grace,
         prepare_lease_s=args.prepare_lease,
@@ -310,8 +388,14 @@ def serve(args: argparse.Namespace) -> int:
             starting = ManateeServer(_config_from(args))
             starting.start()
             server = starting
+            if args.max_workers is not None:
+                logger.warning(
+                    "--max-workers is deprecated and has no effect: handlers are coroutines on "
+                    "one event loop (no thread pool); drop it from the command line"
+                )
         except (
             _UsageError,
+            ConfigError,
             AddressError,
             ScenarioError,
             ListenError,
@@ -331,12 +415,38 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="manatee-grpc", description="gRPC service for ManaTEE VM memory (mms)"
+class _Parser(argparse.ArgumentParser):
+    """argparse, but ``serve``'s refusals are one line: ``manatee-grpc: error: ...``.
+
+    A refused start-up is read in a journal or by a supervisor, where argparse's usage lines
+    would bury the one that names the flag (``--help`` shows the usage).
+    """
+
+    def __init__(self, *args: Any, one_line_errors: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.one_line_errors = one_line_errors
+
+    def error(self, message: str) -> NoReturn:
+        if not self.one_line_errors:
+            super().error(message)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog=PROG, description="gRPC service for ManaTEE VM memory (mms)")
+    # Every subcommand's parser is a _Parser; only serve's errors are one line.
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, parser_class=_Parser),
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="run the gRPC service")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Run the gRPC service. Every refused setting exits 2 with one "
+        f"`{PROG}: error: ...` line naming its flag, before anything starts.",
+        one_line_errors=True,
+    )
     _add_serve_arguments(serve_parser)
     commands.add_parser("sim", help="run the mms simulator", add_help=False)
     add_client_commands(commands)
@@ -350,11 +460,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sim_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # The top-level parser reports these; say it the way serve's own refusals are said.
+        parser.one_line_errors = args.command == "serve"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if is_client_command(args):
         return run_client_command(args, parser)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return serve(args)

@@ -87,9 +87,6 @@ def add_top_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_top(client: Client, args: argparse.Namespace) -> int:
-    if args.json:
-        print("manatee-grpc top: no --json; use `manatee-grpc stats --json`", file=sys.stderr)
-        return 2
     if args.once:
         return _print_once(client)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):

@@ -20,6 +20,9 @@ MIN_BAR_WIDTH = 12
 MAX_BAR_WIDTH = 40
 # Room the CHANGE column keeps before the bar may grow: three deltas.
 CHANGE_ROOM = 48
+# A VM's latest change stays in the CHANGE column this many ticks (unless a newer one replaces
+# it), with its age once it is not from the latest tick: a one-tick flash is easy to miss.
+CHANGE_HOLD_TICKS = 10
 
 CONNECTING = "connecting…"
 CONNECTED = "connected"
@@ -30,10 +33,12 @@ USED_CHAR = "="
 AVAILABLE_CHAR = "+"
 FREE_CHAR = "."
 UNKNOWN_CHAR = "?"
-LEGEND = (
+LEGEND_ONCE = (
     f"bar of each VM's memory: {BALLOON_CHAR} balloon  {USED_CHAR} used  "
-    f"{AVAILABLE_CHAR} available (caches)  {FREE_CHAR} free  ·  q quits"
+    f"{AVAILABLE_CHAR} available (caches)  {FREE_CHAR} free"
 )
+QUITS = "  ·  q quits"
+LEGEND = LEGEND_ONCE + QUITS  # the live view's; ``--once`` has no keys to press
 
 # For terminals whose encoding cannot show the few non-ASCII characters used here.
 ASCII_FALLBACK = str.maketrans({"…": "...", "Δ": "d", "→": "->", "·": "|"})
@@ -83,8 +88,9 @@ class TopView:
     lost_server: bool = False
     updated_at_s: float | None = None
     samples: dict[int, Sample] = field(default_factory=dict)
-    # The tick before ``samples``; None until there was one, so the first screen shows no change.
-    previous: dict[int, Sample] | None = None
+    # Snapshots applied so far, and each VM's latest change (kept CHANGE_HOLD_TICKS ticks).
+    ticks: int = 0
+    changes: dict[int, Change] = field(default_factory=dict)
     missing_vm_ids: tuple[int, ...] = ()
     vms: dict[int, pb.VmInfo] = field(default_factory=dict)  # of the current session only
     dropped_updates: int = 0
@@ -147,8 +153,19 @@ class TopView:
         if self.session is not None and snapshot.session != self.session:
             # A reset the stream did not tell us about (it happened between two subscriptions).
             self.session_reset(self.session, snapshot.session, now_s)
-        self.previous = dict(self.samples) if self.updated_at_s is not None else None
-        self.samples = {stats.vm_id: Sample.from_stats(stats) for stats in snapshot.stats}
+        samples = {stats.vm_id: Sample.from_stats(stats) for stats in snapshot.stats}
+        self.ticks += 1
+        if self.updated_at_s is not None:  # the first screen has nothing to compare with
+            for vm_id, sample in samples.items():
+                change = _change_between(self.samples.get(vm_id), sample, self.ticks, now_s)
+                if change is not None:
+                    self.changes[vm_id] = change
+        self.samples = samples
+        self.changes = {
+            vm_id: change
+            for vm_id, change in self.changes.items()
+            if vm_id in samples and self.ticks - change.tick < CHANGE_HOLD_TICKS
+        }
         self.missing_vm_ids = tuple(snapshot.missing_vm_ids)
         self.session = snapshot.session
         self.updated_at_s = now_s
@@ -166,6 +183,7 @@ class TopView:
         self.session = session
         self.vms = {}
         self.samples = {k: v for k, v in self.samples.items() if k == CROS_GUEST_VM_ID}
+        self.changes = {k: v for k, v in self.changes.items() if k == CROS_GUEST_VM_ID}
         self.missing_vm_ids = ()
 
     # --- helpers -------------------------------------------------------------------------------
@@ -241,12 +259,16 @@ def _header(view: TopView, now_s: float) -> str:
 
 def _status(view: TopView, now_s: float) -> str:
     """The legend; while reconnecting, why and when the next attempt is."""
+    if view.interval_s is None:
+        return LEGEND_ONCE
     if view.connection != RECONNECTING:
         return LEGEND
     retry_in_s = max(0.0, (view.retry_at_s or now_s) - now_s)
+    # "The last update" only once there was one: before, the screen shows none.
+    kept = "; showing the last update" if view.updated_at_s is not None else ""
     return (
-        f"{RECONNECTING} {view.problem}; attempt {view.attempt}, next in {retry_in_s:.1f} s; "
-        "showing the last update  ·  q quits"
+        f"{RECONNECTING} {view.problem}; attempt {view.attempt}, next in {retry_in_s:.1f} s"
+        f"{kept}{QUITS}"
     )
 
 
@@ -257,7 +279,7 @@ def _table(view: TopView, width: int) -> list[str]:
     vm_ids = sorted({*view.samples, *view.missing_vm_ids, *view.vms})
     if not vm_ids:
         return ["waiting for the first snapshot…" if view.updated_at_s is None else "no VMs"]
-    rows: list[tuple[list[str], str]] = []  # (cells, change)
+    rows: list[list[str]] = []
     memory: dict[int, int | None] = {vm_id: _memory_bytes(view, vm_id) for vm_id in vm_ids}
     for vm_id in vm_ids:
         sample = view.samples.get(vm_id)
@@ -270,10 +292,12 @@ def _table(view: TopView, width: int) -> list[str]:
                 _size(sample.available_bytes),
                 _size(sample.free_bytes),
             ]
-        rows.append((cells, _change(view, vm_id)))
-    widths = [max(len(c[i]) for c in [list(_COLUMNS), *(r[0] for r in rows)]) for i in range(6)]
+        rows.append(cells)
+    widths = [max(len(c[i]) for c in [list(_COLUMNS), *rows]) for i in range(6)]
     fixed = sum(widths) + 2 * len(widths)
     bar_width = max(MIN_BAR_WIDTH, min(MAX_BAR_WIDTH, width - fixed - 4 - CHANGE_ROOM))
+    # What is left of the line for CHANGE: each change takes the widest form that fits.
+    change_room = width - (fixed + bar_width + 4)
 
     def line(cells: Sequence[str], bar: str, change: str) -> str:
         # Ids, then text left-aligned, numbers right-aligned.
@@ -284,8 +308,9 @@ def _table(view: TopView, width: int) -> list[str]:
         return f"{'  '.join(aligned)}  {bar}  {change}".rstrip()
 
     lines = [line(_COLUMNS, "BAR".ljust(bar_width + 2), "CHANGE")]
-    for vm_id, (cells, change) in zip(vm_ids, rows, strict=True):
+    for vm_id, cells in zip(vm_ids, rows, strict=True):
         sample = view.samples.get(vm_id)
+        change = _change(view, vm_id, change_room)
         lines.append(line(cells, f"[{bar(sample, memory[vm_id], bar_width)}]", change))
     return lines
 
@@ -312,28 +337,64 @@ def _size(value: int | None) -> str:
     return "-" if value is None else format_bytes(value)
 
 
-def _change(view: TopView, vm_id: int) -> str:
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What moved in one VM at one tick: its deltas (name, bytes), or that it is new."""
+
+    tick: int
+    at_s: float
+    deltas: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def is_new(self) -> bool:
+        return not self.deltas
+
+
+def _change_between(before: Sample | None, after: Sample, tick: int, now_s: float) -> Change | None:
+    """The change from ``before`` to ``after`` (a new VM if there was no ``before``), if any."""
+    if before is None:
+        return Change(tick, now_s)
+    pairs = [
+        ("balloon", before.balloon_bytes, after.balloon_bytes),
+        ("avail", before.available_bytes, after.available_bytes),
+        ("free", before.free_bytes, after.free_bytes),
+    ]
+    deltas = tuple(
+        (name, now - then)
+        for name, then, now in pairs
+        if then is not None and now is not None and now != then
+    )
+    return Change(tick, now_s, deltas) if deltas else None
+
+
+# Shorter names for the CHANGE column when the full ones do not fit.
+_SHORT_NAMES = {"balloon": "bal", "avail": "av", "free": "free"}
+
+
+def _change(view: TopView, vm_id: int, room: int) -> str:
+    """The CHANGE cell, in the widest of its forms that fits ``room`` columns."""
     sample = view.samples.get(vm_id)
     if sample is None:
         if vm_id in view.missing_vm_ids:
             return "no statistics from mms"
         info = view.vms.get(vm_id)
         return "starting" if info is not None and info.state == pb.VM_STATE_STARTING else ""
-    if view.previous is None:
+    change = view.changes.get(vm_id)
+    if change is None:
         return ""
-    before = view.previous.get(vm_id)
-    if before is None:
-        return "new"
-    changes = [
-        ("balloon", before.balloon_bytes, sample.balloon_bytes),
-        ("avail", before.available_bytes, sample.available_bytes),
-        ("free", before.free_bytes, sample.free_bytes),
-    ]
-    return " ".join(
-        f"Δ{name} {_short_bytes(after - earlier)}"
-        for name, earlier, after in changes
-        if earlier is not None and after is not None and after != earlier
+    age = ""
+    if change.tick != view.ticks and view.updated_at_s is not None:
+        age = f" ({max(0, round(view.updated_at_s - change.at_s))} s ago)"
+    if change.is_new:
+        return f"new{age}"
+    full = " ".join(f"Δ{name} {_short_bytes(delta)}" for name, delta in change.deltas)
+    compact = " ".join(f"Δ{name} {_compact_bytes(delta)}" for name, delta in change.deltas)
+    short = " ".join(
+        f"Δ{_SHORT_NAMES[name]} {_compact_bytes(delta)}" for name, delta in change.deltas
     )
+    forms = [full + age, compact + age, short + age, short]
+    # None fits (a narrow terminal): the shortest, which the line's cut then ends with "…".
+    return next((form for form in forms if len(form) <= room), forms[-1])
 
 
 def _short_bytes(delta_bytes: int) -> str:
@@ -342,6 +403,12 @@ def _short_bytes(delta_bytes: int) -> str:
     if "." in number:
         number = number.rstrip("0").rstrip(".")
     return f"{number} {unit}"
+
+
+def _compact_bytes(delta_bytes: int) -> str:
+    """``+128M``, ``-1.5G``, ``+512B``: ``_short_bytes`` with a one-letter unit."""
+    number, unit = _short_bytes(delta_bytes).split(" ")
+    return number + unit[0]
 
 
 def bar(sample: Sample | None, memory_bytes: int | None, width: int) -> str:

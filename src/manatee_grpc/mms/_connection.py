@@ -476,6 +476,12 @@ class MmsConnection:
                 stopping = self._stopping
                 lost = error
             sock.close()
+            if stopping:
+                logger.info(
+                    "closed the mms connection (session %d): shutting down; mms drops every "
+                    "sibling VM with it",
+                    session,
+                )
             # Callers still queued were never sent: each is told so, about its own request
             # (shutting down when stop() came, else that the link went away).
             self._fail_queued(
@@ -557,7 +563,7 @@ class MmsConnection:
                 messageType=msg_type.name,
                 reached_mms=not outgoing.view,
             )
-            logger.warning("mms connection lost (session %d): %s", session, error.message)
+            self._log_lost(session, error.message)
             _settle(call.future, error)
             return error
         except Exception as exc:
@@ -707,7 +713,7 @@ class MmsConnection:
                     else:
                         cause = self._lost_cause(None)
                     if not data:
-                        logger.warning("mms connection lost (session %d): %s", session, cause)
+                        self._log_lost(session, cause)
                         return MmsConnectionLostError(
                             f"lost the mms connection: {cause}", session=session, reached_mms=True
                         )
@@ -737,12 +743,17 @@ class MmsConnection:
             reason = self._lost_cause(None)
         if data:
             return self._out_of_step(session, None, "mms sent data nobody asked for")
-        logger.warning("mms connection lost (session %d): %s", session, reason)
+        self._log_lost(session, reason)
         return MmsConnectionLostError(
             f"lost the mms connection: {reason}", session=session, reached_mms=True
         )
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _log_lost(self, session: int, cause: str) -> None:
+        # After stop() shut the stream, the end it sees is our own doing: _serve says so.
+        if not self._stopping:
+            logger.warning("mms connection lost (session %d): %s", session, cause)
 
     def _lost_cause(self, exc: BaseException | None) -> str:
         reason = self._reset_reason

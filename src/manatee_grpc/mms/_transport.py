@@ -25,7 +25,12 @@ __all__ = [
     "recv_exactly",
 ]
 
-ACCEPTED_FORMS = "vsock://CID:PORT, unix:///abs/path, unix:relative/path, tcp://HOST:PORT, fd://N"
+ACCEPTED_FORMS = (
+    "vsock://CID:PORT, unix:///abs/path, unix:relative/path, unix-abstract:NAME, tcp://HOST:PORT, "
+    "fd://N"
+)
+# A Linux abstract unix socket (gRPC's spelling): no file, so nothing is left when its owner dies.
+ABSTRACT_PREFIX = "unix-abstract:"
 
 U32_MAX = 2**32 - 1
 TCP_PORT_MAX = 65535
@@ -59,7 +64,14 @@ class MmsAddress:
     cid: int = 0
     fd: int = -1
 
+    @property
+    def is_abstract(self) -> bool:
+        """A Linux abstract unix socket: its path starts with a NUL byte and names no file."""
+        return self.scheme == "unix" and self.path.startswith("\0")
+
     def __str__(self) -> str:
+        if self.is_abstract:
+            return ABSTRACT_PREFIX + self.path[1:]
         if self.scheme == "vsock":
             return f"vsock://{self.cid}:{self.port}"
         if self.scheme == "unix":
@@ -91,6 +103,11 @@ def parse_address(text: str) -> MmsAddress:
         return MmsAddress("tcp", host=ipv6_host or name_host, port=port)
     if match := _FD_RE.fullmatch(text):
         return MmsAddress("fd", fd=_check_range(int(match.group(1)), 2**31 - 1, "fd", text))
+    if text.startswith(ABSTRACT_PREFIX):
+        name = text.removeprefix(ABSTRACT_PREFIX)
+        if not name or "\0" in name:
+            raise AddressError(f"unix-abstract: takes a name without NUL bytes, got {text!r}")
+        return MmsAddress("unix", path=_check_unix_path("\0" + name, text, abstract=True))
     if text.startswith("unix://"):
         path = text.removeprefix("unix://")
         if not path.startswith("/"):
@@ -107,10 +124,10 @@ def _check_range(value: int, maximum: int, what: str, text: str) -> int:
     return value
 
 
-def _check_unix_path(path: str, text: str) -> str:
+def _check_unix_path(path: str, text: str, *, abstract: bool = False) -> str:
     if not path:
         raise AddressError(f"empty unix socket path in {text!r}")
-    if "\0" in path:
+    if "\0" in path and not abstract:
         raise AddressError(f"unix socket path contains a NUL byte in {text!r}")
     try:
         path_bytes = os.fsencode(path)
@@ -167,6 +184,17 @@ def _set_nodelay_if_tcp(sock: socket.socket) -> None:
     # Requests are small and strictly alternate with responses: Nagle would only add latency.
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def check_handed_over_fd(address: MmsAddress) -> None:
+    """Check, without taking it, that fd://N is a connected stream socket (AddressError if not).
+
+    For a start-up check: the fd stays open and unclaimed, for ``connect`` to take later.
+    """
+    with _handed_over_lock:
+        if address.fd in _handed_over_fds:
+            raise AddressError(f"{address} was already used: a handed-over fd cannot be reopened")
+    _wrap_stream_fd(address, must_be_connected=True).detach()
 
 
 def _take_handed_over_fd(address: MmsAddress, *, must_be_connected: bool) -> socket.socket:
@@ -251,7 +279,7 @@ def listen(address: MmsAddress, backlog: int = 8) -> socket.socket:
         return socket.create_server(
             (address.host, address.port), family=tcp_family, backlog=backlog
         )
-    if address.scheme == "unix":
+    if address.scheme == "unix" and not address.is_abstract:
         remove_stale_unix_socket(address.path)
     family, target = _family_and_target(address)
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -1,7 +1,12 @@
-"""Every server setting in one object; the CLI fills it, nothing else reads the environment."""
+"""Every server setting in one object; the CLI fills it, nothing else reads the environment.
+
+``check(config)`` refuses a setting out of range before anything starts; its message names the
+``serve`` flag that sets it.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -13,6 +18,15 @@ from manatee_grpc.mms._wire import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SOCKET_MODE = 0o600
+# gRPC takes its message size limit as a C int.
+MAX_RECEIVE_MESSAGE_BYTES_LIMIT = 2**31 - 1
+# The mms frame header carries the body length as a u32.
+MMS_MAX_BODY_BYTES_LIMIT = 2**32 - 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A setting out of range; the message names the ``serve`` flag that sets it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +84,57 @@ class ServerConfig:
     # audit file they also go to (None: none).
     event_ring_size: int = DEFAULT_CAPACITY
     audit_file: str | None = None
+
+
+def check(config: ServerConfig) -> None:
+    """Refuse any setting out of range (``ConfigError`` naming its flag); call before starting.
+
+    Every duration must be finite: an infinite grace, lease or timeout would hold a shutdown, a
+    start slot or a connect for ever, which is what these settings exist to bound.
+    """
+    _at_least("--max-workers", config.max_workers, 1, " (deprecated: it has no effect)")
+    if config.max_concurrent_rpcs is not None:
+        _at_least("--max-concurrent-rpcs", config.max_concurrent_rpcs, 1, " (0: no cap)")
+    _at_least("--max-receive-message-bytes", config.max_receive_message_bytes, 1)
+    _at_most(
+        "--max-receive-message-bytes",
+        config.max_receive_message_bytes,
+        MAX_RECEIVE_MESSAGE_BYTES_LIMIT,
+    )
+    _seconds("--grace", config.grace_s, allow_zero=True)
+    _seconds("--prepare-lease", config.prepare_lease_s)
+    _seconds("--launch-stop-timeout", config.launch_stop_timeout_s)
+    if not config.launch_attempt_delays_s:
+        raise ConfigError("--launch-attempt-delays: give at least one delay (the first attempt)")
+    for delay_s in config.launch_attempt_delays_s:
+        _seconds("--launch-attempt-delays", delay_s, allow_zero=True)
+    _seconds("--mms-connect-timeout", config.mms_connect_timeout_s)
+    _at_least("--mms-max-frame-bytes", config.mms_max_body_bytes, 1)
+    _at_most("--mms-max-frame-bytes", config.mms_max_body_bytes, MMS_MAX_BODY_BYTES_LIMIT)
+    for msg_type, watchdog_s in config.mms_watchdog_s.items():
+        _seconds(f"--mms-watchdog {msg_type.name}", watchdog_s)
+    _seconds("--mms-backoff-initial", config.mms_backoff_initial_s)
+    _seconds("--mms-backoff-max", config.mms_backoff_max_s)
+    if config.mms_backoff_max_s < config.mms_backoff_initial_s:
+        raise ConfigError(
+            f"--mms-backoff-max {config.mms_backoff_max_s:g}: must be at least "
+            f"--mms-backoff-initial ({config.mms_backoff_initial_s:g})"
+        )
+    _seconds("keepalive_time_s", config.keepalive_time_s)
+    _seconds("keepalive_timeout_s", config.keepalive_timeout_s)
+
+
+def _at_least(flag: str, value: int, minimum: int, note: str = "") -> None:
+    if value < minimum:
+        raise ConfigError(f"{flag} {value}: must be at least {minimum}{note}")
+
+
+def _at_most(flag: str, value: int, maximum: int) -> None:
+    if value > maximum:
+        raise ConfigError(f"{flag} {value}: must be at most {maximum}")
+
+
+def _seconds(flag: str, value_s: float, *, allow_zero: bool = False) -> None:
+    if not math.isfinite(value_s) or value_s < 0 or (value_s == 0 and not allow_zero):
+        expected = "0 or more" if allow_zero else "more than 0"
+        raise ConfigError(f"{flag} {value_s:g}: expected a finite number of seconds, {expected}")

@@ -13,6 +13,7 @@ import grp
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ __all__ = [
     "ListenError",
     "Listener",
     "PortAdder",
+    "check_client_ca",
     "check_policy",
+    "check_port_free",
     "is_loopback_host",
     "load_server_credentials",
     "parse_listen",
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 # The umask a unix socket is bound under: grpc creates the file itself, and this makes it
 # owner-only from its first instant (bind gives 0o777 & ~umask).
 _BIND_UMASK = 0o177
+TCP_PORT_MAX = 65535
 
 
 class ListenError(Exception):
@@ -65,6 +69,7 @@ class ListenAddress:
     listen: str
     unix_path: str | None = None
     host: str = ""
+    port: int = 0
 
     @property
     def is_unix(self) -> bool:
@@ -80,9 +85,12 @@ def parse_listen(listen: str) -> ListenAddress:
             raise ListenError(f"--listen {listen!r}: expected unix:///abs/path or unix:rel/path")
         return ListenAddress(listen, unix_path=path)
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or len(port) > 5:
         raise ListenError(f"--listen {listen!r}: expected HOST:PORT or unix:///abs/path")
-    return ListenAddress(listen, host=host)
+    # gRPC would take a port above 65535 modulo 65536 (99999 binds 34463) without a word.
+    if int(port) > TCP_PORT_MAX:
+        raise ListenError(f"--listen {listen!r}: port {int(port)} is outside 0..{TCP_PORT_MAX}")
+    return ListenAddress(listen, host=host, port=int(port))
 
 
 def is_loopback_host(host: str) -> bool:
@@ -146,17 +154,36 @@ def load_server_credentials(
     client_ca_pem: bytes | None = None
     if client_ca_path is not None:
         client_ca_pem = _read_pem("--tls-client-ca", client_ca_path)
-        try:
-            ssl.create_default_context(cafile=client_ca_path)
-        except (ssl.SSLError, OSError) as error:
-            raise ListenError(
-                f"--tls-client-ca {client_ca_path}: no CA certificate in it ({error})"
-            ) from None
+        check_client_ca(client_ca_path)
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=client_ca_pem,
         require_client_auth=client_ca_pem is not None,
     )
+
+
+def check_client_ca(path: str) -> None:
+    """Refuse a --tls-client-ca file that holds anything but CA certificates.
+
+    OpenSSL trusts only CA certificates (basicConstraints CA:TRUE, or an old v1 root) as
+    anchors, so a client or server certificate passed here by mistake would let the server
+    start and then refuse every client at its handshake. ``cert_store_stats`` counts what the
+    file loaded, and which of it OpenSSL takes for a CA (``X509_check_ca``).
+    """
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=path)
+    except (ssl.SSLError, OSError) as error:
+        raise ListenError(f"--tls-client-ca {path}: no CA certificate in it ({error})") from None
+    stats = context.cert_store_stats()
+    certificates, authorities = stats["x509"], stats["x509_ca"]
+    if certificates == 0:
+        raise ListenError(f"--tls-client-ca {path}: no certificate in it")
+    if authorities < certificates:
+        raise ListenError(
+            f"--tls-client-ca {path}: {certificates - authorities} of its {certificates} "
+            "certificates are not CA certificates (basicConstraints CA:FALSE); give the CA "
+            "that signed the clients' certificates"
+        )
 
 
 def _read_pem(flag: str, path: str) -> bytes:
@@ -267,6 +294,41 @@ class Listener:
             ) from None
 
 
+def check_port_free(address: ListenAddress) -> None:
+    """Refuse a TCP port someone already listens on, before anything starts.
+
+    gRPC reports a busy port only as "Failed to bind" after logging its own line, and only
+    once the server is built; a trial bind of every address the host resolves to (as gRPC
+    binds them all, with SO_REUSEADDR as gRPC sets it) says which flag to change first. A
+    port taken between this check and gRPC's bind still fails cleanly, in ``bind``.
+    """
+    if address.is_unix or address.port == 0:
+        return
+    host = address.host.removeprefix("[").removesuffix("]") or None
+    try:
+        infos = socket.getaddrinfo(
+            host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ListenError(
+            f"--listen {address.listen}: cannot resolve {address.host!r} ({error})"
+        ) from None
+    for family, kind, protocol, _, sockaddr in infos:
+        with socket.socket(family, kind, protocol) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                trial.bind(sockaddr)
+            except OSError as error:
+                # Only what makes gRPC's bind fail too; it skips, with a warning, an address
+                # family the host cannot bind (``localhost`` on a host without IPv6).
+                if error.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    continue
+                raise ListenError(
+                    f"--listen {address.listen}: cannot bind {sockaddr[0]} port {address.port} "
+                    f"({error.strerror})"
+                ) from None
+
+
 def check_metrics_policy(metrics_listen: str, *, insecure: bool) -> None:
     """The metrics endpoint is plain HTTP and shows every VM's memory: loopback unless told."""
     host = metrics_listen.rpartition(":")[0]
@@ -293,6 +355,7 @@ def prepare(config: ServerConfig) -> Listener:
     gid = resolve_group(config.socket_group) if config.socket_group is not None else None
     if config.metrics_listen is not None:
         check_metrics_policy(config.metrics_listen, insecure=config.insecure)
+    check_port_free(address)
     if address.unix_path is not None:
         prepare_socket_path(address.unix_path)
     return Listener(address, credentials, config.socket_mode, gid)

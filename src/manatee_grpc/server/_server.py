@@ -24,10 +24,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import tempfile
+import os
+import secrets
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -44,13 +44,13 @@ from manatee_grpc.core._watch import WatchHub
 from manatee_grpc.mms import _transport
 from manatee_grpc.mms._connection import BackoffPolicy, ConnectionConfig, MmsConnection, Stakes
 from manatee_grpc.mms._messages import CROS_GUEST_VM_ID
-from manatee_grpc.server import _listen
+from manatee_grpc.server import _config, _listen
 from manatee_grpc.server._config import ServerConfig
 from manatee_grpc.server._metrics import Metrics, attach_metrics
 from manatee_grpc.server._reflection import enable_reflection
 from manatee_grpc.server._servicer import MemoryServicer
 from manatee_grpc.server._servicer import add_to_server as add_memory_service
-from manatee_grpc.sim import Simulator
+from manatee_grpc.sim import Scenario, ScenarioError, Simulator
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,6 @@ class ManateeServer:
         # More services on the same server (the benchmark's no-op floor, an embedder's own).
         self._extra_handlers = tuple(extra_handlers)
         self.simulator: Simulator | None = None
-        self._sim_dir: tempfile.TemporaryDirectory[str] | None = None
         self.connection: MmsConnection | None = None
         self._grpc: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,24 +118,80 @@ class ManateeServer:
     # --- start ---------------------------------------------------------------------------------
 
     def start(self) -> ManateeServer:
-        # Who may connect is checked (and a stale unix socket removed) before anything starts.
-        listener = _listen.prepare(self.config)
+        """Check every setting, then bind, then start; a refusal leaves nothing running.
+
+        Everything that can be checked without holding a resource is checked first (ranges,
+        the mms address and an fd://N, the scenario, who may connect, a busy gRPC port), so a
+        refusal has started nothing. Then the ports are bound (metrics, gRPC), and only then
+        does anything run (the simulator, the mms connection, serving): a bind that still fails
+        undoes the little that was done.
+        """
+        config = self.config
+        _config.check(config)
+        mms_address, scenario = self._check_mms()
+        policy_settings = _policy_settings(config)  # a bad file fails before anything runs
+        # Who may connect is checked (and, last, a stale unix socket removed).
+        listener = _listen.prepare(config)
         try:
-            return self._start(listener)
+            return self._start(listener, mms_address, scenario, policy_settings)
         except BaseException:
-            # A failed start (busy port, bad scenario, cannot bind) leaves nothing running.
+            # A failed start (busy port, cannot bind) leaves nothing running.
             self._undo_start()
             raise
 
-    def _start(self, listener: _listen.Listener) -> ManateeServer:
+    def _check_mms(self) -> tuple[_transport.MmsAddress, Scenario | None]:
+        """The mms address to dial (the embedded simulator's if none) and its scenario."""
         config = self.config
-        policy_settings = _policy_settings(config)  # a bad file fails before anything runs
-        # An audit file we cannot open fails the start, before anything runs.
-        audit = AuditFile(config.audit_file) if config.audit_file is not None else None
+        if config.mms is not None:
+            try:
+                address = _transport.parse_address(config.mms)
+                if address.scheme == "fd":
+                    # A handed-over fd cannot be redialled: one that is not a connected stream
+                    # socket would have the connection retry for ever.
+                    _transport.check_handed_over_fd(address)
+            except _transport.AddressError as error:
+                raise _config.ConfigError(f"--mms: {error}") from None
+            return address, None
+        scenario = None
+        if config.sim_scenario is not None:
+            try:
+                scenario = Scenario.from_file(config.sim_scenario)
+            except OSError as error:
+                raise _config.ConfigError(
+                    f"--sim-scenario {config.sim_scenario}: cannot read it ({error.strerror})"
+                ) from None
+            except ScenarioError as error:
+                raise _config.ConfigError(f"--sim-scenario: {error}") from None
+        # An abstract socket (Linux): no file or directory, so a killed server leaves nothing.
+        name = f"manatee-sim-{os.getpid()}-{secrets.token_hex(8)}"
+        return _transport.parse_address(_transport.ABSTRACT_PREFIX + name), scenario
+
+    def _start(
+        self,
+        listener: _listen.Listener,
+        mms_address: _transport.MmsAddress,
+        scenario: Scenario | None,
+        policy_settings: PolicySettings | None,
+    ) -> ManateeServer:
+        config = self.config
+        if config.metrics_listen is not None:
+            try:
+                self.metrics_address = self.metrics.serve(config.metrics_listen)
+            except OSError as error:
+                raise _listen.ListenError(
+                    f"--metrics-listen {config.metrics_listen}: cannot bind "
+                    f"({error.strerror or error})"
+                ) from None
+        # An audit file we cannot open fails the start (nothing runs yet; _undo_start closes
+        # what was opened).
+        try:
+            audit = AuditFile(config.audit_file) if config.audit_file is not None else None
+        except OSError as error:
+            raise _config.ConfigError(
+                f"--audit-file {config.audit_file}: cannot open it for appending "
+                f"({error.strerror or error})"
+            ) from None
         self.events = EventLog(config.event_ring_size, audit)
-        if config.metrics_listen is not None:  # a busy port fails here, before anything runs
-            self.metrics_address = self.metrics.serve(config.metrics_listen)
-        mms_address = self._mms_address()
         self.connection = MmsConnection(
             ConnectionConfig(
                 address=mms_address,
@@ -195,6 +250,14 @@ class ManateeServer:
         )
         self.port = self._on_loop(self._start_grpc(listener))
         self.address = _client_target(config.listen, self.port)
+        # Both ports are bound: from here on, things run.
+        if config.mms is None:
+            self.simulator = Simulator(scenario=scenario, listen=mms_address).start()
+            logger.warning(
+                "no --mms given: running against the embedded mms SIMULATOR at %s; no real VM "
+                "memory is managed",
+                self.simulator.address,
+            )
         self.connection.start()
         self._on_loop(self._grpc_start())
         if policy_settings is not None:
@@ -213,8 +276,6 @@ class ManateeServer:
             self.connection.stop()
         if self.simulator is not None:
             self.simulator.stop()
-        if self._sim_dir is not None:
-            self._sim_dir.cleanup()
 
     async def _start_grpc(self, listener: _listen.Listener) -> int:
         # aio objects belong to the loop that made them: create the server on its own thread.
@@ -334,25 +395,6 @@ class ManateeServer:
                 details={"lease_s": self.config.prepare_lease_s},
             )
 
-    def _mms_address(self) -> _transport.MmsAddress:
-        if self.config.mms is not None:
-            return _transport.parse_address(self.config.mms)
-        from manatee_grpc.sim import Scenario
-
-        scenario = (
-            Scenario.from_file(self.config.sim_scenario) if self.config.sim_scenario else None
-        )
-        self._sim_dir = tempfile.TemporaryDirectory(prefix="manatee-sim-")
-        listen = _transport.parse_address(f"unix://{Path(self._sim_dir.name) / 'mms.sock'}")
-        self.simulator = Simulator(scenario=scenario, listen=listen)
-        self.simulator.start()
-        logger.warning(
-            "no --mms given: running against the embedded mms SIMULATOR at %s; no real VM "
-            "memory is managed",
-            self.simulator.address,
-        )
-        return self.simulator.address
-
     # --- stop ----------------------------------------------------------------------------------
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -384,8 +426,6 @@ class ManateeServer:
             self.connection.stop()
             if self.simulator is not None:
                 self.simulator.stop()
-            if self._sim_dir is not None:
-                self._sim_dir.cleanup()
             self.metrics.close()
             self._stopped.set()
             logger.info("manatee-grpc stopped")

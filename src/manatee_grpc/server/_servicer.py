@@ -115,6 +115,10 @@ _STAT_API_NAMES = tuple(_STAT_FIELD_NAMES[name] for name in BALLOON_STAT_FIELDS)
 
 RpcObserver = Callable[[str, grpc.StatusCode, float], None]
 
+# How long a LaunchVm stream whose client half ended early waits to be cancelled (the client
+# left) before it is failed as the client's mistake; see _settle_stream_end.
+STREAM_END_SETTLE_S = 1.0
+
 
 def _status_of(servicer: MemoryServicer, error: Exception) -> grpc.Status:
     if isinstance(error, ManateeError):
@@ -213,7 +217,7 @@ def _guard_async(method: F) -> F:
             raise
         except Exception as error:
             status = _status_of(self, error)
-            _observe(self, method.__name__, status.code, started_s)
+            _observe(self, method.__name__, _final_code(context, status.code), started_s)
             await context.abort(status.code, status.details, status.trailing_metadata)
         _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
         return response
@@ -239,11 +243,17 @@ def _guard_async_stream(method: F) -> F:
             raise
         except Exception as error:
             status = _status_of(self, error)
-            _observe(self, method.__name__, status.code, started_s)
+            _observe(self, method.__name__, _final_code(context, status.code), started_s)
             await context.abort(status.code, status.details, status.trailing_metadata)
         _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
 
     return cast(F, stream)
+
+
+def _final_code(context: aio.ServicerContext, code: grpc.StatusCode) -> grpc.StatusCode:  # type: ignore[type-arg]
+    """The code the RPC really ended with: a caller that left saw CANCELLED, whatever error
+    its leaving caused (a LaunchVm stream that ends before `start` reads as a bad request)."""
+    return grpc.StatusCode.CANCELLED if context.cancelled() else code
 
 
 def _timeout_s(context: grpc.ServicerContext | aio.ServicerContext) -> float | None:  # type: ignore[type-arg]
@@ -554,6 +564,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self._check_open()
         timeout_s = _timeout_s(context)
         first = await anext(aiter(request_iterator), None)
+        if first is None:
+            await _settle_stream_end()
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidArgumentError("start", "the first LaunchVm message must be `start`")
         start = first.start
@@ -605,6 +617,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         try:
             await run.run(emit, timeout_s)
         except BaseException as error:
+            if isinstance(error, LaunchAbortedError):
+                # The client's half of the stream ended before `launched`: a client that hung
+                # up shows it within a moment (its cancellation interrupts this wait).
+                try:
+                    await _settle_stream_end()
+                except asyncio.CancelledError as cancelled:
+                    record(EventKind.LAUNCH_ABORTED, event_error(cancelled))
+                    raise
             aborted = isinstance(
                 error, asyncio.CancelledError | LaunchAbortedError | ServerShuttingDownError
             )
@@ -712,6 +732,18 @@ def _event_message(event: Event) -> pb.Event:
 
 def _delta_objects(deltas: Iterable[tuple[int, int]]) -> list[dict[str, int]]:
     return [{"vm_id": vm_id, "delta_bytes": delta_bytes} for vm_id, delta_bytes in deltas]
+
+
+async def _settle_stream_end() -> None:
+    """Give a LaunchVm stream whose client half ended a moment to show that its client left.
+
+    gRPC hands the handler the end of the client's stream before the cancellation of a client
+    that hung up. Blamed at once, that client would count as a bad request (INVALID_ARGUMENT,
+    or ABORTED mid-launch) instead of the CANCELLED it is; a cancellation that comes within
+    ``STREAM_END_SETTLE_S`` interrupts this wait. Only a client that half-closed too early
+    (a bug) waits this much longer for its error; the launch has released everything by now.
+    """
+    await asyncio.sleep(STREAM_END_SETTLE_S)
 
 
 async def _read_client(requests: AsyncIterator[pb.LaunchVmRequest], inbox: Inbox) -> None:

@@ -173,9 +173,10 @@ class Simulator:
             if sock is not None:
                 sock.close()
         # Leave no socket file behind for the next simulator on this path.
-        if self._listening and self._listen_address.scheme == "unix":
+        address = self._listen_address
+        if self._listening and address.scheme == "unix" and not address.is_abstract:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._listen_address.path)
+                os.unlink(address.path)
         logger.debug("mms simulator on %s stopped", self._address)
 
     def __enter__(self) -> Simulator:
