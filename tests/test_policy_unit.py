@@ -203,7 +203,7 @@ def test_settings_read_from_a_file(tmp_path: Path) -> None:
         ('max_step_bytes = "lots"\n', "max_step_bytes"),
         ("[cros]\ncritical = 1\n", "cros"),
         ("history = 0\n", "history"),
-        ("period_s = [", "policy config"),
+        ("period_s = [", "policy.toml: Invalid value"),
     ],
 )
 def test_a_bad_settings_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -29,8 +29,36 @@ def test_a_bad_policy_file_is_refused_naming_the_key(
     argv = ["serve", "--listen", "127.0.0.1:0", "--policy", "balance-available"]
     assert cli.main([*argv, "--policy-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("manatee-grpc: error: ") and err.count("\n") == 1
+    assert err.startswith(f"manatee-grpc: error: --policy-config {path}: ")
+    assert err.count("\n") == 1
     assert "siblings.critical_bytes" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("period_s = [\n", "Invalid value"), ("perod_s = 1\n", "unknown key(s) perod_s")],
+)
+def test_an_unreadable_or_unknown_policy_file_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str
+) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    argv = ["serve", "--listen", "127.0.0.1:0", "--policy", "balance-available"]
+    assert cli.main([*argv, "--policy-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"manatee-grpc: error: --policy-config {path}: ")
+    assert says in err and err.count("\n") == 1
+
+
+def test_a_missing_policy_file_names_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "absent.toml"
+    argv = ["serve", "--listen", "127.0.0.1:0", "--policy", "balance-available"]
+    assert cli.main([*argv, "--policy-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"manatee-grpc: error: --policy-config {path}: ")
+    assert err.count("\n") == 1
 
 
 def test_an_unknown_policy_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -393,13 +393,16 @@ def serve(args: argparse.Namespace) -> int:
                     "--max-workers is deprecated and has no effect: handlers are coroutines on "
                     "one event loop (no thread pool); drop it from the command line"
                 )
+        except PolicyConfigError as error:
+            # The file's own error starts with its path: name the flag that gave it.
+            print(f"manatee-grpc: error: --policy-config {error}", file=sys.stderr)
+            return 2
         except (
             _UsageError,
             ConfigError,
             AddressError,
             ScenarioError,
             ListenError,
-            PolicyConfigError,
             OSError,
         ) as error:
             # A bad flag or an address we cannot use: say which, no traceback.

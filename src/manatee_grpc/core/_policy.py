@@ -120,7 +120,7 @@ class PolicySettings:
             with Path(path).open("rb") as toml_file:
                 data = tomllib.load(toml_file)
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise PolicyConfigError(f"policy config {path}: {error}") from error
+            raise PolicyConfigError(f"{path}: {error}") from error
         return cls.from_mapping(data, source=str(path))
 
     @classmethod
