@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from manatee_grpc import Client, ManateeServer
+from manatee_grpc import Client, ManateeRpcError, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc.core._request_ids import DEFAULT_CAPACITY, RequestIds
@@ -146,6 +146,11 @@ def _vm_id_request(rpc: str, vm_id: int) -> Message:
     return pb.RemoveVmRequest(vm_id=vm_id)
 
 
+def _watch_events(kind: int) -> pb.WatchEventsRequest:
+    assert kind == pb.EVENT_KIND_UNSPECIFIED or kind not in pb.EventKind.values()
+    return pb.WatchEventsRequest(kinds=[kind])  # type: ignore[list-item]
+
+
 # (field, example) -> the request to send for an RPC of the row.
 EXAMPLES: dict[tuple[str | None, str], Callable[[str], Message]] = {
     ("vm_ids", "1025 ids"): lambda rpc: _ids_request(rpc, list(range(1025))),
@@ -175,6 +180,8 @@ EXAMPLES: dict[tuple[str | None, str], Callable[[str], Message]] = {
     ("init_mem_size_bytes", "1 GiB of 512 MiB"): _sizes(512 * MIB, GIB),
     ("vm_id", "0"): lambda rpc: _vm_id_request(rpc, 0),
     ("vm_id", "4294967296"): lambda rpc: _vm_id_request(rpc, 2**32),
+    ("kinds[0]", "[999]"): lambda rpc: _watch_events(999),
+    ("kinds[0]", "[EVENT_KIND_UNSPECIFIED]"): lambda rpc: _watch_events(pb.EVENT_KIND_UNSPECIFIED),
 }
 # Rows whose example needs more than one request, or a server of its own: tested one by one
 # below, each test naming its row.
@@ -254,7 +261,7 @@ def assert_row(answer: Answer, row: Row, prefix: str = "") -> None:
 def call(stub: pb_grpc.MemoryServiceStub, rpc: str, request: Message) -> grpc.RpcError:
     method = getattr(stub, rpc)
     with pytest.raises(grpc.RpcError) as caught:
-        if rpc == "WatchBalloonStats":
+        if rpc in ("WatchBalloonStats", "WatchEvents"):
             stream = method(request, timeout=CALL_TIMEOUT_S)
             try:
                 next(stream)
@@ -319,6 +326,29 @@ def test_the_server_answers_as_the_limits_table_says(
     if 'reachedMms: "true"' not in row.limit:
         # Refused before anything reached mms.
         assert request_count(shared_server, MessageType.PREPARE_VM) == prepares_before
+
+
+def test_replay_last_above_the_events_held_replays_them_all_without_an_error() -> None:
+    """The README's note under the table: replay_last has a bound, not an error."""
+    ring_size = 3
+    server = start_server(event_ring_size=ring_size)
+    try:
+        with Client(server.address, timeout_s=CALL_TIMEOUT_S) as client:
+            for vm_id in range(1, 6):  # five events, of which the server keeps the last three
+                with pytest.raises(ManateeRpcError):
+                    client.remove_vm(vm_id)
+            updates = client.watch_events(replay_last=2**32 - 1)
+            replayed = []
+            for update in updates:
+                if update.WhichOneof("update") == "caught_up":
+                    break
+                replayed.append(update.event)
+            updates.close()
+        # All the server holds (a late server event may be among them), the newest last.
+        assert len(replayed) == ring_size
+        assert (replayed[-1].kind, list(replayed[-1].vm_ids)) == (pb.EVENT_KIND_REMOVE_VM, [5])
+    finally:
+        server.stop(grace_s=1.0)
 
 
 def test_launch_vm_first_message_row(shared_stub: pb_grpc.MemoryServiceStub) -> None:

@@ -696,10 +696,13 @@ def _event_kinds(numbers: Iterable[int]) -> frozenset[EventKind]:
     kinds = set()
     for index, number in enumerate(numbers):
         kind = _EVENT_KINDS.get(number)
-        if kind is None:
+        if number == pb.EVENT_KIND_UNSPECIFIED:
             raise InvalidArgumentError(
-                f"kinds[{index}]", f"{number} is not a known EventKind (nor UNSPECIFIED)"
+                f"kinds[{index}]",
+                "EVENT_KIND_UNSPECIFIED is no kind; leave kinds empty for every kind",
             )
+        if kind is None:
+            raise InvalidArgumentError(f"kinds[{index}]", f"{number} is not a known EventKind")
         kinds.add(kind)
     return frozenset(kinds)
 
