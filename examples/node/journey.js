@@ -188,6 +188,10 @@ function launchVm(client) {
     let launched = null;
     stream.on('data', (message) => {
       switch (message.event) {
+        case 'queued':
+          // Another start is pending on the device: this launch waits its turn (1: next).
+          console.log(`LaunchVm: queued at position ${message.queued.position}`);
+          break;
         case 'progress':
           console.log(
             `LaunchVm: attempt ${message.progress.attempt} short by ` +

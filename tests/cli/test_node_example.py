@@ -18,6 +18,7 @@ import pytest
 from api.conftest import start_server
 
 from manatee_grpc import Client, ManateeServer
+from manatee_grpc import memory_service_pb2 as pb
 
 from .conftest import REPO_ROOT, vm_ids
 
@@ -164,3 +165,16 @@ def test_proto_loader_defaults_drop_snake_case_fields(node: str, server: Manatee
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## From another language") :]
     assert 'answers "mem_size_bytes: must be positive"' in section[: section.index("\n## ")]
+
+
+def test_the_journey_handles_every_launch_vm_message() -> None:
+    """A LaunchVmResponse the journey has no case for would end its launch as "unexpected":
+    each member of the `event` oneof (`queued` too, sent when another start is pending) has
+    its case in journey.js."""
+    events = [field.name for field in pb.LaunchVmResponse.DESCRIPTOR.oneofs_by_name["event"].fields]
+    journey = (EXAMPLE / "journey.js").read_text()
+    launch = journey[
+        journey.index("function launchVm(") : journey.index("function watchBalloonStats(")
+    ]
+    missing = [name for name in events if f"case '{name}':" not in launch]
+    assert not missing, f"journey.js's launchVm has no case for {missing}"

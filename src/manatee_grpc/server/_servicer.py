@@ -745,6 +745,11 @@ async def _settle_stream_end() -> None:
     or ABORTED mid-launch) instead of the CANCELLED it is; a cancellation that comes within
     ``STREAM_END_SETTLE_S`` interrupts this wait. Only a client that half-closed too early
     (a bug) waits this much longer for its error; the launch has released everything by now.
+
+    A sleep, because grpc.aio gives no other sign: for a peer's cancellation (grpcio 1.85)
+    ``context.cancelled()`` and ``context.done()`` stay False (they follow the status this
+    server sets), and ``add_done_callback`` runs only when this handler ends. The cancellation
+    gRPC injects into this task is the one signal, and this wait is how long it is awaited.
     """
     await asyncio.sleep(STREAM_END_SETTLE_S)
 
