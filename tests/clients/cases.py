@@ -9,6 +9,7 @@ the clients has cases; so has every kind of error they decode, launch_vm's ends 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class Given:
     session: str = ""
     vm_id: int = 0
     heard: list[tuple[Any, ...]] = field(default_factory=list)
+    balloon_before: int = 0  # a_running_vm_and_its_balloon: VM vm_id's balloon before the call
 
     @property
     def simulator(self) -> Simulator:
@@ -67,8 +69,23 @@ class Given:
     def on_progress(self, attempt: int, shortfall_bytes: int) -> None:
         self.heard.append(("progress", attempt, shortfall_bytes > 0))
 
+    def on_queued(self, position: int) -> None:
+        self.heard.append(("queued", position))
+
     def launch_callbacks(self) -> dict[str, Any]:
-        return {"start_vm": self.start_vm, "stop_vm": self.stop_vm, "on_progress": self.on_progress}
+        return {
+            "start_vm": self.start_vm,
+            "stop_vm": self.stop_vm,
+            "on_progress": self.on_progress,
+            "on_queued": self.on_queued,
+        }
+
+    def balloon_bytes(self, vm_id: int) -> int:
+        stats = self.stub.GetBalloonStats(
+            pb.GetBalloonStatsRequest(vm_ids=[vm_id]), timeout=RPC_TIMEOUT_S
+        )
+        (vm,) = stats.stats
+        return vm.balloon_actual_bytes
 
 
 Setup = Callable[[Given], AbstractContextManager[None]]
@@ -98,6 +115,13 @@ def a_running_vm(given: Given) -> Iterator[None]:
 
 
 @contextmanager
+def a_running_vm_and_its_balloon(given: Given) -> Iterator[None]:
+    with a_running_vm(given):
+        given.balloon_before = given.balloon_bytes(given.vm_id)
+        yield
+
+
+@contextmanager
 def a_rebalance_with_request_id(given: Given) -> Iterator[None]:
     """A running VM, and a rebalance of it that used the request id "retry-me"."""
     with a_running_vm(given):
@@ -119,6 +143,14 @@ def a_launch_holding_the_start(given: Given) -> Iterator[None]:
         holder.start(512 * MIB)
         given.vm_id = holder.expect_reserved().vm_id
         yield
+
+
+@contextmanager
+def a_failed_remove(given: Given) -> Iterator[None]:
+    """One REMOVE_VM event (of VM 42, which is not there) among the server's own."""
+    with contextlib.suppress(grpc.RpcError):
+        given.stub.RemoveVm(pb.RemoveVmRequest(vm_id=42), timeout=RPC_TIMEOUT_S)
+    yield
 
 
 @contextmanager
@@ -372,6 +404,20 @@ CASES: list[Case] = [
         Fails(grpc.StatusCode.FAILED_PRECONDITION, "VM_NOT_RUNNING", request_id=GENERATED),
         given=a_prepared_vm,
     ),
+    Case(
+        "rebalance_memory",
+        "validate_only previews what would move, and nothing moves",
+        lambda g: call({g.vm_id: -64 * MIB}, session=g.session, validate_only=True),
+        Ok(
+            lambda r, g: (
+                [(d.vm_id, d.delta_bytes) for d in r.actual_deltas],
+                r.fully_applied,
+                g.balloon_bytes(g.vm_id) == g.balloon_before,
+            ),
+            ([(1, -64 * MIB), (0, 64 * MIB)], True, True),
+        ),
+        given=a_running_vm_and_its_balloon,
+    ),
     # --- watch_balloon_stats ---------------------------------------------------------------------
     Case(
         "watch_balloon_stats",
@@ -388,6 +434,24 @@ CASES: list[Case] = [
         "a too short interval is INVALID_ARGUMENT naming interval",
         lambda g: call(interval_s=0.01),
         Fails(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", fields=("interval",)),
+    ),
+    # --- watch_events ----------------------------------------------------------------------------
+    Case(
+        "watch_events",
+        "the replay of the kinds asked for, then caught_up",
+        lambda g: call(replay_last=1000, kinds=[pb.EVENT_KIND_REMOVE_VM]),
+        Ok(
+            lambda r, g: [(u.WhichOneof("update"), u.event.kind, list(u.event.vm_ids)) for u in r],
+            [("event", pb.EVENT_KIND_REMOVE_VM, [42]), ("caught_up", 0, [])],
+        ),
+        given=a_failed_remove,
+        take=2,
+    ),
+    Case(
+        "watch_events",
+        "an unknown kind is INVALID_ARGUMENT naming kinds[1]",
+        lambda g: call(kinds=[pb.EVENT_KIND_REMOVE_VM, 999]),
+        Fails(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", fields=("kinds[1]",)),
     ),
     # --- launch_vm -------------------------------------------------------------------------------
     Case(
@@ -438,9 +502,9 @@ CASES: list[Case] = [
     ),
     Case(
         "launch_vm",
-        "queued behind a held start until its timeout_s: DEADLINE_EXCEEDED",
+        "queued behind a held start: on_queued hears its place, then DEADLINE_EXCEEDED",
         lambda g: call(512 * MIB, timeout_s=1.0, **g.launch_callbacks()),
-        Fails(grpc.StatusCode.DEADLINE_EXCEEDED, reason=None, heard=[]),
+        Fails(grpc.StatusCode.DEADLINE_EXCEEDED, reason=None, heard=[("queued", 1)]),
         given=a_launch_holding_the_start,
     ),
 ]

@@ -18,7 +18,7 @@ from manatee_grpc import Client, aio
 Flavour = Literal["sync", "aio"]
 FLAVOURS: tuple[Flavour, ...] = ("sync", "aio")
 
-STREAMS = frozenset({"watch_balloon_stats"})
+STREAMS = frozenset({"watch_balloon_stats", "watch_events"})
 
 
 def call(

@@ -23,6 +23,7 @@ from manatee_grpc import ManateeRpcError, ManateeServer, aio, client
 from manatee_grpc import memory_service_pb2 as pb
 
 from . import drivers
+from .cases import CASES, Case, Given
 from .drivers import Flavour
 
 MIB = 1024 * 1024
@@ -86,6 +87,30 @@ def test_both_clients_have_the_same_methods_arguments_defaults_and_results() -> 
         assert is_coroutine == (name not in {"__init__", "watch_balloon_stats", "watch_events"}), (
             name
         )
+
+
+def test_every_method_and_keyword_of_the_clients_has_a_case_in_the_table() -> None:
+    """The table (cases.py) runs through both clients: each method, and each keyword a newer
+    feature added (validate_only, on_queued, kinds), is exercised there at least once."""
+    methods = set(_public_methods(client.Client)) - {"__init__", "close"}
+    in_table = {case.method for case in CASES}
+    assert methods <= in_table, f"no case for {sorted(methods - in_table)}"
+    used = {(case.method, name) for case in CASES for name in _keywords(case)}
+    for keyword in [
+        ("rebalance_memory", "validate_only"),
+        ("launch_vm", "on_queued"),
+        ("watch_events", "kinds"),
+        ("watch_events", "replay_last"),
+    ]:
+        assert keyword in used, f"no case passes {keyword}"
+
+
+def _keywords(case: Case) -> set[str]:
+    given = Given(server=None, stub=None)  # type: ignore[arg-type]
+    try:
+        return set(case.args(given).kwargs)
+    except AttributeError:  # an argument builder that reads the server
+        return set()
 
 
 def test_a_callback_that_raises_cancels_the_launch_and_releases_it(
