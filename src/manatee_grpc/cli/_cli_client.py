@@ -537,7 +537,7 @@ def add_client_commands(
         type=_kind_arg,
         default=[],
         metavar="KIND",
-        help="only events of this kind (repeatable), e.g. rebalance_memory",
+        help="only events of this kind (repeatable), e.g. rebalance_memory (default: every kind)",
     )
     # Imported here: _top imports this module's helpers.
     from manatee_grpc.cli._top import add_top_arguments, run_top

@@ -28,10 +28,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a simulated ManaTEE memory service (mms) until SIGINT or SIGTERM.",
     )
     parser.add_argument(
-        "--listen", required=True, metavar="ADDR", help=f"address to serve on: {ACCEPTED_FORMS}"
+        "--listen",
+        required=True,
+        metavar="ADDR",
+        help=f"address to serve on (required, no default): {ACCEPTED_FORMS}",
     )
     parser.add_argument(
-        "--scenario", metavar="FILE", help="scenario file (.toml or .json); defaults otherwise"
+        "--scenario",
+        metavar="FILE",
+        help="scenario file (.toml or .json) (default: none, the built-in device and VMs)",
     )
     return parser
 
