@@ -29,8 +29,7 @@ def test_a_bad_policy_file_is_refused_naming_the_key(
     argv = ["serve", "--listen", "127.0.0.1:0", "--policy", "balance-available"]
     assert cli.main([*argv, "--policy-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"manatee-grpc: error: --policy-config {path}: ")
-    assert err.count("\n") == 1
+    assert err == f"manatee-grpc: error: --policy-config {path}: No such file or directory\n"
     assert "siblings.critical_bytes" in err
 
 
@@ -57,8 +56,7 @@ def test_a_missing_policy_file_names_the_flag(
     argv = ["serve", "--listen", "127.0.0.1:0", "--policy", "balance-available"]
     assert cli.main([*argv, "--policy-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"manatee-grpc: error: --policy-config {path}: ")
-    assert err.count("\n") == 1
+    assert err == f"manatee-grpc: error: --policy-config {path}: No such file or directory\n"
 
 
 def test_an_unknown_policy_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,7 +119,9 @@ class PolicySettings:
         try:
             with Path(path).open("rb") as toml_file:
                 data = tomllib.load(toml_file)
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        except OSError as error:  # its strerror: the message would repeat the path
+            raise PolicyConfigError(f"{path}: {error.strerror or error}") from error
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise PolicyConfigError(f"{path}: {error}") from error
         return cls.from_mapping(data, source=str(path))
 
