@@ -29,7 +29,8 @@ def test_a_bad_policy_file_is_refused_naming_the_key(
     argv = ["serve", "--listen", "127.0.0.1:0", "--policy", "balance-available"]
     assert cli.main([*argv, "--policy-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err == f"manatee-grpc: error: --policy-config {path}: No such file or directory\n"
+    assert err.startswith(f"manatee-grpc: error: --policy-config {path}: ")
+    assert err.count("\n") == 1
     assert "siblings.critical_bytes" in err
 
 
