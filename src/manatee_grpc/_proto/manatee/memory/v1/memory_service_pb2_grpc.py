@@ -355,16 +355,16 @@ class MemoryServiceServicer:
     def WatchEvents(self, request, context):
         """Streams what happens to the device's memory, and who asked, until the caller cancels.
 
-        On connect the server replays the last `replay_last` events it still holds (it keeps the
-        last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
-        that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
-        one event when it ends, failed or not, with the caller's identity; a call refused as
-        INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
-        running out, an mms session reset, mms going away and coming back) and the balancing
-        policy's decisions are events too. A watcher that reads too slowly loses its oldest
-        unread events (at most 256 wait for it) and is told how many with `events_missed`; it
-        never slows the server or other watchers. The same events go to the audit file
-        (`serve --audit-file`), one JSON object per line.
+        On connect the server replays the last `replay_last` events it still holds (it keeps the last
+        1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every
+        state-changing call that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory,
+        LaunchVm) is one event when it ends, failed or not, with the caller's identity; a call refused
+        as INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+        running out, an mms session reset, mms going away and coming back) and the balancing policy's
+        decisions are events too. A watcher that reads too slowly loses its oldest unread events (at
+        most 256 wait for it) and is told how many with `events_missed`; it never slows the server or
+        other watchers. The same events go to the audit file (`serve --audit-file`), one JSON object
+        per line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -195,16 +195,16 @@ class MemoryServiceStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_memory_service_pb2.WatchEventsRequest, _memory_service_pb2.WatchEventsResponse]
     """Streams what happens to the device's memory, and who asked, until the caller cancels.
 
-    On connect the server replays the last `replay_last` events it still holds (it keeps the
-    last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
-    that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
-    one event when it ends, failed or not, with the caller's identity; a call refused as
-    INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
-    running out, an mms session reset, mms going away and coming back) and the balancing
-    policy's decisions are events too. A watcher that reads too slowly loses its oldest
-    unread events (at most 256 wait for it) and is told how many with `events_missed`; it
-    never slows the server or other watchers. The same events go to the audit file
-    (`serve --audit-file`), one JSON object per line.
+    On connect the server replays the last `replay_last` events it still holds (it keeps the last
+    1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every
+    state-changing call that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory,
+    LaunchVm) is one event when it ends, failed or not, with the caller's identity; a call refused
+    as INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+    running out, an mms session reset, mms going away and coming back) and the balancing policy's
+    decisions are events too. A watcher that reads too slowly loses its oldest unread events (at
+    most 256 wait for it) and is told how many with `events_missed`; it never slows the server or
+    other watchers. The same events go to the audit file (`serve --audit-file`), one JSON object
+    per line.
     """
 
 @_typing.type_check_only
@@ -368,16 +368,16 @@ class MemoryServiceAsyncStub(MemoryServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_memory_service_pb2.WatchEventsRequest, _memory_service_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """Streams what happens to the device's memory, and who asked, until the caller cancels.
 
-    On connect the server replays the last `replay_last` events it still holds (it keeps the
-    last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
-    that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
-    one event when it ends, failed or not, with the caller's identity; a call refused as
-    INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
-    running out, an mms session reset, mms going away and coming back) and the balancing
-    policy's decisions are events too. A watcher that reads too slowly loses its oldest
-    unread events (at most 256 wait for it) and is told how many with `events_missed`; it
-    never slows the server or other watchers. The same events go to the audit file
-    (`serve --audit-file`), one JSON object per line.
+    On connect the server replays the last `replay_last` events it still holds (it keeps the last
+    1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every
+    state-changing call that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory,
+    LaunchVm) is one event when it ends, failed or not, with the caller's identity; a call refused
+    as INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+    running out, an mms session reset, mms going away and coming back) and the balancing policy's
+    decisions are events too. A watcher that reads too slowly loses its oldest unread events (at
+    most 256 wait for it) and is told how many with `events_missed`; it never slows the server or
+    other watchers. The same events go to the audit file (`serve --audit-file`), one JSON object
+    per line.
     """
 
 class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -592,16 +592,16 @@ class MemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_memory_service_pb2.WatchEventsResponse], _abc.AsyncIterator[_memory_service_pb2.WatchEventsResponse]]:
         """Streams what happens to the device's memory, and who asked, until the caller cancels.
 
-        On connect the server replays the last `replay_last` events it still holds (it keeps the
-        last 1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every state-changing call
-        that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory, LaunchVm) is
-        one event when it ends, failed or not, with the caller's identity; a call refused as
-        INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
-        running out, an mms session reset, mms going away and coming back) and the balancing
-        policy's decisions are events too. A watcher that reads too slowly loses its oldest
-        unread events (at most 256 wait for it) and is told how many with `events_missed`; it
-        never slows the server or other watchers. The same events go to the audit file
-        (`serve --audit-file`), one JSON object per line.
+        On connect the server replays the last `replay_last` events it still holds (it keeps the last
+        1000 by default, `serve --event-ring`), says `caught_up`, then follows live. Every
+        state-changing call that passes validation (PrepareVm, FinishAddVm, RemoveVm, RebalanceMemory,
+        LaunchVm) is one event when it ends, failed or not, with the caller's identity; a call refused
+        as INVALID_ARGUMENT changes nothing and is not recorded. The server's own acts (a start lease
+        running out, an mms session reset, mms going away and coming back) and the balancing policy's
+        decisions are events too. A watcher that reads too slowly loses its oldest unread events (at
+        most 256 wait for it) and is told how many with `events_missed`; it never slows the server or
+        other watchers. The same events go to the audit file (`serve --audit-file`), one JSON object
+        per line.
         """
 
 def add_MemoryServiceServicer_to_server(servicer: MemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
