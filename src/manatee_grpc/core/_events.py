@@ -393,17 +393,22 @@ class EventLog:
         *,
         session: str = "",
         vm_ids: Iterable[int] = (),
+        state: Mapping[str, object] | None = None,
     ) -> Event | None:
         """One POLICY_DECISION event: what the policy saw (``inputs``) and what it chose.
 
-        ``action`` is a word ("rebalance", "hold", "back-off") or a mapping of what it did.
+        ``action`` is a word ("rebalance", "hold", "back-off") or a mapping of what it did;
+        ``state``, the policy's own after it (counts, margins, back-offs), for ``top``.
         """
+        details: dict[str, object] = {"inputs": dict(inputs), "action": action}
+        if state is not None:
+            details["state"] = dict(state)
         return self.publish(
             EventKind.POLICY_DECISION,
             POLICY,
             session=session,
             vm_ids=vm_ids,
-            details=_json_values({"inputs": dict(inputs), "action": action}),
+            details=_json_values(details),
         )
 
     def _record(

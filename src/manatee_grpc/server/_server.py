@@ -352,6 +352,8 @@ class ManateeServer:
                 },
                 session=decision.session,
                 vm_ids=sorted({vm.vm_id for vm in decision.vms} | set(decision.planned)),
+                # What top shows of the policy: its counts, margins in effect and back-offs.
+                state=None if self.policy is None else _policy_state(self.policy),
             )
 
     def run_policy_tick(self, timeout_s: float = 30.0) -> PolicyDecision:
@@ -461,6 +463,14 @@ async def _finish_tasks() -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+def _policy_state(policy: PolicyRunner) -> dict[str, Any]:
+    # The state without its "last" (that is this event) and its settings' name and period.
+    state = policy.state()
+    for key in ("last", "policy", "period_s"):
+        state.pop(key, None)
+    return state
 
 
 def _policy_settings(config: ServerConfig) -> PolicySettings | None:
