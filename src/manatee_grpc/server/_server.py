@@ -46,7 +46,7 @@ from manatee_grpc.mms._connection import BackoffPolicy, ConnectionConfig, MmsCon
 from manatee_grpc.mms._messages import CROS_GUEST_VM_ID
 from manatee_grpc.server import _config, _listen
 from manatee_grpc.server._config import ServerConfig
-from manatee_grpc.server._metrics import Metrics, attach_metrics
+from manatee_grpc.server._metrics import Metrics, attach_audit, attach_metrics
 from manatee_grpc.server._reflection import enable_reflection
 from manatee_grpc.server._servicer import MemoryServicer
 from manatee_grpc.server._servicer import add_to_server as add_memory_service
@@ -192,6 +192,8 @@ class ManateeServer:
                 f"({error.strerror or error})"
             ) from None
         self.events = EventLog(config.event_ring_size, audit)
+        if audit is not None and self.metrics_address is not None:
+            attach_audit(self.metrics, audit)
         self.connection = MmsConnection(
             ConnectionConfig(
                 address=mms_address,
