@@ -262,7 +262,7 @@ class _FakeBridge:
     async def rebalance(
         self, deltas: Mapping[int, int], timeout_s: float | None, session_id: str = ""
     ) -> RebalanceResult:
-        assert session_id == "s1"
+        assert session_id == self.books.session_id
         self.rebalances.append(dict(deltas))
         requested = (
             *(BalloonDelta(v, d) for v, d in deltas.items()),
@@ -370,3 +370,22 @@ def test_the_readme_example_and_table_name_every_setting() -> None:
         f for f in PolicySettings.__dataclass_fields__ if f not in ("cros", "siblings", "vms")
     }
     assert documented == expected
+
+
+def test_a_new_sessions_vm_with_a_backed_off_id_is_not_backed_off() -> None:
+    """VM ids repeat across sessions: VM 2 of a new session is not the VM that did not move."""
+    bridge = _FakeBridge(list(SKEWED), shortfall_vm_ids={2})
+    runner = _runner(bridge, [])
+
+    async def periods() -> tuple[PolicyDecision, PolicyDecision]:
+        await runner.tick()  # VM 2's inflate comes back short: backed off
+        backed_off = await runner.tick()
+        bridge.books.session, bridge.books.session_id = 2, "s2"  # mms reset; a new VM 2
+        bridge.shortfall_vm_ids.clear()
+        return backed_off, await runner.tick()
+
+    backed_off, fresh = asyncio.run(periods())
+    assert 2 in backed_off.left_out
+    assert 2 not in fresh.left_out and 2 in fresh.planned, fresh
+    assert fresh.session == "s2"
+    assert runner.state()["backed_off_until"] == {}
