@@ -389,3 +389,19 @@ def test_a_new_sessions_vm_with_a_backed_off_id_is_not_backed_off() -> None:
     assert 2 not in fresh.left_out and 2 in fresh.planned, fresh
     assert fresh.session == "s2"
     assert runner.state()["backed_off_until"] == {}
+
+
+def test_a_removed_vm_is_forgotten_so_the_policys_state_stays_small() -> None:
+    bridge = _FakeBridge(list(SKEWED), shortfall_vm_ids={2})
+    runner = _runner(bridge, [])
+
+    async def periods() -> None:
+        await runner.tick()  # VM 2 backed off
+        assert 2 in runner.state()["backed_off_until"]
+        bridge.books.vm_ids = (0, 1)  # VM 2 removed (its id is never used again this session)
+        bridge.stats = [entry for entry in bridge.stats if entry.vm_id != 2]
+        await runner.tick()
+
+    asyncio.run(periods())
+    assert set(runner.state()["critical_bytes"]) == {0, 1}
+    assert runner.state()["backed_off_until"] == {}

@@ -27,7 +27,7 @@ import math
 import re
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -343,6 +343,12 @@ class BalancePolicy:
             self._session = session
             self._vms.clear()
 
+    def keep_only(self, vm_ids: Collection[int]) -> None:
+        """Forget removed VMs (ids are not reused within a session), so the state stays as
+        small as the device: what ``state()`` shows, and each decision's event carries."""
+        for vm_id in self._vms.keys() - set(vm_ids):
+            del self._vms[vm_id]
+
     def inputs(self, stats: Sequence[VmBalloonStats]) -> tuple[list[VmInput], dict[int, str]]:
         """This period's inputs from one stats read: VMs taking part, and those left out."""
         self.period += 1
@@ -515,6 +521,7 @@ class PolicyRunner:
         session = bridge.books.session
         self.policy.observe_session(bridge.books.session_id)
         vm_ids = bridge.books.running_vm_ids() or (CROS_GUEST_VM_ID,)
+        self.policy.keep_only(vm_ids)
         try:
             snapshot = await bridge.get_balloon_stats_async(vm_ids, self.settings.timeout_s)
         except ManateeError as error:
