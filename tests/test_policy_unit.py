@@ -405,3 +405,27 @@ def test_a_removed_vm_is_forgotten_so_the_policys_state_stays_small() -> None:
     asyncio.run(periods())
     assert set(runner.state()["critical_bytes"]) == {0, 1}
     assert runner.state()["backed_off_until"] == {}
+
+
+@pytest.mark.parametrize("refusal", ["removed", "session_reset", "deadline_sent"])
+def test_a_rebalance_refused_by_the_books_is_not_counted_as_sent(refusal: str) -> None:
+    """A VM removed (or the session reset) during the stats read: the books refuse the
+    rebalance before mms, with no reached_mms; the decision did not act."""
+    from manatee_grpc.core._errors import DeadlineExceededError, SessionResetError, VmNotFoundError
+
+    bridge = _FakeBridge(list(SKEWED))
+    errors = {
+        "removed": VmNotFoundError("no VM 2 in mms session s1", vmId=2),
+        "session_reset": SessionResetError("VM 2 belonged to mms session s1", vmId=2),
+        "deadline_sent": DeadlineExceededError("deadline passed", reached_mms=True),
+    }
+
+    async def refuse(*args: object, **kwargs: object) -> RebalanceResult:
+        raise errors[refusal]
+
+    bridge.rebalance = refuse  # type: ignore[method-assign]
+    runner = _runner(bridge, [])
+    decision = asyncio.run(runner.tick())
+    sent = refusal == "deadline_sent"
+    assert decision.acted is sent and decision.error is not None
+    assert runner.state()["rebalances_sent"] == int(sent)

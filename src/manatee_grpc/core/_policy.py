@@ -556,8 +556,10 @@ class PolicyRunner:
                 session_id=bridge.books.public_session_id(session),
             )
         except ManateeError as error:
-            # Refused before mms (a VM removed since the read, say): nothing was sent.
-            return replace(decision, acted=error.reached_mms is not False, error=str(error))
+            # Sent only if the error says so: the connection's errors always say whether the
+            # request reached mms, while the books' own refusals (a VM removed, or the session
+            # reset, since the read: VmNotFoundError, SessionResetError) say nothing (None).
+            return replace(decision, acted=error.reached_mms is True, error=str(error))
         actual = {delta.vm_id: delta.delta_bytes for delta in result.actual}
         self.policy.settle(planned, actual)
         return replace(decision, actual=actual, fully_applied=result.fully_applied)
