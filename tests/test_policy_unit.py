@@ -204,6 +204,8 @@ def test_settings_read_from_a_file(tmp_path: Path) -> None:
         ("[cros]\ncritical = 1\n", "cros"),
         ("history = 0\n", "history"),
         ("period_s = [", "policy config"),
+        # The CrOS guest's limits are [cros]: a [vm.0] would drop its floor to [siblings]'.
+        ('[cros]\nfloor_bytes = "3GiB"\n[vm.0]\nceiling_bytes = "6GiB"\n', r"vm\.0: .*\[cros\]"),
     ],
 )
 def test_a_bad_settings_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:

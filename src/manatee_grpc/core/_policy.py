@@ -146,8 +146,14 @@ class PolicySettings:
                     if not (isinstance(vm_key, str) and vm_key.isascii() and vm_key.isdigit()):
                         raise PolicyConfigError(f"{where}.{vm_key}: a VM id is a number")
                     vm_id = int(vm_key)
-                    base = defaults.cros if vm_id == CROS_GUEST_VM_ID else defaults.siblings
-                    vms[vm_id] = _limits(table, kwargs.get("siblings", base), f"{where}.{vm_key}")
+                    if vm_id == CROS_GUEST_VM_ID:
+                        # Its limits (the floor above all) are [cros]'s, never [siblings]'.
+                        raise PolicyConfigError(
+                            f"{where}.{vm_key}: VM {vm_id} is the CrOS guest; set its limits "
+                            "in [cros]"
+                        )
+                    base = kwargs.get("siblings", defaults.siblings)
+                    vms[vm_id] = _limits(table, base, f"{where}.{vm_key}")
                 kwargs["vms"] = vms
             elif key.endswith("_bytes"):
                 kwargs[key] = _size(raw, where)
