@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +431,22 @@ def test_a_rebalance_refused_by_the_books_is_not_counted_as_sent(refusal: str) -
     sent = refusal == "deadline_sent"
     assert decision.acted is sent and decision.error is not None
     assert runner.state()["rebalances_sent"] == int(sent)
+
+
+def test_the_policys_deltas_get_a_callers_field_checks_before_the_bridge() -> None:
+    """Sizes no JSON number holds exactly (a hostile mms's, a huge max_step_bytes): refused as
+    a caller's RebalanceMemory would be, nothing sent, and the decision says why."""
+    huge_mib = 1 << 40  # 2^60 bytes
+    bridge = _FakeBridge(
+        [
+            _stats(0, 1500, 3000, 4096),
+            _stats(1, huge_mib, 10, huge_mib),
+            _stats(2, 40, huge_mib, 1024),
+        ]
+    )
+    fake: Any = bridge
+    runner = PolicyRunner(fake, replace(SETTINGS, max_step_bytes=1 << 62), clock=lambda: 1.0)
+    decision = asyncio.run(runner.tick())
+    assert decision.planned and max(abs(d) for d in decision.planned.values()) > 2**53
+    assert bridge.rebalances == []
+    assert not decision.acted and decision.error is not None and "policy deltas" in decision.error

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from manatee_grpc.core import _validation as validate
 from manatee_grpc.core._errors import ManateeError
 from manatee_grpc.mms._memory_math import MIB, PAGE_SIZE_BYTES
 from manatee_grpc.mms._messages import CROS_GUEST_VM_ID, VmBalloonStats
@@ -556,6 +557,9 @@ class PolicyRunner:
             self._sequence, self._clock(), bridge.books.session_id, True, reason, **inputs
         )
         try:
+            # The field checks a caller's RebalanceMemory gets (ids, JSON-exact sizes and sum),
+            # then the bridge's: the VMs running, the session the stats were read in.
+            validate.balloon_deltas(list(siblings.items()), field="policy deltas")
             result: RebalanceResult = await bridge.rebalance(
                 siblings,
                 self.settings.timeout_s,
