@@ -264,7 +264,7 @@ class _FakeBridge:
     async def rebalance(
         self, deltas: Mapping[int, int], timeout_s: float | None, session_id: str = ""
     ) -> RebalanceResult:
-        assert session_id == self.books.session_id
+        assert session_id == self.books.public_session_id(self.books.session)
         self.rebalances.append(dict(deltas))
         requested = (
             *(BalloonDelta(v, d) for v, d in deltas.items()),
@@ -450,3 +450,19 @@ def test_the_policys_deltas_get_a_callers_field_checks_before_the_bridge() -> No
     assert decision.planned and max(abs(d) for d in decision.planned.values()) > 2**53
     assert bridge.rebalances == []
     assert not decision.acted and decision.error is not None and "policy deltas" in decision.error
+
+
+def test_what_is_learnt_belongs_to_the_session_it_was_read_in() -> None:
+    """The session changes on the connection thread between the policy's two looks at the
+    books: the period's read is the old session's, so the old VM 2's back-off still holds."""
+    bridge = _FakeBridge(list(SKEWED), shortfall_vm_ids={2})
+    runner = _runner(bridge, [])
+
+    async def periods() -> PolicyDecision:
+        await runner.tick()  # VM 2's inflate comes back short: backed off in session 1
+        bridge.books.session_id = "s2"  # the reset lands between the two reads of the books
+        return await runner.tick()  # ... and this period's stats are session 1's
+
+    decision = asyncio.run(periods())
+    assert 2 in decision.left_out, decision
+    assert decision.session == "s1", "its VM ids are session 1's"

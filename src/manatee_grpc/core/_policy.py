@@ -507,9 +507,11 @@ class PolicyRunner:
             self._on_decision(decision)
         return decision
 
-    def _hold(self, reason: str, **values: Any) -> PolicyDecision:
+    def _hold(self, reason: str, session: str | None = None, **values: Any) -> PolicyDecision:
+        """A period that sent nothing; ``session``: the one its inputs were read in."""
         self._sequence += 1
-        session = self._bridge.books.session_id
+        if session is None:
+            session = self._bridge.books.session_id
         return PolicyDecision(self._sequence, self._clock(), session, False, reason, **values)
 
     def _why_not_now(self) -> str | None:
@@ -526,7 +528,10 @@ class PolicyRunner:
         if why is not None:
             return self._hold(why)
         session = bridge.books.session
-        self.policy.observe_session(bridge.books.session_id)
+        # Named from ``session`` itself: the session may change on the connection thread at
+        # any moment, and what is learnt from this read belongs to the session it was read in.
+        read_in = bridge.books.public_session_id(session)
+        self.policy.observe_session(read_in)
         vm_ids = bridge.books.running_vm_ids() or (CROS_GUEST_VM_ID,)
         self.policy.keep_only(vm_ids)
         try:
@@ -540,10 +545,18 @@ class PolicyRunner:
             left_out[vm_id] = "no stats from mms (missing or unreadable)"
         if CROS_GUEST_VM_ID in left_out or not any(v.vm_id == CROS_GUEST_VM_ID for v in vms):
             return self._hold(
-                "the CrOS guest's stats are not usable", vms=tuple(vms), left_out=left_out
+                "the CrOS guest's stats are not usable",
+                session=read_in,
+                vms=tuple(vms),
+                left_out=left_out,
             )
         planned, reason = plan_moves(vms, self.settings)
-        inputs: dict[str, Any] = {"vms": tuple(vms), "left_out": left_out, "planned": planned}
+        inputs: dict[str, Any] = {
+            "session": read_in,
+            "vms": tuple(vms),
+            "left_out": left_out,
+            "planned": planned,
+        }
         if not planned:
             return self._hold(reason, **inputs)
         # Checked again with nothing awaited before the request is queued: a start may have
@@ -554,7 +567,7 @@ class PolicyRunner:
         siblings = {vm_id: d for vm_id, d in planned.items() if vm_id != CROS_GUEST_VM_ID}
         self._sequence += 1
         decision = PolicyDecision(
-            self._sequence, self._clock(), bridge.books.session_id, True, reason, **inputs
+            self._sequence, self._clock(), acted=True, reason=reason, **inputs
         )
         try:
             # The field checks a caller's RebalanceMemory gets (ids, JSON-exact sizes and sum),
@@ -563,7 +576,7 @@ class PolicyRunner:
             result: RebalanceResult = await bridge.rebalance(
                 siblings,
                 self.settings.timeout_s,
-                session_id=bridge.books.public_session_id(session),
+                session_id=read_in,
             )
         except ManateeError as error:
             # Sent only if the error says so: the connection's errors always say whether the
