@@ -205,3 +205,55 @@ def test_the_last_sequence_is_found_past_a_long_tail(tmp_path: Path) -> None:
 def test_an_audit_file_that_cannot_be_opened_fails_loudly(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         AuditFile(str(tmp_path / "no-such-dir" / "audit.jsonl"))
+
+
+class _Disk:
+    """The audit file's raw file, with a disk that can fill up: "full" refuses every write,
+    "partial" takes the first 10 bytes of one write and then is full."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.mode = "ok"
+
+    def write(self, data: bytes) -> int:
+        if self.mode == "full":
+            raise OSError(28, "No space left on device")
+        if self.mode == "partial":
+            self.mode = "full"
+            return int(self.real.write(data[:10]))  # type: ignore[attr-defined]
+        return int(self.real.write(data))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.real.close()  # type: ignore[attr-defined]
+
+
+def test_a_failed_audit_write_is_counted_logged_once_and_leaves_no_line_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditFile(str(path))
+    disk = _Disk(audit._file)
+    audit._file = disk  # type: ignore[assignment]
+    log = _log(audit=audit)
+    log.publish(EventKind.REMOVE_VM, ALICE, vm_ids=(1,))
+    disk.mode = "full"
+    log.publish(EventKind.REMOVE_VM, ALICE, vm_ids=(2,))
+    log.publish(EventKind.REMOVE_VM, ALICE, vm_ids=(3,))
+    disk.mode = "partial"
+    log.publish(EventKind.REMOVE_VM, ALICE, vm_ids=(4,))
+    assert audit.failed_writes == 3
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "#2" in errors[0].getMessage()
+    disk.mode = "ok"
+    log.publish(EventKind.REMOVE_VM, ALICE, vm_ids=(5,))
+    log.publish(EventKind.REMOVE_VM, ALICE, vm_ids=(6,))
+    log.close()
+    assert audit.failed_writes == 3
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "#5" in warnings[0].getMessage()
+    # Every event still reached the ring; the file has the written ones, each on its own line
+    # (the 10 bytes of #4 end before #5), and nothing that failed comes out later.
+    assert [e.sequence for e in log.events()] == [1, 2, 3, 4, 5, 6]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and len(lines[1]) == 10
+    assert [json.loads(lines[i])["sequence"] for i in (0, 2, 3)] == [1, 5, 6]

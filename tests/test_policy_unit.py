@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,8 @@ def test_settings_read_from_a_file(tmp_path: Path) -> None:
         ("[cros]\ncritical = 1\n", "cros"),
         ("history = 0\n", "history"),
         ("period_s = [", "policy.toml: Invalid value"),
+        # The CrOS guest's limits are [cros]: a [vm.0] would drop its floor to [siblings]'.
+        ('[cros]\nfloor_bytes = "3GiB"\n[vm.0]\nceiling_bytes = "6GiB"\n', r"vm\.0: .*\[cros\]"),
     ],
 )
 def test_a_bad_settings_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -262,7 +264,7 @@ class _FakeBridge:
     async def rebalance(
         self, deltas: Mapping[int, int], timeout_s: float | None, session_id: str = ""
     ) -> RebalanceResult:
-        assert session_id == "s1"
+        assert session_id == self.books.public_session_id(self.books.session)
         self.rebalances.append(dict(deltas))
         requested = (
             *(BalloonDelta(v, d) for v, d in deltas.items()),
@@ -370,3 +372,97 @@ def test_the_readme_example_and_table_name_every_setting() -> None:
         f for f in PolicySettings.__dataclass_fields__ if f not in ("cros", "siblings", "vms")
     }
     assert documented == expected
+
+
+def test_a_new_sessions_vm_with_a_backed_off_id_is_not_backed_off() -> None:
+    """VM ids repeat across sessions: VM 2 of a new session is not the VM that did not move."""
+    bridge = _FakeBridge(list(SKEWED), shortfall_vm_ids={2})
+    runner = _runner(bridge, [])
+
+    async def periods() -> tuple[PolicyDecision, PolicyDecision]:
+        await runner.tick()  # VM 2's inflate comes back short: backed off
+        backed_off = await runner.tick()
+        bridge.books.session, bridge.books.session_id = 2, "s2"  # mms reset; a new VM 2
+        bridge.shortfall_vm_ids.clear()
+        return backed_off, await runner.tick()
+
+    backed_off, fresh = asyncio.run(periods())
+    assert 2 in backed_off.left_out
+    assert 2 not in fresh.left_out and 2 in fresh.planned, fresh
+    assert fresh.session == "s2"
+    assert runner.state()["backed_off_until"] == {}
+
+
+def test_a_removed_vm_is_forgotten_so_the_policys_state_stays_small() -> None:
+    bridge = _FakeBridge(list(SKEWED), shortfall_vm_ids={2})
+    runner = _runner(bridge, [])
+
+    async def periods() -> None:
+        await runner.tick()  # VM 2 backed off
+        assert 2 in runner.state()["backed_off_until"]
+        bridge.books.vm_ids = (0, 1)  # VM 2 removed (its id is never used again this session)
+        bridge.stats = [entry for entry in bridge.stats if entry.vm_id != 2]
+        await runner.tick()
+
+    asyncio.run(periods())
+    assert set(runner.state()["critical_bytes"]) == {0, 1}
+    assert runner.state()["backed_off_until"] == {}
+
+
+@pytest.mark.parametrize("refusal", ["removed", "session_reset", "deadline_sent"])
+def test_a_rebalance_refused_by_the_books_is_not_counted_as_sent(refusal: str) -> None:
+    """A VM removed (or the session reset) during the stats read: the books refuse the
+    rebalance before mms, with no reached_mms; the decision did not act."""
+    from manatee_grpc.core._errors import DeadlineExceededError, SessionResetError, VmNotFoundError
+
+    bridge = _FakeBridge(list(SKEWED))
+    errors = {
+        "removed": VmNotFoundError("no VM 2 in mms session s1", vmId=2),
+        "session_reset": SessionResetError("VM 2 belonged to mms session s1", vmId=2),
+        "deadline_sent": DeadlineExceededError("deadline passed", reached_mms=True),
+    }
+
+    async def refuse(*args: object, **kwargs: object) -> RebalanceResult:
+        raise errors[refusal]
+
+    bridge.rebalance = refuse  # type: ignore[method-assign]
+    runner = _runner(bridge, [])
+    decision = asyncio.run(runner.tick())
+    sent = refusal == "deadline_sent"
+    assert decision.acted is sent and decision.error is not None
+    assert runner.state()["rebalances_sent"] == int(sent)
+
+
+def test_the_policys_deltas_get_a_callers_field_checks_before_the_bridge() -> None:
+    """Sizes no JSON number holds exactly (a hostile mms's, a huge max_step_bytes): refused as
+    a caller's RebalanceMemory would be, nothing sent, and the decision says why."""
+    huge_mib = 1 << 40  # 2^60 bytes
+    bridge = _FakeBridge(
+        [
+            _stats(0, 1500, 3000, 4096),
+            _stats(1, huge_mib, 10, huge_mib),
+            _stats(2, 40, huge_mib, 1024),
+        ]
+    )
+    fake: Any = bridge
+    runner = PolicyRunner(fake, replace(SETTINGS, max_step_bytes=1 << 62), clock=lambda: 1.0)
+    decision = asyncio.run(runner.tick())
+    assert decision.planned and max(abs(d) for d in decision.planned.values()) > 2**53
+    assert bridge.rebalances == []
+    assert not decision.acted and decision.error is not None and "policy deltas" in decision.error
+
+
+def test_what_is_learnt_belongs_to_the_session_it_was_read_in() -> None:
+    """The session changes on the connection thread between the policy's two looks at the
+    books: the period's read is the old session's, so the old VM 2's back-off still holds."""
+    bridge = _FakeBridge(list(SKEWED), shortfall_vm_ids={2})
+    runner = _runner(bridge, [])
+
+    async def periods() -> PolicyDecision:
+        await runner.tick()  # VM 2's inflate comes back short: backed off in session 1
+        bridge.books.session_id = "s2"  # the reset lands between the two reads of the books
+        return await runner.tick()  # ... and this period's stats are session 1's
+
+    decision = asyncio.run(periods())
+    assert 2 in decision.left_out, decision
+    assert decision.session == "s1", "its VM ids are session 1's"

@@ -183,6 +183,8 @@ def test_the_policy_runs_by_itself_every_period_and_is_off_by_default(tmp_path: 
         assert policy.state()["decisions"] >= 3
     finally:
         server.stop(grace_s=1.0)
+    # Shutdown ended the policy's task: no decision, and no rebalance, after it.
+    assert policy._task is not None and policy._task.done()
     plain = start_server()
     try:
         assert plain.policy is None

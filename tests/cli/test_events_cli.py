@@ -127,3 +127,71 @@ def test_serve_takes_an_audit_file_and_a_ring_size_and_refuses_a_bad_one(tmp_pat
     assert line.startswith("manatee-grpc: error: --audit-file ") and "No such file" in line
     result = run_cli("serve", "--event-ring", "0")
     assert result.returncode == 2 and "--event-ring" in result.stderr
+
+
+def test_a_real_policy_decision_reads_as_words_with_the_policys_state_in_top(
+    tmp_path: Path,
+) -> None:
+    """The server's own POLICY_DECISION (its action a mapping, not a word): ``events`` and
+    ``top`` say acted/held and why, and top's header carries the policy's counts."""
+    from api.conftest import start_server
+
+    config = tmp_path / "policy.toml"
+    config.write_text("period_s = 3600\n")  # the test runs each period itself
+    server = start_server(policy="balance-available", policy_config_path=str(config))
+    try:
+        with Client(server.address) as client:
+            wait_mms_available_recorded(client)
+            first = server.run_policy_tick()
+            prepared = client.prepare_vm(512 << 20)
+            second = server.run_policy_tick()
+            assert not first.acted and second.reason == "a VM start is pending"
+            client.remove_vm(prepared.vm_id)
+        result = run_cli("events", "--server", server.address, "--kind", "policy_decision")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert len(lines) == 2
+        assert f"POLICY_DECISION VM 0 held: {first.reason} by policy" in lines[0]
+        assert "POLICY_DECISION held: a VM start is pending by policy" in lines[1]
+        assert not any("{" in line for line in lines), lines
+
+        result = _top_once(server.address)
+        assert result.returncode == 0, result.stderr
+        header = result.stdout.splitlines()[0]
+        assert "policy: held: a VM start is pending (2 decisions, 0 rebalances, 0 B moved)" in (
+            header
+        ), header
+    finally:
+        server.stop(grace_s=1.0)
+
+
+def test_an_acted_policy_decision_says_what_moved_and_which_vms_sit_out() -> None:
+    from google.protobuf import struct_pb2
+
+    from manatee_grpc import memory_service_pb2 as pb
+    from manatee_grpc.cli._events_view import policy_state, summary
+
+    details = struct_pb2.Struct()
+    details.update(
+        {
+            "inputs": {"policy_sequence": 7},
+            "action": {
+                "acted": True,
+                "reason": "imbalance above hysteresis",
+                "moved_bytes": 64 << 20,
+                "fully_applied": False,
+                "error": None,
+            },
+            "state": {
+                "decisions": 7,
+                "rebalances_sent": 3,
+                "bytes_moved": 192 << 20,
+                "backed_off_until": {"2": 9},
+            },
+        }
+    )
+    event = pb.Event(kind=pb.EVENT_KIND_POLICY_DECISION, vm_ids=[0, 1, 2], details=details)
+    assert summary(event) == (
+        "POLICY_DECISION VM 0,1,2 acted: imbalance above hysteresis, moved 64.0 MiB (partly)"
+    )
+    assert policy_state(event) == "7 decisions, 3 rebalances, 192.0 MiB moved, VM 2 backed off"

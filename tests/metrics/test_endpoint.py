@@ -176,7 +176,7 @@ def test_bad_metrics_listen_is_a_usage_error(capsys: pytest.CaptureFixture[str])
     assert "argument --metrics-listen: metrics address 'nope': expected HOST:PORT" in stderr
 
 
-def test_readme_lists_exactly_the_series_served() -> None:
+def test_readme_lists_exactly_the_series_served(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Metrics", 1)[1].split("\n#", 1)[0]
     documented = {
@@ -186,7 +186,8 @@ def test_readme_lists_exactly_the_series_served() -> None:
         for name in re.findall(r"`(manatee_\w+)`", row.split("|")[1])
     }
 
-    server = start_server(metrics_listen="127.0.0.1:0")
+    # With an audit file: its failure counter is served only then.
+    server = start_server(metrics_listen="127.0.0.1:0", audit_file=str(tmp_path / "audit.jsonl"))
     try:
         # Every labelled series present at least once: an RPC, an mms read with a VM in it.
         server.metrics.observe_rpc("ListVms", grpc.StatusCode.OK, 0.001)

@@ -251,3 +251,49 @@ def test_launch_streams_whose_client_left_count_as_cancelled(server: ManateeServ
         timeout_s=60.0,
     )
     assert launch_codes(current) == {"CANCELLED": LEFT_LAUNCHES}
+
+
+class _FullDisk:
+    """An audit file's raw file on a disk that has filled up."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+
+    def write(self, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        self.real.close()  # type: ignore[attr-defined]
+
+
+def test_audit_lines_lost_to_a_full_disk_are_counted_and_the_server_goes_on(
+    tmp_path: Path,
+) -> None:
+    from api.conftest import start_server
+
+    path = tmp_path / "audit.jsonl"
+    server = start_server(metrics_listen="127.0.0.1:0", audit_file=str(path))
+    try:
+        address = metrics_address(server)
+        assert scrape(address).value("manatee_audit_write_failures_total") == 0
+        assert server.events is not None
+        audit = server.events._audit
+        assert audit is not None
+        audit._file = _FullDisk(audit._file)  # type: ignore[assignment]
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            for vm_id in (98, 99):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.RemoveVm(pb.RemoveVmRequest(vm_id=vm_id), timeout=10)
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND  # answered as ever
+            scrape_until(
+                address,
+                lambda current: current.value("manatee_audit_write_failures_total") == 2,
+                "both events' lines counted as lost",
+            )
+            # Still serving: a state-changing call works and is in the ring.
+            prepared = stub.PrepareVm(pb.PrepareVmRequest(mem_size_bytes=512 * MIB), timeout=10)
+            assert prepared.reserved
+        assert any(e.vm_ids == (99,) for e in server.events.events())
+    finally:
+        server.stop(grace_s=1.0)

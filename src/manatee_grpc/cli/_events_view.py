@@ -120,13 +120,47 @@ def summary(event: pb.Event) -> str:
         if details.get("reserved") is False:
             words.append(f"short {format_bytes(int(details.get('shortfall_bytes', 0)))}")
     elif kind == pb.EVENT_KIND_POLICY_DECISION:
-        words.append(f"action={details.get('action')}")
+        words.extend(_policy_words(details.get("action")))
     elif kind == pb.EVENT_KIND_SESSION_RESET:
         words.append(f"{details.get('previous_session')} → {event.session}")
     if event.HasField("error"):
         reason = f" ({event.error.reason})" if event.error.reason else ""
         words.append(f"failed {event.error.code}{reason}: {event.error.message}")
     return " ".join(words)
+
+
+def _policy_words(action: Any) -> list[str]:
+    # The server's policy records a mapping (acted, reason, moved_bytes, ...); an embedder's
+    # publish_policy_decision may record a plain word.
+    if not isinstance(action, dict):
+        return [f"action={action}"]
+    acted = bool(action.get("acted"))
+    words = [f"{'acted' if acted else 'held'}: {action.get('reason', '')}"]
+    if acted:
+        words[-1] += ","
+        words.append(f"moved {format_bytes(int(action.get('moved_bytes') or 0))}")
+        if action.get("fully_applied") is False:
+            words.append("(partly)")
+    if action.get("error"):
+        words.append(f"error: {action['error']}")
+    return words
+
+
+def policy_state(event: pb.Event) -> str:
+    """A POLICY_DECISION's ``state``: the policy's counts and the VMs sitting out ("" if none)."""
+    state = details_of(event).get("state")
+    if not isinstance(state, dict):
+        return ""
+    decisions, rebalances = state.get("decisions", 0), state.get("rebalances_sent", 0)
+    parts = [
+        f"{decisions} decision{'' if decisions == 1 else 's'}",
+        f"{rebalances} rebalance{'' if rebalances == 1 else 's'}",
+        f"{format_bytes(int(state.get('bytes_moved') or 0))} moved",
+    ]
+    backed_off = state.get("backed_off_until")
+    if isinstance(backed_off, dict) and backed_off:
+        parts.append(f"VM {','.join(sorted(backed_off, key=int))} backed off")
+    return ", ".join(parts)
 
 
 def event_line(event: pb.Event) -> str:

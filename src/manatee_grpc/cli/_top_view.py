@@ -146,7 +146,11 @@ class TopView:
 
         line = f"{summary(event)} by {who(event)}"
         if event.kind == pb.EVENT_KIND_POLICY_DECISION:
-            self.policy = line.removeprefix("POLICY_DECISION ")
+            from manatee_grpc.cli._events_view import policy_state
+
+            decided = summary(event).removeprefix("POLICY_DECISION ")
+            state = policy_state(event)
+            self.policy = f"{decided} ({state})" if state else f"{decided} by {who(event)}"
         self._event(event.time.ToNanoseconds() / 1e9 if event.HasField("time") else now_s, line)
 
     def snapshot(self, snapshot: Snapshot, now_s: float) -> None:

@@ -234,36 +234,62 @@ class Subscription:
 
 
 class AuditFile:
-    """An append-only JSON-lines file: one event per line, flushed as it is written.
+    """An append-only JSON-lines file: one event per line, written as it is recorded.
 
     Opened in append mode and never truncated; a server restarted on the same file continues
     its sequence numbers after the file's last complete line. Lines are written on the event
-    loop: one short ``write`` to the page cache per event (no fsync, which could stall the loop
-    for as long as the disk likes), so a crash of the process loses nothing already published
-    and a crash of the machine at most what the kernel had not yet written back.
+    loop: one unbuffered ``write`` to the page cache per event (no fsync, which could stall the
+    loop for as long as the disk likes), so a crash of the process loses nothing already
+    published and a crash of the machine at most what the kernel had not yet written back.
+    A write that fails (a full disk) loses that event's line, whole: nothing is kept to be
+    written later, a line cut short is ended before the next one, and each lost line is counted
+    (``failed_writes``, the metric ``manatee_audit_write_failures_total``) and logged once per
+    outage; the server goes on.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.last_sequence = _last_sequence(path)
-        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open
-        if self._file.tell() > 0 and not _ends_with_newline(path):
-            # A line cut short by a crash stays as it was; ours start on a line of their own.
-            self._file.write("\n")
-            self._file.flush()
-        self._failed = False
+        # Unbuffered: a failed write leaves nothing behind in a buffer to come out later.
+        self._file: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 - held open
+        # A line cut short (by a crash, or a failed write) is ended before ours.
+        self._cut = self._file.tell() > 0 and not _ends_with_newline(path)
+        # Events that could not be written since start-up, and in the current outage.
+        self.failed_writes = 0
+        self._failing = 0
 
     def write(self, event: Event) -> None:
+        line = json.dumps(event.to_json(), separators=(",", ":")).encode() + b"\n"
+        data = (b"\n" if self._cut else b"") + line
+        written = 0
         try:
-            self._file.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
-            self._file.flush()
+            while written < len(data):
+                written += self._file.write(data[written:]) or 0
         except OSError as error:
-            # A full disk must not take the service down: log once, keep trying.
-            if not self._failed:
-                logger.error("cannot write the audit file %s: %s", self.path, error)
-            self._failed = True
-        else:
-            self._failed = False
+            prefix_bytes = len(data) - len(line)
+            if written >= prefix_bytes:  # the file now ends with a newline or part of this line
+                self._cut = written > prefix_bytes
+            self.failed_writes += 1
+            if not self._failing:
+                logger.error(
+                    "cannot write the audit file %s from event #%d on (counted in "
+                    "manatee_audit_write_failures_total): %s",
+                    self.path,
+                    event.sequence,
+                    error,
+                )
+            self._failing += 1
+            return
+        self._cut = False
+        if self._failing:
+            logger.warning(
+                "the audit file %s is written again from event #%d; the %d event(s) before it "
+                "are not in it",
+                self.path,
+                event.sequence,
+                self._failing,
+            )
+            self._failing = 0
 
     def close(self) -> None:
         self._file.close()
@@ -393,17 +419,22 @@ class EventLog:
         *,
         session: str = "",
         vm_ids: Iterable[int] = (),
+        state: Mapping[str, object] | None = None,
     ) -> Event | None:
         """One POLICY_DECISION event: what the policy saw (``inputs``) and what it chose.
 
-        ``action`` is a word ("rebalance", "hold", "back-off") or a mapping of what it did.
+        ``action`` is a word ("rebalance", "hold", "back-off") or a mapping of what it did;
+        ``state``, the policy's own after it (counts, margins, back-offs), for ``top``.
         """
+        details: dict[str, object] = {"inputs": dict(inputs), "action": action}
+        if state is not None:
+            details["state"] = dict(state)
         return self.publish(
             EventKind.POLICY_DECISION,
             POLICY,
             session=session,
             vm_ids=vm_ids,
-            details=_json_values({"inputs": dict(inputs), "action": action}),
+            details=_json_values(details),
         )
 
     def _record(

@@ -27,11 +27,12 @@ import math
 import re
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from manatee_grpc.core import _validation as validate
 from manatee_grpc.core._errors import ManateeError
 from manatee_grpc.mms._memory_math import MIB, PAGE_SIZE_BYTES
 from manatee_grpc.mms._messages import CROS_GUEST_VM_ID, VmBalloonStats
@@ -148,8 +149,14 @@ class PolicySettings:
                     if not (isinstance(vm_key, str) and vm_key.isascii() and vm_key.isdigit()):
                         raise PolicyConfigError(f"{where}.{vm_key}: a VM id is a number")
                     vm_id = int(vm_key)
-                    base = defaults.cros if vm_id == CROS_GUEST_VM_ID else defaults.siblings
-                    vms[vm_id] = _limits(table, kwargs.get("siblings", base), f"{where}.{vm_key}")
+                    if vm_id == CROS_GUEST_VM_ID:
+                        # Its limits (the floor above all) are [cros]'s, never [siblings]'.
+                        raise PolicyConfigError(
+                            f"{where}.{vm_key}: VM {vm_id} is the CrOS guest; set its limits "
+                            "in [cros]"
+                        )
+                    base = kwargs.get("siblings", defaults.siblings)
+                    vms[vm_id] = _limits(table, base, f"{where}.{vm_key}")
                 kwargs["vms"] = vms
             elif key.endswith("_bytes"):
                 kwargs[key] = _size(raw, where)
@@ -345,6 +352,12 @@ class BalancePolicy:
             self._session = session
             self._vms.clear()
 
+    def keep_only(self, vm_ids: Collection[int]) -> None:
+        """Forget removed VMs (ids are not reused within a session), so the state stays as
+        small as the device: what ``state()`` shows, and each decision's event carries."""
+        for vm_id in self._vms.keys() - set(vm_ids):
+            del self._vms[vm_id]
+
     def inputs(self, stats: Sequence[VmBalloonStats]) -> tuple[list[VmInput], dict[int, str]]:
         """This period's inputs from one stats read: VMs taking part, and those left out."""
         self.period += 1
@@ -496,9 +509,11 @@ class PolicyRunner:
             self._on_decision(decision)
         return decision
 
-    def _hold(self, reason: str, **values: Any) -> PolicyDecision:
+    def _hold(self, reason: str, session: str | None = None, **values: Any) -> PolicyDecision:
+        """A period that sent nothing; ``session``: the one its inputs were read in."""
         self._sequence += 1
-        session = self._bridge.books.session_id
+        if session is None:
+            session = self._bridge.books.session_id
         return PolicyDecision(self._sequence, self._clock(), session, False, reason, **values)
 
     def _why_not_now(self) -> str | None:
@@ -515,8 +530,12 @@ class PolicyRunner:
         if why is not None:
             return self._hold(why)
         session = bridge.books.session
-        self.policy.observe_session(bridge.books.session_id)
+        # Named from ``session`` itself: the session may change on the connection thread at
+        # any moment, and what is learnt from this read belongs to the session it was read in.
+        read_in = bridge.books.public_session_id(session)
+        self.policy.observe_session(read_in)
         vm_ids = bridge.books.running_vm_ids() or (CROS_GUEST_VM_ID,)
+        self.policy.keep_only(vm_ids)
         try:
             snapshot = await bridge.get_balloon_stats_async(vm_ids, self.settings.timeout_s)
         except ManateeError as error:
@@ -528,10 +547,18 @@ class PolicyRunner:
             left_out[vm_id] = "no stats from mms (missing or unreadable)"
         if CROS_GUEST_VM_ID in left_out or not any(v.vm_id == CROS_GUEST_VM_ID for v in vms):
             return self._hold(
-                "the CrOS guest's stats are not usable", vms=tuple(vms), left_out=left_out
+                "the CrOS guest's stats are not usable",
+                session=read_in,
+                vms=tuple(vms),
+                left_out=left_out,
             )
         planned, reason = plan_moves(vms, self.settings)
-        inputs: dict[str, Any] = {"vms": tuple(vms), "left_out": left_out, "planned": planned}
+        inputs: dict[str, Any] = {
+            "session": read_in,
+            "vms": tuple(vms),
+            "left_out": left_out,
+            "planned": planned,
+        }
         if not planned:
             return self._hold(reason, **inputs)
         # Checked again with nothing awaited before the request is queued: a start may have
@@ -542,17 +569,22 @@ class PolicyRunner:
         siblings = {vm_id: d for vm_id, d in planned.items() if vm_id != CROS_GUEST_VM_ID}
         self._sequence += 1
         decision = PolicyDecision(
-            self._sequence, self._clock(), bridge.books.session_id, True, reason, **inputs
+            self._sequence, self._clock(), acted=True, reason=reason, **inputs
         )
         try:
+            # The field checks a caller's RebalanceMemory gets (ids, JSON-exact sizes and sum),
+            # then the bridge's: the VMs running, the session the stats were read in.
+            validate.balloon_deltas(list(siblings.items()), field="policy deltas")
             result: RebalanceResult = await bridge.rebalance(
                 siblings,
                 self.settings.timeout_s,
-                session_id=bridge.books.public_session_id(session),
+                session_id=read_in,
             )
         except ManateeError as error:
-            # Refused before mms (a VM removed since the read, say): nothing was sent.
-            return replace(decision, acted=error.reached_mms is not False, error=str(error))
+            # Sent only if the error says so: the connection's errors always say whether the
+            # request reached mms, while the books' own refusals (a VM removed, or the session
+            # reset, since the read: VmNotFoundError, SessionResetError) say nothing (None).
+            return replace(decision, acted=error.reached_mms is True, error=str(error))
         actual = {delta.vm_id: delta.delta_bytes for delta in result.actual}
         self.policy.settle(planned, actual)
         return replace(decision, actual=actual, fully_applied=result.fully_applied)

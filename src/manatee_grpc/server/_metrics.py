@@ -14,10 +14,11 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from manatee_grpc.core._bridge import MemoryBridge
 from manatee_grpc.core._errors import MmsConnectionError
+from manatee_grpc.core._events import AuditFile
 from manatee_grpc.mms._connection import MmsConnection, Trouble
 from manatee_grpc.mms._messages import (
     RES_OK,
@@ -288,6 +289,26 @@ class _StateCollector:
         yield balloon
         yield free
         yield available
+
+
+class _AuditCollector:
+    """The audit file's lost lines, read at scrape time."""
+
+    def __init__(self, audit: AuditFile) -> None:
+        self._audit = audit
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "manatee_audit_write_failures",
+            "Events whose audit-file line could not be written (a full disk, an I/O error); "
+            "they still reached WatchEvents.",
+            value=self._audit.failed_writes,
+        )
+
+
+def attach_audit(metrics: Metrics, audit: AuditFile) -> None:
+    """Count ``audit``'s failed writes in ``metrics`` (``serve --audit-file``)."""
+    metrics.registry.register(_AuditCollector(audit))
 
 
 def attach_metrics(metrics: Metrics, connection: MmsConnection, bridge: MemoryBridge) -> None:

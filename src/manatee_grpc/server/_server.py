@@ -46,7 +46,7 @@ from manatee_grpc.mms._connection import BackoffPolicy, ConnectionConfig, MmsCon
 from manatee_grpc.mms._messages import CROS_GUEST_VM_ID
 from manatee_grpc.server import _config, _listen
 from manatee_grpc.server._config import ServerConfig
-from manatee_grpc.server._metrics import Metrics, attach_metrics
+from manatee_grpc.server._metrics import Metrics, attach_audit, attach_metrics
 from manatee_grpc.server._reflection import enable_reflection
 from manatee_grpc.server._servicer import MemoryServicer
 from manatee_grpc.server._servicer import add_to_server as add_memory_service
@@ -192,6 +192,8 @@ class ManateeServer:
                 f"({error.strerror or error})"
             ) from None
         self.events = EventLog(config.event_ring_size, audit)
+        if audit is not None and self.metrics_address is not None:
+            attach_audit(self.metrics, audit)
         self.connection = MmsConnection(
             ConnectionConfig(
                 address=mms_address,
@@ -352,6 +354,8 @@ class ManateeServer:
                 },
                 session=decision.session,
                 vm_ids=sorted({vm.vm_id for vm in decision.vms} | set(decision.planned)),
+                # What top shows of the policy: its counts, margins in effect and back-offs.
+                state=None if self.policy is None else _policy_state(self.policy),
             )
 
     def run_policy_tick(self, timeout_s: float = 30.0) -> PolicyDecision:
@@ -461,6 +465,14 @@ async def _finish_tasks() -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+def _policy_state(policy: PolicyRunner) -> dict[str, Any]:
+    # The state without its "last" (that is this event) and its settings' name and period.
+    state = policy.state()
+    for key in ("last", "policy", "period_s"):
+        state.pop(key, None)
+    return state
 
 
 def _policy_settings(config: ServerConfig) -> PolicySettings | None:

@@ -164,8 +164,14 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_MMS_AVAILABLE: _EventKind.ValueType  # 13
     """The mms stream is usable again (origin "server")."""
     EVENT_KIND_POLICY_DECISION: _EventKind.ValueType  # 14
-    """The balancing policy decided (origin "policy"). details: `inputs` (what it read, a
-    free-form object) and `action` (what it chose: a word or an object).
+    """The balancing policy decided, once per period, acting or not (origin "policy"). details:
+    `inputs` (what it read: `policy_sequence`, `vms` with each VM's `vm_id`, `balloon_bytes`,
+    `total_bytes`, `available_bytes`, `critical_bytes`, `floor_bytes`, `ceiling_bytes`, and
+    `left_out`, VM id to why it sat out), `action` (what it chose: `acted`, `reason`,
+    `planned_deltas` and `actual_deltas` by VM id, `fully_applied`, `moved_bytes`, `error`)
+    and `state` (the policy's after it: `decisions`, `rebalances_sent`, `bytes_moved`,
+    `period`, `session`, `critical_bytes` and `backed_off_until` by VM id). An embedder's
+    own policy (EventLog.publish_policy_decision) may record `action` as a word.
     """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
@@ -216,8 +222,14 @@ EVENT_KIND_MMS_UNAVAILABLE: EventKind.ValueType  # 12
 EVENT_KIND_MMS_AVAILABLE: EventKind.ValueType  # 13
 """The mms stream is usable again (origin "server")."""
 EVENT_KIND_POLICY_DECISION: EventKind.ValueType  # 14
-"""The balancing policy decided (origin "policy"). details: `inputs` (what it read, a
-free-form object) and `action` (what it chose: a word or an object).
+"""The balancing policy decided, once per period, acting or not (origin "policy"). details:
+`inputs` (what it read: `policy_sequence`, `vms` with each VM's `vm_id`, `balloon_bytes`,
+`total_bytes`, `available_bytes`, `critical_bytes`, `floor_bytes`, `ceiling_bytes`, and
+`left_out`, VM id to why it sat out), `action` (what it chose: `acted`, `reason`,
+`planned_deltas` and `actual_deltas` by VM id, `fully_applied`, `moved_bytes`, `error`)
+and `state` (the policy's after it: `decisions`, `rebalances_sent`, `bytes_moved`,
+`period`, `session`, `critical_bytes` and `backed_off_until` by VM id). An embedder's
+own policy (EventLog.publish_policy_decision) may record `action` as a word.
 """
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
