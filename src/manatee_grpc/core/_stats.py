@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,22 +130,24 @@ class StatsReader:
             return _pick(vm_ids, _Answer.of(session, response))
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        with self._lock:
-            batch = self._next
-            if batch is None:
-                batch = self._next = _Batch(loop)
-            batch.vm_ids.update(vm_ids)
-            assert batch.waiters is not None  # only the batch being gathered is joined
-            batch.waiters.append(waiter)
-            if not self._in_flight:
-                if len(batch.waiters) >= self._last_batch_callers:
-                    self._send_next_locked()
-                elif not batch.gathering:
-                    batch.gathering = True
-                    loop.call_later(self._gather_window_s, self._gathered, batch)
         # The batch is shared: this caller's deadline ends only its own wait, never the read.
+        # Armed before the read is handed over, so that once it is the loop has nothing left
+        # to do before it lets the connection thread run (it blocks in its selector).
         expiry = None if timeout_s is None else loop.call_later(timeout_s, _wake, waiter)
         try:
+            with self._lock:
+                batch = self._next
+                if batch is None:
+                    batch = self._next = _Batch(loop)
+                batch.vm_ids.update(vm_ids)
+                assert batch.waiters is not None  # only the batch being gathered is joined
+                batch.waiters.append(waiter)
+                if not self._in_flight:
+                    if len(batch.waiters) >= self._last_batch_callers:
+                        self._send_next_locked()
+                    elif not batch.gathering:
+                        batch.gathering = True
+                        loop.call_later(self._gather_window_s, self._gathered, batch)
             await waiter
         finally:
             if expiry is not None:
@@ -182,12 +184,14 @@ class StatsReader:
         # On the connection thread (or inline, if submit failed at once): settle the batch,
         # send the next one (its callers arrived while this read was in flight), then hand the
         # wake-up of this batch's callers to their loop in one go.
-        if done.cancelled():
-            batch.error = None
-        elif (error := done.exception()) is not None:
+        try:
+            response = done.result(0)  # done: one look at the future, not three
+        except CancelledError:
+            pass  # neither answer nor error: its callers are told the deadline passed
+        except BaseException as error:  # whatever the connection failed it with
             batch.error = error
         else:
-            batch.answer = _Answer.of(session, done.result())
+            batch.answer = _Answer.of(session, response)
         with self._lock:
             self._in_flight = False
             waiters, batch.waiters = batch.waiters, None
