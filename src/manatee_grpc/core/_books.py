@@ -27,9 +27,11 @@ from manatee_grpc.mms._messages import (
     RES_OK,
     FinishAddVmRequest,
     FinishAddVmResponse,
+    GetBalloonStatsRequest,
     MmsRequest,
     PrepareVmRequest,
     PrepareVmResponse,
+    RebalanceMemoryRequest,
     RemoveVmRequest,
     RemoveVmResponse,
     Response,
@@ -214,6 +216,8 @@ class Books:
         self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
     ) -> None:
         del round_trip_s
+        if isinstance(request, GetBalloonStatsRequest | RebalanceMemoryRequest):
+            return  # nothing for the books (most answers): no lock taken
         with self._lock:
             if session != self._session:
                 return

@@ -69,14 +69,21 @@ class _Answer:
     read_time_unix_s: float
     by_id: dict[int, VmBalloonStats]
     unreadable_by_id: dict[int, UnreadableVm]
+    # The answer's entries and their ids in mms's order (the order of the ids asked).
+    all_stats: tuple[VmBalloonStats, ...]
+    ids: tuple[int, ...] | None  # None if mms named a VM twice
 
     @classmethod
     def of(cls, session: int, response: GetBalloonStatsResponse) -> _Answer:
+        all_stats = response.all_stats
+        by_id = {entry.vm_id: entry for entry in all_stats}
         return cls(
             session,
             time.time(),
-            {entry.vm_id: entry for entry in response.all_stats},
+            by_id,
             {entry.vm_id: entry for entry in response.unreadable},
+            all_stats,
+            tuple(by_id) if len(by_id) == len(all_stats) else None,
         )
 
 
@@ -115,6 +122,7 @@ class StatsReader:
         self._lock = threading.RLock()
         self._in_flight = False
         self._next: _Batch | None = None
+        self._last_request: GetBalloonStatsRequest | None = None  # under _lock
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
         connection.add_observer(UnreadableVmLog())
 
@@ -177,7 +185,13 @@ class StatsReader:
         self._in_flight = True
         self.mms_reads += 1
         session = self._connection.session
-        mms_future = self._connection.submit(GetBalloonStatsRequest(tuple(sorted(batch.vm_ids))))
+        vm_ids = tuple(sorted(batch.vm_ids))
+        request = self._last_request
+        if request is None or request.vm_ids != vm_ids:
+            # The same VMs are read again and again (pollers, watch ticks): the connection
+            # writes a request it has just sent from the frame it kept.
+            request = self._last_request = GetBalloonStatsRequest(vm_ids)
+        mms_future = self._connection.submit(request)
         mms_future.add_done_callback(lambda done: self._answered(batch, session, done))
 
     def _answered(self, batch: _Batch, session: int, done: Future[GetBalloonStatsResponse]) -> None:
@@ -221,6 +235,12 @@ def _stats_deadline() -> DeadlineExceededError:
 
 
 def _pick(vm_ids: tuple[int, ...], answer: _Answer) -> StatsSnapshot:
+    if vm_ids == answer.ids:
+        # The usual case (a lone caller, or callers asking alike): the answer is exactly
+        # what was asked, in the order asked; nothing is missing.
+        return StatsSnapshot(
+            answer.session, answer.read_time_unix_s, answer.all_stats, (), (), answer
+        )
     by_id, unreadable_by_id = answer.by_id, answer.unreadable_by_id
     stats = tuple(by_id[vm_id] for vm_id in vm_ids if vm_id in by_id)
     missing = tuple(vm_id for vm_id in vm_ids if vm_id not in by_id)
