@@ -185,20 +185,24 @@ def _observe(
 
 
 def _guard_async(method: F) -> F:
+    name = method.__name__
+
     @functools.wraps(method)
     async def unary(self: MemoryServicer, request: object, context: aio.ServicerContext) -> object:  # type: ignore[type-arg]
         started_s = time.monotonic()
         try:
-            _refuse_undecodable(method.__name__, request)
+            if type(request) is _Undecodable:
+                _refuse_undecodable(name, request)
             response = await method(self, request, context)
         except asyncio.CancelledError:
-            _observe(self, method.__name__, grpc.StatusCode.CANCELLED, started_s)
+            _observe(self, name, grpc.StatusCode.CANCELLED, started_s)
             raise
         except Exception as error:
             status = _status_of(self, error)
-            _observe(self, method.__name__, status.code, started_s)
+            _observe(self, name, status.code, started_s)
             await context.abort(status.code, status.details, status.trailing_metadata)
-        _observe(self, method.__name__, grpc.StatusCode.OK, started_s)
+        if self.observe_rpc is not None:  # the common case (no metrics) costs no call
+            self.observe_rpc(name, grpc.StatusCode.OK, time.monotonic() - started_s)
         return response
 
     return cast(F, unary)
@@ -285,11 +289,15 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         request: pb.GetBalloonStatsRequest,
         context: aio.ServicerContext[pb.GetBalloonStatsRequest, pb.GetBalloonStatsResponse],
     ) -> pb.GetBalloonStatsResponse:
-        vm_ids = validate.vm_ids(request.vm_ids)
-        session_id = validate.session_id(request.session)
+        # The hot call: the checks of an empty request (all VMs, current session) cost next
+        # to nothing; any other goes through the same validation as ever.
+        vm_ids = request.vm_ids
+        vm_ids_checked = validate.vm_ids(vm_ids) if vm_ids else ()
+        session = request.session
+        session_id = validate.session_id(session) if session else ""
         self._check_open()
         snapshot = await self.bridge.get_balloon_stats_async(
-            vm_ids, _timeout_s(context), session_id
+            vm_ids_checked, _timeout_s(context), session_id
         )
         return self._stats_responses.of(snapshot)
 
