@@ -729,9 +729,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--only",
-        choices=("latency",),
+        choices=("latency", "throughput"),
         help="latency: only the floor, the bridge and the reference at concurrency 1, over "
-        "tcp and unix (about 40 s), with the p50 targets; writes results/latency.json",
+        "tcp and unix (about 40 s), with the p50 targets; throughput: the same at "
+        "concurrency 32, with the calls/s targets; writes results/<choice>.json",
     )
     args = parser.parse_args(argv)
     began = time.monotonic()
@@ -746,10 +747,11 @@ def main(argv: list[str] | None = None) -> int:
         # Warm the client processes so spawning is not measured.
         for job in [pool.submit(time.monotonic) for _ in range(4)]:
             job.result()
-        if args.only == "latency":
-            rows = _measure_latency(pool, workdir)
-            targets = _latency_targets(rows)
-            results_path = RESULTS_PATH.with_name("latency.json")
+        if args.only is not None:
+            concurrency = 1 if args.only == "latency" else 32
+            rows = _measure_one_concurrency(pool, workdir, concurrency)
+            targets = _reference_targets(rows, concurrency)
+            results_path = RESULTS_PATH.with_name(f"{args.only}.json")
         else:
             rows, start_s = _measure_all(pool, workdir)
             targets = _targets(rows, start_s)
@@ -799,14 +801,14 @@ def _transports(workdir: Path) -> tuple[tuple[str, str, str], ...]:
     )
 
 
-def _measure_latency(pool: ProcessPoolExecutor, workdir: Path) -> list[Row]:
-    """``--only latency``: the concurrency-1 rows of the floor, the bridge and the reference."""
+def _measure_one_concurrency(pool: ProcessPoolExecutor, workdir: Path, concurrency: int) -> list[Row]:
+    """``--only``: the rows of the floor, the bridge and the reference at one concurrency."""
     rows: list[Row] = []
     sim = Simulator(listen=f"unix://{workdir / 'mms.sock'}").start()
     minimal_sim = Simulator(listen=f"unix://{workdir / 'mms-minimal.sock'}").start()
     try:
         for transport, listen, minimal_listen in _transports(workdir):
-            print(f"bench: latency over {transport} ...", file=sys.stderr, flush=True)
+            print(f"bench: @{concurrency} over {transport} ...", file=sys.stderr, flush=True)
             rows.extend(
                 _against_reference(
                     _Rig(pool, sim),
@@ -814,7 +816,7 @@ def _measure_latency(pool: ProcessPoolExecutor, workdir: Path) -> list[Row]:
                     transport,
                     listen,
                     minimal_listen,
-                    concurrencies=(1,),
+                    concurrencies=(concurrency,),
                     head_of_line=False,
                 )
             )
@@ -824,20 +826,27 @@ def _measure_latency(pool: ProcessPoolExecutor, workdir: Path) -> list[Row]:
     return rows
 
 
-def _latency_targets(rows: list[Row]) -> list[Target]:
-    """The c=1 p50 targets of a ``--only latency`` run, with the ratio each one bounds."""
+def _reference_targets(rows: list[Row], concurrency: int) -> list[Target]:
+    """The targets of an ``--only`` run, each as the ratio it bounds: p50 at concurrency 1,
+    calls/s at 32."""
     targets: list[Target] = []
     for transport in ("tcp", "unix"):
-        bridge_p50 = _find(rows, BRIDGE_ROW, transport, 1).p50_ms
-        minimal_p50 = _find(rows, MINIMAL_ROW, transport, 1).p50_ms
-        ratio = bridge_p50 / minimal_p50 if bridge_p50 and minimal_p50 else None
+        bridge = _find(rows, BRIDGE_ROW, transport, concurrency)
+        minimal = _find(rows, MINIMAL_ROW, transport, concurrency)
+        if concurrency == 1:
+            mine, theirs, unit, limit = bridge.p50_ms, minimal.p50_ms, "p50", MINIMAL_P50_RATIO
+        else:
+            mine, theirs, unit = bridge.calls_per_s, minimal.calls_per_s, "calls/s"
+            limit = MINIMAL_CALLS_RATIO
+        ratio = mine / theirs if mine and theirs else None
+        passed = ratio is not None and (ratio <= limit if concurrency == 1 else ratio >= limit)
         targets.append(
             Target(
-                f"bridge p50 @1 {transport} / minimal bridge p50",
+                f"bridge {unit} @{concurrency} {transport} / minimal bridge {unit}",
                 _fmt(ratio, 3),
-                f"<= {MINIMAL_P50_RATIO:g} (bridge {_fmt(bridge_p50, 3)} ms, "
-                f"minimal {_fmt(minimal_p50, 3)} ms)",
-                ratio is not None and ratio <= MINIMAL_P50_RATIO,
+                f"{'<=' if concurrency == 1 else '>='} {limit:g} (bridge {_fmt(mine, 3)}, "
+                f"minimal {_fmt(theirs, 3)})",
+                passed,
             )
         )
     return targets
