@@ -801,7 +801,9 @@ def _transports(workdir: Path) -> tuple[tuple[str, str, str], ...]:
     )
 
 
-def _measure_one_concurrency(pool: ProcessPoolExecutor, workdir: Path, concurrency: int) -> list[Row]:
+def _measure_one_concurrency(
+    pool: ProcessPoolExecutor, workdir: Path, concurrency: int
+) -> list[Row]:
     """``--only``: the rows of the floor, the bridge and the reference at one concurrency."""
     rows: list[Row] = []
     sim = Simulator(listen=f"unix://{workdir / 'mms.sock'}").start()
