@@ -13,6 +13,7 @@ them as information: what gRPC and mms cost, not what a bridge can reach.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -505,10 +506,17 @@ def _watchers(sim: Simulator, server: ServerProcess, watchers: int) -> Row:
 
 
 def _against_reference(
-    rig: _Rig, minimal_rig: _Rig, transport: str, listen: str, minimal_listen: str
+    rig: _Rig,
+    minimal_rig: _Rig,
+    transport: str,
+    listen: str,
+    minimal_listen: str,
+    *,
+    concurrencies: tuple[int, ...] = CONCURRENCIES,
+    head_of_line: bool = True,
 ) -> list[Row]:
     """The floor, the bridge and the minimal bridge, in turn at each concurrency; then, over
-    tcp, the head-of-line rows on the same server."""
+    tcp and if ``head_of_line``, the head-of-line and quiet-launch rows on the same server."""
     rows: list[Row] = []
     server = ServerProcess(
         listen, str(rig.sim.address), "--launch-attempt-delays", HOL_ATTEMPT_DELAYS
@@ -529,11 +537,11 @@ def _against_reference(
                 _Run(rig, BRIDGE_ROW, transport, server.address, "stats", server.pid),
                 _Run(minimal_rig, MINIMAL_ROW, transport, minimal.address, "stats", minimal.pid),
             ]
-            for concurrency in CONCURRENCIES:
+            for concurrency in concurrencies:
                 rows.extend(_side_by_side(runs, concurrency))
         finally:
             minimal.stop()
-        if transport == "tcp":
+        if transport == "tcp" and head_of_line:
             print("bench: head-of-line ...", file=sys.stderr, flush=True)
             rows.extend(_head_of_line(rig, server))
             print("bench: quiet launches ...", file=sys.stderr, flush=True)
@@ -717,10 +725,19 @@ def _targets(rows: list[Row], start_s: list[float]) -> list[Target]:
     return targets
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--only",
+        choices=("latency", "throughput"),
+        help="latency: only the floor, the bridge and the reference at concurrency 1, over "
+        "tcp and unix (about 40 s), with the p50 targets; throughput: the same at "
+        "concurrency 32, with the calls/s targets; writes results/<choice>.json",
+    )
+    args = parser.parse_args(argv)
     began = time.monotonic()
     load_before = os.getloadavg()
-    rows: list[Row] = []
+    start_s: list[float] = []
     context = multiprocessing.get_context("spawn")
     with (
         tempfile.TemporaryDirectory(prefix="manatee-bench-") as tmp,
@@ -730,61 +747,15 @@ def main() -> int:
         # Warm the client processes so spawning is not measured.
         for job in [pool.submit(time.monotonic) for _ in range(4)]:
             job.result()
-        sim = Simulator(listen=f"unix://{workdir / 'mms.sock'}").start()
-        rig = _Rig(pool, sim)
-        spare_sim = Simulator(listen=f"unix://{workdir / 'mms-direct.sock'}").start()
-        # mms takes one client at a time: the reference gets a simulator of its own.
-        minimal_sim = Simulator(listen=f"unix://{workdir / 'mms-minimal.sock'}").start()
-        minimal_rig = _Rig(pool, minimal_sim)
-        try:
-            print("bench: start-up ...", file=sys.stderr, flush=True)
-            start_s = _start_times(spare_sim, workdir)
-            print("bench: direct mms ...", file=sys.stderr, flush=True)
-            rows.append(_direct(pool, spare_sim))
-            for transport, listen, minimal_listen in (
-                ("tcp", "127.0.0.1:0", "127.0.0.1:0"),
-                (
-                    "unix",
-                    f"unix://{workdir / 'grpc.sock'}",
-                    f"unix://{workdir / 'minimal.sock'}",
-                ),
-            ):
-                print(
-                    f"bench: floor, bridge and minimal bridge over {transport} ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                rows.extend(_against_reference(rig, minimal_rig, transport, listen, minimal_listen))
-            print("bench: coalescing ...", file=sys.stderr, flush=True)
-            rows.extend(_coalescing(rig, spare_sim))
-            print("bench: watchers ...", file=sys.stderr, flush=True)
-            workers = max(WATCHER_COUNTS) + 100
-            server = ServerProcess(
-                "127.0.0.1:0",
-                str(sim.address),
-                "--max-workers",
-                str(workers),
-                "--max-concurrent-rpcs",
-                str(workers),
-            )
-            try:
-                _start_vms(server.address, VM_COUNT)
-                for watchers in WATCHER_COUNTS:
-                    rows.append(_watchers(sim, server, watchers))
-            finally:
-                server.stop()
-        finally:
-            sim.stop()
-            spare_sim.stop()
-            minimal_sim.stop()
-    rows.append(
-        Row(
-            "start: process start to SERVING",
-            "unix",
-            notes={"median_ms": 1000 * statistics.median(start_s), "max_ms": 1000 * max(start_s)},
-        )
-    )
-    targets = _targets(rows, start_s)
+        if args.only is not None:
+            concurrency = 1 if args.only == "latency" else 32
+            rows = _measure_one_concurrency(pool, workdir, concurrency)
+            targets = _reference_targets(rows, concurrency)
+            results_path = RESULTS_PATH.with_name(f"{args.only}.json")
+        else:
+            rows, start_s = _measure_all(pool, workdir)
+            targets = _targets(rows, start_s)
+            results_path = RESULTS_PATH
     print(_table(rows))
     print()
     width = max(len(t.name) for t in targets)
@@ -799,8 +770,8 @@ def main() -> int:
         f"on {os.cpu_count()} CPUs; 1-min load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (anything else running skews these numbers)"
     )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(
         json.dumps(
             {
                 "meta": {
@@ -818,5 +789,119 @@ def main() -> int:
             indent=2,
         )
     )
-    print(f"results: {RESULTS_PATH}")
+    print(f"results: {results_path}")
     return 0
+
+
+def _transports(workdir: Path) -> tuple[tuple[str, str, str], ...]:
+    """(transport, the bridge's listen address, the reference's) for each transport measured."""
+    return (
+        ("tcp", "127.0.0.1:0", "127.0.0.1:0"),
+        ("unix", f"unix://{workdir / 'grpc.sock'}", f"unix://{workdir / 'minimal.sock'}"),
+    )
+
+
+def _measure_one_concurrency(
+    pool: ProcessPoolExecutor, workdir: Path, concurrency: int
+) -> list[Row]:
+    """``--only``: the rows of the floor, the bridge and the reference at one concurrency."""
+    rows: list[Row] = []
+    sim = Simulator(listen=f"unix://{workdir / 'mms.sock'}").start()
+    minimal_sim = Simulator(listen=f"unix://{workdir / 'mms-minimal.sock'}").start()
+    try:
+        for transport, listen, minimal_listen in _transports(workdir):
+            print(f"bench: @{concurrency} over {transport} ...", file=sys.stderr, flush=True)
+            rows.extend(
+                _against_reference(
+                    _Rig(pool, sim),
+                    _Rig(pool, minimal_sim),
+                    transport,
+                    listen,
+                    minimal_listen,
+                    concurrencies=(concurrency,),
+                    head_of_line=False,
+                )
+            )
+    finally:
+        sim.stop()
+        minimal_sim.stop()
+    return rows
+
+
+def _reference_targets(rows: list[Row], concurrency: int) -> list[Target]:
+    """The targets of an ``--only`` run, each as the ratio it bounds: p50 at concurrency 1,
+    calls/s at 32."""
+    targets: list[Target] = []
+    for transport in ("tcp", "unix"):
+        bridge = _find(rows, BRIDGE_ROW, transport, concurrency)
+        minimal = _find(rows, MINIMAL_ROW, transport, concurrency)
+        if concurrency == 1:
+            mine, theirs, unit, limit = bridge.p50_ms, minimal.p50_ms, "p50", MINIMAL_P50_RATIO
+        else:
+            mine, theirs, unit = bridge.calls_per_s, minimal.calls_per_s, "calls/s"
+            limit = MINIMAL_CALLS_RATIO
+        ratio = mine / theirs if mine and theirs else None
+        passed = ratio is not None and (ratio <= limit if concurrency == 1 else ratio >= limit)
+        targets.append(
+            Target(
+                f"bridge {unit} @{concurrency} {transport} / minimal bridge {unit}",
+                _fmt(ratio, 3),
+                f"{'<=' if concurrency == 1 else '>='} {limit:g} (bridge {_fmt(mine, 3)}, "
+                f"minimal {_fmt(theirs, 3)})",
+                passed,
+            )
+        )
+    return targets
+
+
+def _measure_all(pool: ProcessPoolExecutor, workdir: Path) -> tuple[list[Row], list[float]]:
+    """Every measurement of ``make bench``; the rows and the start-up times (s)."""
+    rows: list[Row] = []
+    sim = Simulator(listen=f"unix://{workdir / 'mms.sock'}").start()
+    rig = _Rig(pool, sim)
+    spare_sim = Simulator(listen=f"unix://{workdir / 'mms-direct.sock'}").start()
+    # mms takes one client at a time: the reference gets a simulator of its own.
+    minimal_sim = Simulator(listen=f"unix://{workdir / 'mms-minimal.sock'}").start()
+    minimal_rig = _Rig(pool, minimal_sim)
+    try:
+        print("bench: start-up ...", file=sys.stderr, flush=True)
+        start_s = _start_times(spare_sim, workdir)
+        print("bench: direct mms ...", file=sys.stderr, flush=True)
+        rows.append(_direct(pool, spare_sim))
+        for transport, listen, minimal_listen in _transports(workdir):
+            print(
+                f"bench: floor, bridge and minimal bridge over {transport} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            rows.extend(_against_reference(rig, minimal_rig, transport, listen, minimal_listen))
+        print("bench: coalescing ...", file=sys.stderr, flush=True)
+        rows.extend(_coalescing(rig, spare_sim))
+        print("bench: watchers ...", file=sys.stderr, flush=True)
+        workers = max(WATCHER_COUNTS) + 100
+        server = ServerProcess(
+            "127.0.0.1:0",
+            str(sim.address),
+            "--max-workers",
+            str(workers),
+            "--max-concurrent-rpcs",
+            str(workers),
+        )
+        try:
+            _start_vms(server.address, VM_COUNT)
+            for watchers in WATCHER_COUNTS:
+                rows.append(_watchers(sim, server, watchers))
+        finally:
+            server.stop()
+    finally:
+        sim.stop()
+        spare_sim.stop()
+        minimal_sim.stop()
+    rows.append(
+        Row(
+            "start: process start to SERVING",
+            "unix",
+            notes={"median_ms": 1000 * statistics.median(start_s), "max_ms": 1000 * max(start_s)},
+        )
+    )
+    return rows, start_s

@@ -27,9 +27,11 @@ from manatee_grpc.mms._messages import (
     RES_OK,
     FinishAddVmRequest,
     FinishAddVmResponse,
+    GetBalloonStatsRequest,
     MmsRequest,
     PrepareVmRequest,
     PrepareVmResponse,
+    RebalanceMemoryRequest,
     RemoveVmRequest,
     RemoveVmResponse,
     Response,
@@ -69,6 +71,9 @@ class Books:
         self._session = 0
         self._connected = False
         self._vms: dict[int, VmRecord] = {}
+        # running_vm_ids() as last computed; None once _vms changed (every stats read without
+        # ids asks for it, and the VMs change far less often). Set and cleared under _lock.
+        self._running_ids: tuple[int, ...] | None = None
         # VM ids that an mms session reset dropped, with the session they belonged to.
         self._dropped_by_reset: dict[int, int] = {}
         self._session_listeners: list[SessionListener] = []
@@ -139,9 +144,12 @@ class Books:
     def running_vm_ids(self) -> tuple[int, ...]:
         """The CrOS guest and every running sibling: what "all VMs" means for stats."""
         with self._lock:
-            return tuple(
-                sorted(vm.vm_id for vm in self._vms.values() if vm.state is VmState.RUNNING)
-            )
+            ids = self._running_ids
+            if ids is None:
+                ids = self._running_ids = tuple(
+                    sorted(vm.vm_id for vm in self._vms.values() if vm.state is VmState.RUNNING)
+                )
+            return ids
 
     def require_vm(self, vm_id: int, field: str = "vm_id") -> VmRecord:
         """The VM's record, or VmNotFoundError / SessionResetError saying why it is not here."""
@@ -189,6 +197,7 @@ class Books:
                     CROS_GUEST_VM_ID, 0, 0, VmState.RUNNING, self._clock(), session
                 )
             }
+            self._running_ids = None
         for listener in self._session_listeners:
             listener(previous, session)
 
@@ -199,6 +208,7 @@ class Books:
                 if vm_id != CROS_GUEST_VM_ID:
                     self._dropped_by_reset[vm_id] = session
             self._vms = {}
+            self._running_ids = None
         for listener in self._disconnect_listeners:
             listener(session, error)
 
@@ -206,6 +216,8 @@ class Books:
         self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
     ) -> None:
         del round_trip_s
+        if isinstance(request, GetBalloonStatsRequest | RebalanceMemoryRequest):
+            return  # nothing for the books (most answers): no lock taken
         with self._lock:
             if session != self._session:
                 return
@@ -220,6 +232,7 @@ class Books:
                     self._vms[request.vm_id] = replace(
                         record, state=state, since_unix_s=self._clock()
                     )
+                    self._running_ids = None
             elif (
                 isinstance(request, RemoveVmRequest)
                 and isinstance(response, RemoveVmResponse)
@@ -229,6 +242,7 @@ class Books:
                 # -22: mms holds no such VM (a pending, failed or running one would go with
                 # 0), e.g. an earlier RemoveVm removed it but its answer could not be read.
                 self._vms.pop(request.vm_id, None)
+                self._running_ids = None
 
     def _record_prepare(
         self, session: int, request: PrepareVmRequest, response: PrepareVmResponse
@@ -238,6 +252,7 @@ class Books:
         if response.vm_id == CROS_GUEST_VM_ID or response.vm_id in self._vms:
             return
         if response.res in (RES_OK, RES_ENOMEM):
+            self._running_ids = None
             self._vms[response.vm_id] = VmRecord(
                 response.vm_id,
                 request.mem_size_bytes,

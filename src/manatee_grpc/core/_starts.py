@@ -56,9 +56,11 @@ from manatee_grpc.mms._messages import (
     RES_OK,
     FinishAddVmRequest,
     FinishAddVmResponse,
+    GetBalloonStatsRequest,
     MmsRequest,
     PrepareVmRequest,
     PrepareVmResponse,
+    RebalanceMemoryRequest,
     RemoveVmRequest,
     RemoveVmResponse,
     Response,
@@ -401,6 +403,8 @@ class StartSlot:
         self, session: int, request: MmsRequest[Any], response: Response, round_trip_s: float
     ) -> None:
         del round_trip_s
+        if isinstance(request, GetBalloonStatsRequest | RebalanceMemoryRequest):
+            return  # nothing for the start slot (most answers): no lock taken
         with self._lock:
             if isinstance(request, PrepareVmRequest) and isinstance(response, PrepareVmResponse):
                 bare = self._bare_in_flight.get(id(request))

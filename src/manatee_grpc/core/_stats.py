@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,14 +70,21 @@ class _Answer:
     read_time_unix_s: float
     by_id: dict[int, VmBalloonStats]
     unreadable_by_id: dict[int, UnreadableVm]
+    # The answer's entries and their ids in mms's order (the order of the ids asked).
+    all_stats: tuple[VmBalloonStats, ...]
+    ids: tuple[int, ...] | None  # None if mms named a VM twice
 
     @classmethod
     def of(cls, session: int, response: GetBalloonStatsResponse) -> _Answer:
+        all_stats = response.all_stats
+        by_id = {entry.vm_id: entry for entry in all_stats}
         return cls(
             session,
             time.time(),
-            {entry.vm_id: entry for entry in response.all_stats},
+            by_id,
             {entry.vm_id: entry for entry in response.unreadable},
+            all_stats,
+            tuple(by_id) if len(by_id) == len(all_stats) else None,
         )
 
 
@@ -91,9 +99,10 @@ class _Batch:
     gathering: bool = False  # a loop timer will send it if enough callers have not joined
     answer: _Answer | None = None
     error: BaseException | None = None
-    # Coroutines waiting on this batch, woken together by one hand-off to their loop (so a
-    # batch of N callers costs the connection thread one wake-up, not N); None once woken.
-    waiters: list[asyncio.Future[None]] | None = field(default_factory=list)
+    # Coroutines waiting on this batch, each with its deadline (loop time; inf: none), woken
+    # together by one hand-off to their loop (so a batch of N callers costs the connection
+    # thread one wake-up, not N); None once handed off.
+    waiters: list[tuple[asyncio.Future[None], float]] | None = field(default_factory=list)
     picks: dict[tuple[int, ...], StatsSnapshot] = field(default_factory=dict)
 
 
@@ -114,7 +123,15 @@ class StatsReader:
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
         self._in_flight = False
+        self._sent: _Batch | None = None  # the batch on the wire (under _lock)
         self._next: _Batch | None = None
+        # One loop timer for every waiting caller's deadline, at the earliest one (see
+        # _expire): a caller costs no timer of its own, and under steady load with like
+        # deadlines the one timer is re-armed only when it fires. Touched only on the loop.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
+        self._expiry_loop: asyncio.AbstractEventLoop | None = None
+        self._last_request: GetBalloonStatsRequest | None = None  # under _lock
         self.mms_reads = 0  # GetBalloonStats round trips started (for tests and benchmarks)
         connection.add_observer(UnreadableVmLog())
 
@@ -130,26 +147,26 @@ class StatsReader:
             return _pick(vm_ids, _Answer.of(session, response))
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
+        # The batch is shared: this caller's deadline ends only its own wait, never the read.
+        # Seen to before the read is handed over, so that once it is the loop has nothing left
+        # to do before it lets the connection thread run (it blocks in its selector).
+        deadline = math.inf if timeout_s is None else loop.time() + timeout_s
+        if deadline < math.inf and (deadline < self._expiry_at or self._expiry_loop is not loop):
+            self._arm_expiry(loop, deadline)
         with self._lock:
             batch = self._next
             if batch is None:
                 batch = self._next = _Batch(loop)
             batch.vm_ids.update(vm_ids)
             assert batch.waiters is not None  # only the batch being gathered is joined
-            batch.waiters.append(waiter)
+            batch.waiters.append((waiter, deadline))
             if not self._in_flight:
                 if len(batch.waiters) >= self._last_batch_callers:
                     self._send_next_locked()
                 elif not batch.gathering:
                     batch.gathering = True
                     loop.call_later(self._gather_window_s, self._gathered, batch)
-        # The batch is shared: this caller's deadline ends only its own wait, never the read.
-        expiry = None if timeout_s is None else loop.call_later(timeout_s, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            if expiry is not None:
-                expiry.cancel()
+        await waiter
         answer = batch.answer
         if answer is None:
             if batch.error is not None:
@@ -162,6 +179,37 @@ class StatsReader:
             snapshot = batch.picks[vm_ids] = _pick(vm_ids, answer)
         return snapshot
 
+    def _arm_expiry(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = loop.call_at(deadline, self._expire, loop)
+        self._expiry_at = deadline
+        self._expiry_loop = loop
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The expiry timer: wake the callers whose deadline passed (they fail with
+        DEADLINE_EXCEEDED; the read goes on for the others), re-armed at the next deadline."""
+        self._expiry = None
+        self._expiry_at = math.inf
+        with self._lock:
+            waiting = [
+                entry
+                for batch in (self._sent, self._next)
+                if batch is not None and batch.waiters
+                for entry in batch.waiters
+            ]
+        now = loop.time()
+        earliest = math.inf
+        for waiter, deadline in waiting:
+            if waiter.done():
+                continue  # its caller left, or it was woken already
+            if deadline <= now:
+                waiter.set_result(None)
+            elif deadline < earliest:
+                earliest = deadline
+        if earliest < math.inf:
+            self._arm_expiry(loop, earliest)
+
     def _gathered(self, batch: _Batch) -> None:
         """The gather window ended: send ``batch`` unless it went already (or mms is busy)."""
         with self._lock:
@@ -173,23 +221,33 @@ class StatsReader:
         assert batch is not None
         self._next = None
         self._in_flight = True
+        self._sent = batch
         self.mms_reads += 1
         session = self._connection.session
-        mms_future = self._connection.submit(GetBalloonStatsRequest(tuple(sorted(batch.vm_ids))))
+        vm_ids = tuple(sorted(batch.vm_ids))
+        request = self._last_request
+        if request is None or request.vm_ids != vm_ids:
+            # The same VMs are read again and again (pollers, watch ticks): the connection
+            # writes a request it has just sent from the frame it kept.
+            request = self._last_request = GetBalloonStatsRequest(vm_ids)
+        mms_future = self._connection.submit(request)
         mms_future.add_done_callback(lambda done: self._answered(batch, session, done))
 
     def _answered(self, batch: _Batch, session: int, done: Future[GetBalloonStatsResponse]) -> None:
         # On the connection thread (or inline, if submit failed at once): settle the batch,
         # send the next one (its callers arrived while this read was in flight), then hand the
         # wake-up of this batch's callers to their loop in one go.
-        if done.cancelled():
-            batch.error = None
-        elif (error := done.exception()) is not None:
+        try:
+            response = done.result(0)  # done: one look at the future, not three
+        except CancelledError:
+            pass  # neither answer nor error: its callers are told the deadline passed
+        except BaseException as error:  # whatever the connection failed it with
             batch.error = error
         else:
-            batch.answer = _Answer.of(session, done.result())
+            batch.answer = _Answer.of(session, response)
         with self._lock:
             self._in_flight = False
+            self._sent = None
             waiters, batch.waiters = batch.waiters, None
             self._last_batch_callers = len(waiters) if waiters else 0
             if self._next is not None:
@@ -198,13 +256,8 @@ class StatsReader:
             _aio.call_soon_from_thread(batch.loop, _wake_all, waiters)
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-def _wake_all(waiters: list[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
+def _wake_all(waiters: list[tuple[asyncio.Future[None], float]]) -> None:
+    for waiter, _ in waiters:
         if not waiter.done():
             waiter.set_result(None)
 
@@ -217,6 +270,12 @@ def _stats_deadline() -> DeadlineExceededError:
 
 
 def _pick(vm_ids: tuple[int, ...], answer: _Answer) -> StatsSnapshot:
+    if vm_ids == answer.ids:
+        # The usual case (a lone caller, or callers asking alike): the answer is exactly
+        # what was asked, in the order asked; nothing is missing.
+        return StatsSnapshot(
+            answer.session, answer.read_time_unix_s, answer.all_stats, (), (), answer
+        )
     by_id, unreadable_by_id = answer.by_id, answer.unreadable_by_id
     stats = tuple(by_id[vm_id] for vm_id in vm_ids if vm_id in by_id)
     missing = tuple(vm_id for vm_id in vm_ids if vm_id not in by_id)

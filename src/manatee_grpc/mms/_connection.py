@@ -22,7 +22,6 @@ What is at stake comes from ``set_stakes`` (the server asks its books and start 
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import logging
 import math
@@ -67,6 +66,8 @@ DEFAULT_WATCHDOG_S: Mapping[MessageType, float] = {
     MessageType.FINISH_ADD_VM: 120.0,
     MessageType.REMOVE_VM: 600.0,
 }
+
+_LONGEST_WATCHDOG_S = max(DEFAULT_WATCHDOG_S.values())  # for a type the config leaves out
 
 # While the stream is out of step with VMs at stake, how often to look whether they are gone
 # (a launch gave up its start, say): then a reset loses nothing and the server heals itself.
@@ -264,6 +265,8 @@ class MmsConnection:
         self._rng = random.Random()
         self._requests_sent = 0
         self._responses = 0  # answers received since start
+        # The last request encoded and its frame, one tuple (so any thread reads a pair).
+        self._last_encoded: tuple[MmsRequest[Any] | None, bytes] = (None, b"")
 
     # --- public API (any thread) -------------------------------------------------------------
 
@@ -324,7 +327,12 @@ class MmsConnection:
         Cancelling the future before the request is sent keeps it off the wire; once sent it
         runs to completion, because mms has no way to cancel and closing would drop every VM.
         """
-        frame = _wire.encode_request(request)  # RequestEncodeError: refused before queueing
+        last = self._last_encoded
+        if last[0] is request:
+            frame = last[1]  # requests are immutable: the same one again, the same frame
+        else:
+            frame = _wire.encode_request(request)  # RequestEncodeError: refused before queueing
+            self._last_encoded = (request, frame)
         future: Future[R] = Future()
         with self._lock:
             error: ManateeError | None = None
@@ -525,7 +533,7 @@ class MmsConnection:
     ) -> MmsConnectionError | None:
         """Send one call and read its answer; returns why the stream must close, or None."""
         msg_type = call.request.TYPE
-        watchdog_s = self._config.watchdog_s.get(msg_type, max(DEFAULT_WATCHDOG_S.values()))
+        watchdog_s = self._config.watchdog_s.get(msg_type, _LONGEST_WATCHDOG_S)
         started = time.monotonic()
         deadline = started + watchdog_s
         outgoing = _Outgoing(call.frame)
@@ -782,8 +790,10 @@ class MmsConnection:
         """Block until a submit (or stop, or reset) rings, or for _IDLE_CHECK_S at most."""
         if self._queue or self._stopping:
             return
-        with contextlib.suppress(queue.Empty):
+        try:  # not contextlib.suppress: this runs before every request of an idle thread
             self._doorbell.get(timeout=_IDLE_CHECK_S)
+        except queue.Empty:
+            pass
 
     def _next_call(self) -> _Call | None:
         with self._lock:

@@ -70,6 +70,8 @@ _MESSAGE_NAMES = {
     MessageType.REMOVE_VM: "RemoveVm",
 }
 
+_GET_BALLOON_STATS = int(MessageType.GET_BALLOON_STATS)  # a plain int packs faster than the enum
+
 _R = TypeVar("_R", bound=Response)
 
 
@@ -126,6 +128,17 @@ def check_response_header(
 
 def encode_request(request: MmsRequest[Any]) -> bytes:
     """The whole frame for ``request``; raises RequestEncodeError for values mms would misread."""
+    if type(request) is GetBalloonStatsRequest:
+        # Every stats read and watch tick comes here: ids that are all plain ints in range are
+        # written directly (a third of the general path's cost); any other goes the general
+        # path, which names the bad one.
+        vm_ids = request.vm_ids
+        for vm_id in vm_ids:
+            if type(vm_id) is not int or not 0 <= vm_id <= U32_MAX:
+                break
+        else:
+            body = b'{"ids":[%s]}' % ",".join(map(str, vm_ids)).encode()
+            return _HEADER.pack(len(body), _GET_BALLOON_STATS) + body
     payload = _request_payload(request)
     # The C++ client sends no body at all for an empty dict; keep that rule even though every
     # request we build today has keys.
@@ -322,7 +335,15 @@ class _ResBody(msgspec.Struct, gc=False):
     res: _I32
 
 
+class _TypedBalloonStatsBody(msgspec.Struct, gc=False):
+    all_stats: list[_StatsEntry]
+
+
 _BALLOON_STATS = msgspec.json.Decoder(_BalloonStatsBody)
+_BALLOON_STATS_TYPED = msgspec.json.Decoder(_TypedBalloonStatsBody)
+# BalloonStats is a NamedTuple: tuple.__new__ builds one from a tuple without _make's Python call.
+_new_tuple = tuple.__new__
+_astuple = msgspec.structs.astuple
 _STATS_ENTRY = msgspec.json.Decoder(_StatsEntry)
 _REBALANCE_MEMORY = msgspec.json.Decoder(_RebalanceMemoryBody)
 _PREPARE_VM = msgspec.json.Decoder(_PrepareVmBody)
@@ -341,6 +362,27 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes, where: str) -> _T:
 
 
 def _decode_balloon_stats(body: bytes, where: str) -> GetBalloonStatsResponse:
+    try:
+        # The usual answer, every entry good, in one typed pass (about half the cost of the
+        # entry-by-entry pass below, which gives the same result for such an answer).
+        entries = _BALLOON_STATS_TYPED.decode(bytes(body).decode("utf-8")).all_stats
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError):
+        return _decode_balloon_stats_by_entry(body, where)
+    return GetBalloonStatsResponse(
+        all_stats=tuple(
+            [
+                VmBalloonStats(
+                    entry.id, _new_tuple(BalloonStats, _astuple(entry.stats)), entry.balloon_actual
+                )
+                for entry in entries
+            ]
+        )
+    )
+
+
+def _decode_balloon_stats_by_entry(body: bytes, where: str) -> GetBalloonStatsResponse:
+    """A GetBalloonStats answer checked entry by entry: one VM's impossible numbers cost no
+    other VM its statistics (they make that VM unreadable), and a broken answer is named."""
     all_stats: list[VmBalloonStats] = []
     unreadable: list[UnreadableVm] = []
     for index, raw in enumerate(_decode(_BALLOON_STATS, body, where).all_stats):
@@ -353,7 +395,7 @@ def _decode_balloon_stats(body: bytes, where: str) -> GetBalloonStatsResponse:
             else:
                 all_stats.append(decoded)
             continue
-        stats = BalloonStats._make(msgspec.structs.astuple(entry.stats))
+        stats = _new_tuple(BalloonStats, _astuple(entry.stats))
         all_stats.append(VmBalloonStats(entry.id, stats, entry.balloon_actual))
     return GetBalloonStatsResponse(all_stats=tuple(all_stats), unreadable=tuple(unreadable))
 
