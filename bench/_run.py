@@ -46,8 +46,10 @@ CONCURRENCIES = (1, 8, 32, 128)
 WINDOW_S = 2.0
 # Each compared pair (floor and bridge, coalescing on and off) is measured in turn, ROUNDS
 # times, in windows of ROUND_WINDOW_S; a row reports the median round. This machine's speed
-# drifts by tens of percent within a minute, so a single window each gives ratios that swing.
-ROUNDS = 3
+# drifts by tens of percent within a minute, so a single window each gives ratios that swing;
+# and the order alternates from round to round (A B C, C B A, ...), so a drift within a round
+# favours no one of them.
+ROUNDS = 5
 ROUND_WINDOW_S = 1.2
 WARMUP_S = 0.7
 COALESCE_LATENCY_S = 0.002
@@ -242,8 +244,9 @@ class _Run:
 def _side_by_side(runs: list[_Run], concurrency: int) -> list[Row]:
     """Measure ``runs`` in turn, ROUNDS times over; one row each, from its median round."""
     rounds: list[list[Row]] = [[] for _ in runs]
-    for _ in range(ROUNDS):
-        for run, results in zip(runs, rounds, strict=True):
+    for round_index in range(ROUNDS):
+        pairs = list(zip(runs, rounds, strict=True))
+        for run, results in pairs if round_index % 2 == 0 else reversed(pairs):
             results.append(
                 _unary(
                     run.rig,

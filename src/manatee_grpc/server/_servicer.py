@@ -185,12 +185,21 @@ def add_to_server(servicer: MemoryServicer, server: aio.Server) -> None:
         handlers[method.name] = make(
             behaviour,
             request_deserializer=_tolerant_parser(request_type),
-            response_serializer=response_type.SerializeToString,
+            response_serializer=(
+                _serialized_once
+                if method.name == "GetBalloonStats"
+                else response_type.SerializeToString
+            ),
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _serialized_once(response: Message | bytes) -> bytes:
+    # GetBalloonStats hands back the bytes its callers of one read share (serialized once).
+    return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 
 def _observe(
@@ -329,7 +338,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         snapshot = await self.bridge.get_balloon_stats_async(
             vm_ids_checked, _timeout_s(context), session_id
         )
-        return self._stats_responses.of(snapshot)
+        # The bytes every caller of this read asking the same gets (see _serialized_once).
+        return cast(pb.GetBalloonStatsResponse, self._stats_responses.serialized(snapshot))
 
     @_guard_async_stream
     async def WatchBalloonStats(
@@ -799,6 +809,8 @@ class _LastConversion(Generic[M]):
         self._session_id = session_id
         # (snapshot, its read, message) of the last conversion.
         self._last: tuple[StatsSnapshot, object, M] | None = None
+        # The last message's bytes, for callers that share it (GetBalloonStats).
+        self._last_bytes: tuple[M, bytes] | None = None
 
     def of(self, snapshot: StatsSnapshot) -> M:
         last = self._last
@@ -821,6 +833,14 @@ class _LastConversion(Generic[M]):
                 )
         self._last = (snapshot, source, message)
         return message
+
+    def serialized(self, snapshot: StatsSnapshot) -> bytes:
+        """``of(snapshot)`` serialized, once for every caller it is shared with."""
+        message = self.of(snapshot)
+        cached = self._last_bytes
+        if cached is None or cached[0] is not message:
+            cached = self._last_bytes = (message, message.SerializeToString())
+        return cached[1]
 
 
 def _covers(snapshot: StatsSnapshot) -> tuple[tuple[int, ...], tuple[int, ...]]:
