@@ -1,11 +1,13 @@
-"""examples/launch_service_aio.py, the asyncio launcher, runs against a real server as its sync
-twin does (tests/cli/test_example.py) and cleans up after itself."""
+"""The launchers in examples/ (the sync one and its asyncio twin) run against a real server and
+clean up after themselves."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from manatee_grpc import ManateeServer
 
@@ -15,9 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_TIMEOUT_S = 60.0
 
 
-def test_the_asyncio_launch_service_example(server: ManateeServer) -> None:
+@pytest.mark.parametrize("example", ["launch_service.py", "launch_service_aio.py"])
+def test_the_launch_service_example(server: ManateeServer, example: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "examples" / "launch_service_aio.py"),
+        [sys.executable, str(REPO_ROOT / "examples" / example),
          "--server", server.address, "--mem-mib", "512"],
         capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S, check=False,
     )  # fmt: skip
