@@ -8,13 +8,14 @@ builds. No mms or socket detail lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
@@ -390,29 +391,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             # and no event (a preview changes nothing).
             self._check_open()
             result = await self.bridge.preview_rebalance(deltas, _timeout_s(context), session_id)
-            return pb.RebalanceMemoryResponse(
-                requested_deltas=[_delta(d) for d in result.requested],
-                actual_deltas=[_delta(d) for d in result.actual],
-                fully_applied=result.fully_applied,
-            )
-        details: dict[str, object] = {"requested_deltas": _delta_objects(deltas.items())}
-        if request_id:
-            details["request_id"] = request_id
-        record = self._recorder(EventKind.REBALANCE_MEMORY, context, session_id, tuple(deltas))
-        try:
-            self._check_open()
-            result = await self.bridge.rebalance(
-                deltas, _timeout_s(context), session_id, request_id
-            )
-        except BaseException as error:
-            record(details=details, error=event_error(error))
-            raise
-        details["applied_requested_deltas"] = _delta_objects(
-            (d.vm_id, d.delta_bytes) for d in result.requested
-        )
-        details["actual_deltas"] = _delta_objects((d.vm_id, d.delta_bytes) for d in result.actual)
-        details["fully_applied"] = result.fully_applied
-        record(details=details)
+        else:
+            details: dict[str, object] = {"requested_deltas": _delta_objects(deltas.items())}
+            if request_id:
+                details["request_id"] = request_id
+            with self._recording(
+                EventKind.REBALANCE_MEMORY, context, session_id, tuple(deltas), details
+            ):
+                self._check_open()
+                result = await self.bridge.rebalance(
+                    deltas, _timeout_s(context), session_id, request_id
+                )
+                details["applied_requested_deltas"] = _delta_objects(
+                    (d.vm_id, d.delta_bytes) for d in result.requested
+                )
+                details["actual_deltas"] = _delta_objects(
+                    (d.vm_id, d.delta_bytes) for d in result.actual
+                )
+                details["fully_applied"] = result.fully_applied
         return pb.RebalanceMemoryResponse(
             requested_deltas=[_delta(d) for d in result.requested],
             actual_deltas=[_delta(d) for d in result.actual],
@@ -438,18 +434,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         }
         if request_id:
             details["request_id"] = request_id
-        record = self._recorder(EventKind.PREPARE_VM, context, "", ())
-        try:
+        with self._recording(EventKind.PREPARE_VM, context, "", (), details) as event:
             self._check_open()
             result = await self.bridge.prepare_vm(
                 mem_size_bytes, init_mem_size_bytes, _timeout_s(context), request_id
             )
-        except BaseException as error:
-            record(details=details, error=event_error(error))
-            raise
-        details["reserved"] = result.reserved
-        details["shortfall_bytes"] = result.shortfall_bytes
-        record(session=result.session_id, vm_ids=(result.vm_id,), details=details)
+            details["reserved"] = result.reserved
+            details["shortfall_bytes"] = result.shortfall_bytes
+            event.session, event.vm_ids = result.session_id, (result.vm_id,)
         response = pb.PrepareVmResponse(
             vm_id=result.vm_id,
             reserved=result.reserved,
@@ -469,14 +461,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.FinishAddVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
         session_id = validate.session_id(request.session)
-        record = self._recorder(EventKind.FINISH_ADD_VM, context, session_id, (vm_id,))
-        try:
+        with self._recording(EventKind.FINISH_ADD_VM, context, session_id, (vm_id,)):
             self._check_open()
             vm = await self.bridge.finish_add_vm(vm_id, _timeout_s(context), session_id)
-        except BaseException as error:
-            record(error=event_error(error))
-            raise
-        record()
         return pb.FinishAddVmResponse(vm=self._vm_info(vm))
 
     @_guard_async
@@ -487,14 +474,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     ) -> pb.RemoveVmResponse:
         vm_id = validate.sibling_vm_id(request.vm_id)
         session_id = validate.session_id(request.session)
-        record = self._recorder(EventKind.REMOVE_VM, context, session_id, (vm_id,))
-        try:
+        with self._recording(EventKind.REMOVE_VM, context, session_id, (vm_id,)):
             self._check_open()
             await self.bridge.remove_vm(vm_id, _timeout_s(context), session_id)
-        except BaseException as error:
-            record(error=event_error(error))
-            raise
-        record()
         return pb.RemoveVmResponse()
 
     @_guard_async
@@ -511,30 +493,35 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     # --- events --------------------------------------------------------------------------------
 
-    def _recorder(
+    @contextlib.contextmanager
+    def _recording(
         self,
         kind: EventKind,
         context: aio.ServicerContext,  # type: ignore[type-arg]
         session_id: str,
         vm_ids: tuple[int, ...],
-    ) -> _Recorder:
-        """How a state-changing call records its one event when it ends, failed or not."""
+        details: dict[str, object] | None = None,
+    ) -> Iterator[_PendingEvent]:
+        """Records a state-changing call's one event as it ends, failed (with its error) or not;
+        the call fills in what it learnt (the VM mms gave it, the deltas that moved)."""
         caller = _caller(context)
         # The session the caller named, else the one current as the call came in.
-        session = session_id or self.bridge.books.session_id
-
-        def record(
-            *,
-            session: str = session,
-            vm_ids: tuple[int, ...] = vm_ids,
-            details: dict[str, object] | None = None,
-            error: EventError | None = None,
-        ) -> None:
+        event = _PendingEvent(session_id or self.bridge.books.session_id, vm_ids, details)
+        error: EventError | None = None
+        try:
+            yield event
+        except BaseException as raised:
+            error = event_error(raised)
+            raise
+        finally:
             self.events.publish(
-                kind, caller, session=session, vm_ids=vm_ids, details=details, error=error
+                kind,
+                caller,
+                session=event.session,
+                vm_ids=event.vm_ids,
+                details=event.details,
+                error=error,
             )
-
-        return record
 
     @_guard_async_stream
     async def WatchEvents(
@@ -680,15 +667,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return message
 
 
-class _Recorder(Protocol):
-    def __call__(
-        self,
-        *,
-        session: str = ...,
-        vm_ids: tuple[int, ...] = ...,
-        details: dict[str, object] | None = None,
-        error: EventError | None = None,
-    ) -> None: ...
+@dataclass(slots=True)
+class _PendingEvent:
+    """What a state-changing call's event will say, filled in as the call learns it."""
+
+    session: str
+    vm_ids: tuple[int, ...]
+    details: dict[str, object] | None
 
 
 def _caller(context: aio.ServicerContext) -> Caller:  # type: ignore[type-arg]
