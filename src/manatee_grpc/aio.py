@@ -31,7 +31,7 @@ from collections.abc import (
 )
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class Client:
@@ -180,31 +181,16 @@ class Client:
         """Snapshots, session resets and mms outages, as an async generator, until it is closed
         (``await it.aclose()``, or leave an ``async with contextlib.aclosing(...)``: either
         cancels the call) or the client is."""
-        return self._watch(common.watch_request(vm_ids, interval_s, session))
+        request = common.watch_request(vm_ids, interval_s, session)
+        return _streamed(lambda: self._stub.WatchBalloonStats(request))
 
-    async def _watch(
-        self, request: pb.WatchBalloonStatsRequest
-    ) -> AsyncGenerator[pb.WatchBalloonStatsResponse, None]:
-        call = self._stub.WatchBalloonStats(request)
-        try:
-            with _translated():
-                async for response in call:
-                    yield response
-        finally:
-            call.cancel()
-
-    async def watch_events(
+    def watch_events(
         self, replay_last: int = 0, kinds: Iterable[pb.EventKind.ValueType] = ()
     ) -> AsyncGenerator[pb.WatchEventsResponse, None]:
         """The last ``replay_last`` events, `caught_up`, then live events, as an async generator
         until it is closed (which cancels the call) or the client is."""
-        call = self._stub.WatchEvents(common.watch_events_request(replay_last, kinds))
-        try:
-            with _translated():
-                async for response in call:
-                    yield response
-        finally:
-            call.cancel()
+        request = common.watch_events_request(replay_last, kinds)
+        return _streamed(lambda: self._stub.WatchEvents(request))
 
     async def launch_vm(
         self,
@@ -274,6 +260,20 @@ def _translated(request_id: str | None = None) -> Iterator[None]:
             raise ManateeRpcError(
                 grpc.StatusCode.CANCELLED, "the call was cancelled: its client was closed"
             ) from None
+
+
+async def _streamed(
+    start: Callable[[], grpc.aio.UnaryStreamCall[Any, _R]],
+) -> AsyncGenerator[_R, None]:
+    """A server stream's messages until it ends or the generator is closed (which cancels it);
+    the call starts when the generator is first iterated."""
+    call = start()
+    try:
+        with _translated():
+            async for response in call:
+                yield response
+    finally:
+        call.cancel()
 
 
 async def _settled(result: _T | Awaitable[_T]) -> _T:

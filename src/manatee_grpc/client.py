@@ -23,6 +23,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -50,6 +51,9 @@ __all__ = [
     "ManateeRpcError",
     "new_request_id",
 ]
+
+
+_R = TypeVar("_R")
 
 
 class Client:
@@ -173,29 +177,16 @@ class Client:
     ) -> Generator[pb.WatchBalloonStatsResponse, None, None]:
         """Snapshots, session resets and mms outages until the generator is closed
         (``close()``, which cancels the call) or the client is."""
-        return self._watch(common.watch_request(vm_ids, interval_s, session))
-
-    def _watch(
-        self, request: pb.WatchBalloonStatsRequest
-    ) -> Generator[pb.WatchBalloonStatsResponse, None, None]:
-        call = self._stub.WatchBalloonStats(request)
-        try:
-            with translated():
-                yield from call
-        finally:
-            call.cancel()
+        request = common.watch_request(vm_ids, interval_s, session)
+        return _streamed(lambda: self._stub.WatchBalloonStats(request))
 
     def watch_events(
         self, replay_last: int = 0, kinds: Iterable[pb.EventKind.ValueType] = ()
     ) -> Generator[pb.WatchEventsResponse, None, None]:
         """The last ``replay_last`` events, `caught_up`, then live events, until the iterator
         is closed (which cancels the call)."""
-        call = self._stub.WatchEvents(common.watch_events_request(replay_last, kinds))
-        try:
-            with translated():
-                yield from call
-        finally:
-            call.cancel()
+        request = common.watch_events_request(replay_last, kinds)
+        return _streamed(lambda: self._stub.WatchEvents(request))
 
     def launch_vm(
         self,
@@ -255,3 +246,14 @@ class Client:
                 # A callback raised (or we were interrupted): cancelling releases the launch.
                 call.cancel()
         return exchange.result()
+
+
+def _streamed(start: Callable[[], grpc._CallIterator[_R]]) -> Generator[_R, None, None]:
+    """A server stream's messages until it ends or the generator is closed (which cancels it);
+    the call starts when the generator is first iterated."""
+    call = start()
+    try:
+        with translated():
+            yield from call
+    finally:
+        call.cancel()

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import datetime
 import enum
+import functools
 import json
 import logging
 import os
@@ -386,21 +387,8 @@ class EventLog:
         Returns the event, or None when it was handed over (or the log is closed).
         """
         when = self._clock() if time_unix_s is None else time_unix_s
-        if self._loop is not None and threading.get_ident() != self._loop_thread:
-            _aio.call_soon_from_thread(
-                self._loop,
-                lambda: self._record(
-                    kind,
-                    caller,
-                    session=session,
-                    vm_ids=vm_ids,
-                    details=details,
-                    error=error,
-                    time_unix_s=when,
-                ),
-            )
-            return None
-        return self._record(
+        record = functools.partial(
+            self._record,
             kind,
             caller,
             session=session,
@@ -409,6 +397,10 @@ class EventLog:
             error=error,
             time_unix_s=when,
         )
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            _aio.call_soon_from_thread(self._loop, record)
+            return None
+        return record()
 
     publish_from_thread = publish
 
