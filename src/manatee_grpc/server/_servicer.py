@@ -186,11 +186,7 @@ def add_to_server(servicer: MemoryServicer, server: aio.Server) -> None:
         handlers[method.name] = make(
             behaviour,
             request_deserializer=_tolerant_parser(request_type),
-            response_serializer=(
-                _serialized_once
-                if method.name == "GetBalloonStats"
-                else response_type.SerializeToString
-            ),
+            response_serializer=_serialized_once,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
@@ -199,7 +195,8 @@ def add_to_server(servicer: MemoryServicer, server: aio.Server) -> None:
 
 
 def _serialized_once(response: Message | bytes) -> bytes:
-    # GetBalloonStats hands back the bytes its callers of one read share (serialized once).
+    # A handler may hand back bytes already serialized: GetBalloonStats gives every caller of one
+    # read the same bytes, serialized once.
     return response if type(response) is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
 
