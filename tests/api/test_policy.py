@@ -15,8 +15,9 @@ import pytest
 from google.protobuf import json_format
 
 from api.conftest import start_server
+from api.event_helpers import recorded_events
 from api.helpers import wait_until
-from manatee_grpc import ManateeServer
+from manatee_grpc import Client, ManateeServer
 from manatee_grpc import memory_service_pb2 as pb
 from manatee_grpc import memory_service_pb2_grpc as pb_grpc
 from manatee_grpc.mms._memory_math import MIB
@@ -194,21 +195,6 @@ def test_the_policy_runs_by_itself_every_period_and_is_off_by_default(tmp_path: 
         plain.stop(grace_s=1.0)
 
 
-def _policy_events(rig: Rig) -> list[pb.Event]:
-    """Every POLICY_DECISION event the server kept, oldest first (the replay, to caught_up)."""
-    stream = rig.stub.WatchEvents(
-        pb.WatchEventsRequest(replay_last=1000, kinds=[pb.EVENT_KIND_POLICY_DECISION]),
-        timeout=30,
-    )
-    events = []
-    for message in stream:
-        if message.WhichOneof("update") == "caught_up":
-            stream.cancel()
-            break
-        events.append(message.event)
-    return events
-
-
 def test_each_policy_decision_is_one_event_with_its_inputs_and_outcome(rising: Rig) -> None:
     rising.start_vm()
     rising.start_vm()
@@ -217,7 +203,8 @@ def test_each_policy_decision_is_one_event_with_its_inputs_and_outcome(rising: R
         rising.clock.advance(100)
         decisions.append(rising.server.run_policy_tick())
     assert any(decision.acted for decision in decisions)
-    events = _policy_events(rising)
+    with Client(rising.server.address) as client:
+        events = [e for e in recorded_events(client) if e.kind == pb.EVENT_KIND_POLICY_DECISION]
     assert len(events) == len(decisions)
     for event, decision in zip(events, decisions, strict=True):
         assert event.caller.origin == "policy"
