@@ -12,8 +12,9 @@ contract in pyproject.toml checks it). Errors name their gRPC code as text; ``se
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from manatee_grpc._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from manatee_grpc.core._books import (
@@ -94,12 +95,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy: a name's module is imported on first use, so importing one module of this
-    # package does not load the others.
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

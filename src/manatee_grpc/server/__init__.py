@@ -10,8 +10,9 @@ protobuf and prometheus_client; never cli (the contract in pyproject.toml checks
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from manatee_grpc._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from manatee_grpc.server._config import (
@@ -57,12 +58,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy: a name's module is imported on first use, so importing one module of this
-    # package does not load the others.
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
