@@ -34,7 +34,7 @@ def test_a_later_caller_with_an_earlier_deadline_ends_first_and_the_read_goes_on
         with pytest.raises(DeadlineExceededError):
             await near
         assert not far.done() and not first.done()
-        connection.answer()  # the first read; the next goes once it has gathered its callers
+        connection.answer()  # the first read, which served one: the next goes at once
         await connection.reads_sent(2)
         connection.answer()
         for caller in (first, far):

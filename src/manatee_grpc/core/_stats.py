@@ -3,22 +3,25 @@
 mms serves one request at a time, so throughput comes from doing less: every caller waiting for
 stats is served by one GetBalloonStats for the union of their ids. Callers that arrive while a
 read is in flight join the next one, which the connection thread sends as soon as the answer
-is in.
+is in, if it has its callers (see Gathering).
 
-Gathering: a read is sent once as many callers have joined it as the reader expects, or
-``gather_window_s`` after it could first have gone (mms idle, or the read before it answered),
-whichever comes first. The reader expects the most callers it has seen waiting at once (on the
-wire and joining); a window that ends with fewer lowers that to the number that came. Under
-load, the callers one read answers come back together: a read sent with whoever happens to be
-waiting splits them over ever more, ever smaller reads, and each read costs mms a round of
-every VM's balloon and this process a decode and a hand-off. A lone caller never waits (it is
-all the reader expects), and after a crowd leaves, one read waits out the window once. (An
-earlier version looked at the loop's private ready queue to see whether more callers were on
-their way; this looks only at what the reader itself saw.)
+Gathering: a read waits for the callers the reader expects, as many as the last read served
+(callers answered together come back together), or ``gather_window_s`` at most, counted from
+when it could first have gone: mms idle, or the read before it answered. When the read before
+answers, its own callers are on their way back, so a next read that has fewer callers than it
+served waits for them rather than go with whoever happens to be waiting; that is what merges a
+crowd split over several reads into one, and each read costs mms a round of every VM's balloon
+and this process a decode and a hand-off. A next read with as many callers goes from the
+connection thread at once. A lone caller never waits (the last read served one), and when the
+crowd thins, the read that waits out its window serves fewer and so lowers what the next
+expects. (An earlier version looked at the loop's private ready queue to see whether more
+callers were on their way; this looks only at what the reader itself saw.)
 
 Callers are coroutines on the server's event loop. The read's answer comes back to them through
 the one hand-off from the connection thread (``_aio.call_soon_from_thread``): one per read,
-whatever the number of callers it serves.
+whatever the number of callers it serves (it also starts the window of a next read left
+gathering). A reader serves one loop at a time, as a server has one loop; a batch left by a
+loop that closed is dropped, not joined.
 """
 
 from __future__ import annotations
@@ -125,10 +128,9 @@ class StatsReader:
         self._connection = connection
         self._coalesce = coalesce
         self._gather_window_s = gather_window_s
-        # How many callers a read waits for (see the module docstring), and how many the read
-        # on the wire serves. Under _lock.
+        # How many callers a read waits for (see the module docstring): as many as the last
+        # read served. Under _lock.
         self._expected_callers = 0
-        self._sent_callers = 0
         # Taken on the loop (a caller joins) and on the connection thread (a read is answered).
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
@@ -165,16 +167,16 @@ class StatsReader:
             self._arm_expiry(loop, deadline)
         with self._lock:
             batch = self._next
-            if batch is None:
+            if batch is None or (batch.loop is not loop and batch.loop.is_closed()):
+                # (A batch left by a closed loop has nobody waiting on it, and its wake-up and
+                # window would go to that loop: it is dropped.)
                 batch = self._next = _Batch(loop)
             batch.vm_ids.update(vm_ids)
             waiters = batch.waiters
             assert waiters is not None  # only the batch being gathered is joined
             waiters.append((waiter, deadline))
-            joined = len(waiters)
-            self._expected_callers = max(self._expected_callers, joined + self._sent_callers)
             if not self._in_flight:
-                if joined >= self._expected_callers:
+                if len(waiters) >= self._expected_callers:
                     self._send_next_locked()
                 elif not batch.gathering:
                     batch.gathering = True
@@ -224,12 +226,9 @@ class StatsReader:
             self._arm_expiry(loop, earliest)
 
     def _gathered(self, batch: _Batch) -> None:
-        """The gather window ended: send ``batch`` unless it went already (or mms is busy),
-        and expect as many callers from now on as came to it."""
+        """The gather window ended: send ``batch`` unless it went already (or mms is busy)."""
         with self._lock:
             if self._next is batch and not self._in_flight:
-                assert batch.waiters is not None
-                self._expected_callers = len(batch.waiters)
                 self._send_next_locked()
 
     def _send_next_locked(self) -> None:
@@ -238,7 +237,6 @@ class StatsReader:
         self._next = None
         self._in_flight = True
         self._sent = batch
-        self._sent_callers = len(batch.waiters) if batch.waiters else 0
         self.mms_reads += 1
         session = self._connection.session
         vm_ids = tuple(sorted(batch.vm_ids))
@@ -267,15 +265,15 @@ class StatsReader:
         with self._lock:
             self._in_flight = False
             self._sent = None
-            self._sent_callers = 0
             waiters, batch.waiters = batch.waiters, None
+            self._expected_callers = len(waiters) if waiters else 0
             following = self._next
             if following is not None:
                 assert following.waiters is not None
                 if len(following.waiters) >= self._expected_callers:
                     self._send_next_locked()
                 elif not following.gathering:
-                    # The callers just answered are expected back: wait for them.
+                    # The callers just answered are on their way back: wait for them.
                     following.gathering = True
                     gathering = following
         if gathering is not None and (not waiters or gathering.loop is batch.loop):
