@@ -60,8 +60,9 @@ def test_callers_arriving_during_a_read_share_the_next_one(
     async def scenario() -> None:
         # The first starts a read at once; the others arrive while it is in flight. mms holds
         # its answer until all of them have joined the next read: the answer is taken on the
-        # connection thread, which sends the next read at once, so an answer arriving among
-        # them would split them over two reads.
+        # connection thread, which sends the next read at once (it has at least as many
+        # callers as the first served), so an answer arriving among them would split them
+        # over two reads.
         first = asyncio.ensure_future(reader.read_async((CROS_GUEST_VM_ID,), WAIT_S))
         await asyncio.sleep(0)  # let the first send
         with sim.holding_answers():

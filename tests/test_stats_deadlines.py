@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
+from held_stats import HeldConnection, reader
 
 from manatee_grpc.core._errors import DeadlineExceededError
-from manatee_grpc.core._stats import StatsReader
-from manatee_grpc.mms._messages import (
-    BalloonStats,
-    GetBalloonStatsRequest,
-    GetBalloonStatsResponse,
-    VmBalloonStats,
-)
 
 # Long enough that no loaded machine reaches it during the test: "still waiting" is certain.
 FAR_S = 600.0
@@ -29,49 +22,20 @@ NEAR_S = 0.05
 TEST_DEADLINE_S = 60.0
 
 
-class _HeldConnection:
-    """The part of MmsConnection a StatsReader uses; every read waits for ``answer``."""
-
-    session = 1
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[GetBalloonStatsRequest, Future[GetBalloonStatsResponse]]] = []
-
-    def add_observer(self, observer: Any) -> None:
-        pass
-
-    def submit(self, request: GetBalloonStatsRequest) -> Future[GetBalloonStatsResponse]:
-        future: Future[GetBalloonStatsResponse] = Future()
-        future.set_running_or_notify_cancel()  # on the wire at once: a caller cannot take it back
-        self.sent.append((request, future))
-        return future
-
-    def answer(self) -> None:
-        request, future = self.sent[-1]
-        future.set_result(
-            GetBalloonStatsResponse(
-                tuple(VmBalloonStats(vm_id, BalloonStats(), 0) for vm_id in request.vm_ids)
-            )
-        )
-
-
-def _reader(connection: _HeldConnection) -> StatsReader:
-    return StatsReader(connection)  # type: ignore[arg-type]
-
-
 def test_a_later_caller_with_an_earlier_deadline_ends_first_and_the_read_goes_on() -> None:
-    connection = _HeldConnection()
-    reader = _reader(connection)
+    connection = HeldConnection()
+    stats = reader(connection)
 
     async def scenario() -> None:
-        first = asyncio.ensure_future(reader.read_async((0,), None))
+        first = asyncio.ensure_future(stats.read_async((0,), None))
         await asyncio.sleep(0)  # the first read is sent; the callers below share the next
-        far = asyncio.ensure_future(reader.read_async((0,), FAR_S))
-        near = asyncio.ensure_future(reader.read_async((0,), NEAR_S))
+        far = asyncio.ensure_future(stats.read_async((0,), FAR_S))
+        near = asyncio.ensure_future(stats.read_async((0,), NEAR_S))
         with pytest.raises(DeadlineExceededError):
             await near
         assert not far.done() and not first.done()
-        connection.answer()  # the first read; its answer sends the next at once
+        connection.answer()  # the first read, which served one: the next goes at once
+        await connection.reads_sent(2)
         connection.answer()
         for caller in (first, far):
             assert [entry.vm_id for entry in (await caller).stats] == [0]
@@ -81,20 +45,21 @@ def test_a_later_caller_with_an_earlier_deadline_ends_first_and_the_read_goes_on
 
 
 def test_callers_of_one_read_each_end_at_their_own_deadline() -> None:
-    connection = _HeldConnection()
-    reader = _reader(connection)
+    connection = HeldConnection()
+    stats = reader(connection)
 
     async def scenario() -> None:
-        first = asyncio.ensure_future(reader.read_async((0,), None))
+        first = asyncio.ensure_future(stats.read_async((0,), None))
         await asyncio.sleep(0)  # the first read is sent; the callers below share the next
-        later = asyncio.ensure_future(reader.read_async((0,), 2 * NEAR_S))
-        sooner = asyncio.ensure_future(reader.read_async((0,), NEAR_S))
-        forever = asyncio.ensure_future(reader.read_async((0,), None))
+        later = asyncio.ensure_future(stats.read_async((0,), 2 * NEAR_S))
+        sooner = asyncio.ensure_future(stats.read_async((0,), NEAR_S))
+        forever = asyncio.ensure_future(stats.read_async((0,), None))
         for caller in (sooner, later):
             with pytest.raises(DeadlineExceededError):
                 await caller
         assert not forever.done()
         connection.answer()
+        await connection.reads_sent(2)
         connection.answer()
         for caller in (first, forever):
             assert [entry.vm_id for entry in (await caller).stats] == [0]
@@ -104,11 +69,11 @@ def test_callers_of_one_read_each_end_at_their_own_deadline() -> None:
 
 
 def test_a_caller_on_the_wire_ends_at_its_deadline_on_a_new_loop() -> None:
-    connection = _HeldConnection()
-    reader = _reader(connection)
+    connection = HeldConnection()
+    stats = reader(connection)
 
     async def answered() -> None:
-        caller = asyncio.ensure_future(reader.read_async((0,), NEAR_S))
+        caller = asyncio.ensure_future(stats.read_async((0,), NEAR_S))
         await asyncio.sleep(0)
         connection.answer()
         await caller  # answered; its loop ends (usually) with the timer for NEAR_S still armed
@@ -117,7 +82,7 @@ def test_a_caller_on_the_wire_ends_at_its_deadline_on_a_new_loop() -> None:
         # Sent at once (mms idle): it waits on the read on the wire, which is never answered;
         # its deadline is later than the one the dead loop's timer was armed for.
         with pytest.raises(DeadlineExceededError):
-            await reader.read_async((0,), 2 * NEAR_S)
+            await stats.read_async((0,), 2 * NEAR_S)
 
     _run(answered())
     _run(never_answered())

@@ -4,7 +4,8 @@ Into the thread, the loop's only door is ``MmsConnection.submit`` (a request que
 the connection thread resolves ``concurrent.futures.Future``s, and a coroutine waits for one
 through ``wake_on_done``: the future's done-callback completes a loop future by
 ``loop.call_soon_threadsafe`` (``call_soon_from_thread``), the model aiosqlite follows. The
-stats reader uses ``call_soon_from_thread`` directly, once per read for all its callers.
+stats reader uses ``call_soon_from_thread`` directly, once per read for all its callers (and
+the window of the next read, if it is left gathering).
 
 A coroutine that awaited the thread future through ``asyncio.wrap_future`` would, on
 cancellation or timeout, cancel the thread future too; that is wrong for a coalesced stats

@@ -3,18 +3,25 @@
 mms serves one request at a time, so throughput comes from doing less: every caller waiting for
 stats is served by one GetBalloonStats for the union of their ids. Callers that arrive while a
 read is in flight join the next one, which the connection thread sends as soon as the answer
-is in.
+is in, if it has its callers (see Gathering).
 
-With mms idle, a read is sent at once unless the last read served several callers: then it
-waits until as many callers have joined as that read served, or ``gather_window_s`` at most.
-Under load, callers answered together come back together, and without this the first of them
-would find mms idle and go alone. A lone caller (the last read served one) never waits. (An
-earlier version looked at the loop's private ready queue to see whether more callers were on
-their way; this looks only at what the reader itself saw.)
+Gathering: a read waits for the callers the reader expects, as many as the last read served
+(callers answered together come back together), or ``gather_window_s`` at most, counted from
+when it could first have gone: mms idle, or the read before it answered. When the read before
+answers, its own callers are on their way back, so a next read that has fewer callers than it
+served waits for them rather than go with whoever happens to be waiting; that is what merges a
+crowd split over several reads into one, and each read costs mms a round of every VM's balloon
+and this process a decode and a hand-off. A next read with as many callers goes from the
+connection thread at once. A lone caller never waits (the last read served one), and when the
+crowd thins, the read that waits out its window serves fewer and so lowers what the next
+expects. (An earlier version looked at the loop's private ready queue to see whether more
+callers were on their way; this looks only at what the reader itself saw.)
 
 Callers are coroutines on the server's event loop. The read's answer comes back to them through
 the one hand-off from the connection thread (``_aio.call_soon_from_thread``): one per read,
-whatever the number of callers it serves.
+whatever the number of callers it serves (it also starts the window of a next read left
+gathering). A reader serves one loop at a time, as a server has one loop; a batch left by a
+loop that closed is dropped, not joined.
 """
 
 from __future__ import annotations
@@ -88,8 +95,11 @@ class _Answer:
         )
 
 
-# The longest a read waits for callers expected to join it while mms is idle.
+# The longest a read waits for the callers expected to join it, once mms could take it.
 DEFAULT_GATHER_WINDOW_S = 0.001
+
+# The callers waiting on one read, each with its deadline (loop time; inf: none).
+_Waiters = list[tuple[asyncio.Future[None], float]]
 
 
 @dataclass(slots=True)
@@ -102,7 +112,7 @@ class _Batch:
     # Coroutines waiting on this batch, each with its deadline (loop time; inf: none), woken
     # together by one hand-off to their loop (so a batch of N callers costs the connection
     # thread one wake-up, not N); None once handed off.
-    waiters: list[tuple[asyncio.Future[None], float]] | None = field(default_factory=list)
+    waiters: _Waiters | None = field(default_factory=list)
     picks: dict[tuple[int, ...], StatsSnapshot] = field(default_factory=dict)
 
 
@@ -118,7 +128,9 @@ class StatsReader:
         self._connection = connection
         self._coalesce = coalesce
         self._gather_window_s = gather_window_s
-        self._last_batch_callers = 0  # how many callers the last answered read served
+        # How many callers a read waits for (see the module docstring): as many as the last
+        # read served. Under _lock.
+        self._expected_callers = 0
         # Taken on the loop (a caller joins) and on the connection thread (a read is answered).
         # Re-entrant: a submit that fails at once runs the done callback inline, under the lock.
         self._lock = threading.RLock()
@@ -155,13 +167,16 @@ class StatsReader:
             self._arm_expiry(loop, deadline)
         with self._lock:
             batch = self._next
-            if batch is None:
+            if batch is None or (batch.loop is not loop and batch.loop.is_closed()):
+                # (A batch left by a closed loop has nobody waiting on it, and its wake-up and
+                # window would go to that loop: it is dropped.)
                 batch = self._next = _Batch(loop)
             batch.vm_ids.update(vm_ids)
-            assert batch.waiters is not None  # only the batch being gathered is joined
-            batch.waiters.append((waiter, deadline))
+            waiters = batch.waiters
+            assert waiters is not None  # only the batch being gathered is joined
+            waiters.append((waiter, deadline))
             if not self._in_flight:
-                if len(batch.waiters) >= self._last_batch_callers:
+                if len(waiters) >= self._expected_callers:
                     self._send_next_locked()
                 elif not batch.gathering:
                     batch.gathering = True
@@ -235,8 +250,9 @@ class StatsReader:
 
     def _answered(self, batch: _Batch, session: int, done: Future[GetBalloonStatsResponse]) -> None:
         # On the connection thread (or inline, if submit failed at once): settle the batch,
-        # send the next one (its callers arrived while this read was in flight), then hand the
-        # wake-up of this batch's callers to their loop in one go.
+        # send the next one (its callers arrived while this read was in flight) if as many
+        # have joined it as expected, else leave it gathering; then hand the wake-up of this
+        # batch's callers (and the gathering batch's window) to their loop in one go.
         try:
             response = done.result(0)  # done: one look at the future, not three
         except CancelledError:
@@ -245,18 +261,37 @@ class StatsReader:
             batch.error = error
         else:
             batch.answer = _Answer.of(session, response)
+        gathering: _Batch | None = None
         with self._lock:
             self._in_flight = False
             self._sent = None
             waiters, batch.waiters = batch.waiters, None
-            self._last_batch_callers = len(waiters) if waiters else 0
-            if self._next is not None:
-                self._send_next_locked()
+            self._expected_callers = len(waiters) if waiters else 0
+            following = self._next
+            if following is not None:
+                assert following.waiters is not None
+                if len(following.waiters) >= self._expected_callers:
+                    self._send_next_locked()
+                elif not following.gathering:
+                    # The callers just answered are on their way back: wait for them.
+                    following.gathering = True
+                    gathering = following
+        if gathering is not None and (not waiters or gathering.loop is batch.loop):
+            _aio.call_soon_from_thread(gathering.loop, self._wake_and_gather, waiters, gathering)
+        else:
+            if waiters:
+                _aio.call_soon_from_thread(batch.loop, _wake_all, waiters)
+            if gathering is not None:  # callers on two loops (tests): a hand-off each
+                _aio.call_soon_from_thread(gathering.loop, self._wake_and_gather, [], gathering)
+
+    def _wake_and_gather(self, waiters: _Waiters | None, gathering: _Batch) -> None:
+        """On ``gathering``'s loop: wake ``waiters``, then time ``gathering``'s window."""
         if waiters:
-            _aio.call_soon_from_thread(batch.loop, _wake_all, waiters)
+            _wake_all(waiters)
+        gathering.loop.call_later(self._gather_window_s, self._gathered, gathering)
 
 
-def _wake_all(waiters: list[tuple[asyncio.Future[None], float]]) -> None:
+def _wake_all(waiters: _Waiters) -> None:
     for waiter, _ in waiters:
         if not waiter.done():
             waiter.set_result(None)
