@@ -3,8 +3,9 @@
 Pure logic, with a fake connection whose reads are answered only when the test says so. The
 reader expects as many callers as the last read served: a read goes as soon as that many have
 joined it, or when its gather window ends; when a read is answered, the next one goes at once
-if it has as many callers, else it waits for the callers just answered to come back. A window
-of FAR_S shows that an arrival, not the window, sent a read.
+if it has as many callers or if mms took longer than the window to answer, else it waits for
+the callers just answered to come back. A window of FAR_S shows that an arrival, not the
+window, sent a read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from manatee_grpc.core._errors import DeadlineExceededError
 from manatee_grpc.core._stats import StatsReader, StatsSnapshot
 
 FAR_S = 600.0  # no loaded machine reaches it during a test
-SHORT_S = 0.01  # a window that is meant to end
+# A window that is meant to end, and still far longer than a read the test answers at once.
+SHORT_S = 0.5
 TEST_DEADLINE_S = 60.0
 
 
@@ -84,6 +86,25 @@ def test_callers_answered_together_are_waited_for_not_the_window() -> None:
         connection.answer()
         assert (await straggler).missing_vm_ids == ()
         await asyncio.gather(*back)
+
+    _run(scenario())
+
+
+def test_after_a_read_mms_took_longer_than_the_window_to_answer_the_next_goes_at_once() -> None:
+    connection = HeldConnection()
+    window_s = 0.05
+    stats = reader(connection, gather_window_s=window_s)
+
+    async def scenario() -> None:
+        crowd = await _crowd_on_the_wire(stats, connection, 3)
+        straggler = asyncio.ensure_future(stats.read_async((0,), None))
+        # mms is the bottleneck (slower than the window): waiting would leave it idle.
+        await asyncio.sleep(2 * window_s)
+        connection.answer()
+        assert len(connection.sent) == 3
+        await asyncio.gather(*crowd)
+        connection.answer()
+        await straggler
 
     _run(scenario())
 
