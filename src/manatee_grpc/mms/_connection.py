@@ -185,10 +185,10 @@ class _FrameReader:
     def read(self, deadline: float) -> bytes:
         """The body, once the whole frame is in; TimeoutError at ``deadline`` (state is kept).
 
-        Each read is one blocking ``recv`` bounded by the socket's timeout (see _TimedSocket)
-        and takes all that has arrived (usually the whole frame at once): on a busy server
-        every syscall releases the GIL and may wait to get it back, so a round trip makes as
-        few of them as it can (no poll before the recv).
+        Each read is one blocking ``recv`` (see _TimedSocket) and takes all that has arrived
+        (usually the whole frame at once): on a busy server every syscall releases the GIL and
+        may wait to get it back, so a round trip makes as few of them as it can (no poll
+        before the recv).
         """
         buffer = self._buffer
         if not buffer:
@@ -232,53 +232,43 @@ class _FrameReader:
 
 
 class _TimedSocket:
-    """The mms socket in blocking mode, each recv bounded by the kernel (SO_RCVTIMEO).
+    """The mms socket in blocking mode: a read is one ``recv``, not a poll and then a recv.
 
-    One syscall per read instead of a poll and then a recv (about 20 µs of a lone caller's
-    p50). The kernel timeout is the watchdog of the request (set when it changes, so not per
-    call): the first recv of a round trip starts after the request's clock started, so it
-    cannot end before the watchdog's deadline; a later wait of the same round trip (a frame in
-    pieces, a watchdog that fired and was extended) is bounded by what is left of the deadline.
-    A timeout only returns control to the watchdog (``_overdue``), which decides, as before,
-    whether anything may close the stream. Every other read and every send passes
-    MSG_DONTWAIT, so nothing else can block; SO_SNDTIMEO is set alike, should one ever not.
+    That is about 20 µs of a lone caller's p50. A blocked ``recv`` ends with data, the end of
+    the stream (a shutdown from stop() or reset() wakes it at once), or the kernel's receive
+    timeout (SO_RCVTIMEO), which is set once for the session to ``wait_s``: short next to the
+    shortest watchdog, so a deadline is noticed at most ``wait_s`` late, and each kernel
+    timeout only sends the loop back to look at the deadline (a signal that restarts the
+    kernel's wait cannot stretch it beyond that). Deadlines and what they lead to stay the
+    watchdog's (``_overdue``). Every other read and every send passes MSG_DONTWAIT.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, wait_s: float) -> None:
         sock.setblocking(True)
+        seconds = min(max(wait_s, _MIN_KERNEL_WAIT_S), _MAX_KERNEL_WAIT_S)
+        whole_s = int(seconds)
+        # A struct timeval; a zero one would mean "no timeout" (hence the 1 ms floor).
+        timeval = struct.pack("@ll", whole_s, int((seconds - whole_s) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         self.sock = sock
-        self._timeout_s = 0.0  # 0: none set (the kernel's "for ever")
-        self._fresh = False  # the next recv is the first of its round trip
-
-    def start_round_trip(self, watchdog_s: float) -> None:
-        self._set_timeout(watchdog_s)
-        self._fresh = True
 
     def recv(self, deadline: float) -> bytes:
-        """What has arrived (b"" at end of stream), waiting until ``deadline`` (TimeoutError)."""
-        while True:
-            if not self._fresh:
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    raise TimeoutError
-                if remaining_s < self._timeout_s:
-                    self._set_timeout(remaining_s)
-            self._fresh = False
+        """What has arrived (b"" at end of stream); TimeoutError once ``deadline`` passed."""
+        while time.monotonic() < deadline:
             try:
                 return self.sock.recv(_READ_CHUNK_BYTES)
-            except BlockingIOError:  # the kernel timeout passed (EAGAIN); the deadline may not have
+            except BlockingIOError:  # the kernel's wait ended with nothing: look again
                 continue
+        raise TimeoutError
 
-    def _set_timeout(self, timeout_s: float) -> None:
-        if timeout_s == self._timeout_s:
-            return
-        # At least 1 ms: a zero timeval means "no timeout" to the kernel.
-        seconds = max(timeout_s, 0.001)
-        whole_s = int(seconds)
-        timeval = struct.pack("@ll", whole_s, int((seconds - whole_s) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        self._timeout_s = timeout_s
+
+# The kernel's receive timeout: a tenth of the shortest watchdog, within these bounds.
+_MIN_KERNEL_WAIT_S = 0.001
+_MAX_KERNEL_WAIT_S = 1.0
+
+
+def _kernel_wait_s(watchdog_s: Mapping[MessageType, float]) -> float:
+    return min(watchdog_s.values(), default=_LONGEST_WATCHDOG_S) / 10
 
 
 class _Outgoing:
@@ -567,7 +557,8 @@ class MmsConnection:
 
     def _serve_calls(self, sock: socket.socket, session: int) -> MmsConnectionError | None:
         """Serve calls until the link is closed; returns why it ended (None when stopping)."""
-        timed = _TimedSocket(sock)  # every wait is bounded by the watchdog; see _FrameReader
+        # Every wait is bounded by the watchdog; see _FrameReader and _TimedSocket.
+        timed = _TimedSocket(sock, _kernel_wait_s(self._config.watchdog_s))
         selector = selectors.DefaultSelector()
         selector.register(sock, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
@@ -604,7 +595,6 @@ class MmsConnection:
         started = time.monotonic()
         deadline = started + watchdog_s
         outgoing = _Outgoing(call.frame)
-        timed.start_round_trip(watchdog_s)
         sock = timed.sock
         reader = _FrameReader(timed, msg_type, self._config.max_body_bytes)
         body: bytes | None = None
