@@ -49,8 +49,12 @@ WINDOW_S = 2.0
 # drifts by tens of percent within a minute, so a single window each gives ratios that swing;
 # and the order alternates from round to round (A B C, C B A, ...), so a drift within a round
 # favours no one of them. The targets against the reference take each round's ratio (the
-# bridge and the reference run back to back, B C or C B) and report their median.
+# bridge and the reference run back to back, B C or C B) and report their median, over
+# TARGET_ROUNDS at the concurrencies that have targets (one round's ratio moves by several
+# percent on this machine; the median of more of them moves less).
 ROUNDS = 5
+TARGET_ROUNDS = 9
+TARGET_CONCURRENCIES = (1, 32)
 ROUND_WINDOW_S = 1.2
 WARMUP_S = 0.7
 COALESCE_LATENCY_S = 0.002
@@ -245,10 +249,11 @@ class _Run:
     server_pid: int
 
 
-def _side_by_side(runs: list[_Run], concurrency: int) -> list[Row]:
-    """Measure ``runs`` in turn, ROUNDS times over; one row each, from its median round."""
+def _side_by_side(runs: list[_Run], concurrency: int, round_count: int = ROUNDS) -> list[Row]:
+    """Measure ``runs`` in turn, ``round_count`` times over; one row each, from its median
+    round."""
     rounds: list[list[Row]] = [[] for _ in runs]
-    for round_index in range(ROUNDS):
+    for round_index in range(round_count):
         pairs = list(zip(runs, rounds, strict=True))
         for run, results in pairs if round_index % 2 == 0 else reversed(pairs):
             results.append(
@@ -559,7 +564,8 @@ def _against_reference(
                 _Run(minimal_rig, MINIMAL_ROW, transport, minimal.address, "stats", minimal.pid),
             ]
             for concurrency in concurrencies:
-                rows.extend(_side_by_side(runs, concurrency))
+                round_count = TARGET_ROUNDS if concurrency in TARGET_CONCURRENCIES else ROUNDS
+                rows.extend(_side_by_side(runs, concurrency, round_count))
         finally:
             minimal.stop()
         if transport == "tcp" and head_of_line:

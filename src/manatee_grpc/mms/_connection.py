@@ -30,6 +30,7 @@ import random
 import select
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -173,7 +174,7 @@ class _OutOfStepError(Exception):
 class _FrameReader:
     """Reads one response frame; keeps what it has read when a wait times out."""
 
-    def __init__(self, sock: socket.socket, msg_type: MessageType, max_body_bytes: int) -> None:
+    def __init__(self, sock: _TimedSocket, msg_type: MessageType, max_body_bytes: int) -> None:
         self._sock = sock
         self._msg_type = msg_type
         self._max_body_bytes = max_body_bytes
@@ -184,15 +185,31 @@ class _FrameReader:
     def read(self, deadline: float) -> bytes:
         """The body, once the whole frame is in; TimeoutError at ``deadline`` (state is kept).
 
-        The socket is non-blocking and each read takes all that has arrived (usually the whole
-        frame at once): on a busy server every syscall releases the GIL and may wait to get it
-        back, so a round trip makes as few of them as it can.
+        Each read is one blocking ``recv`` (see _TimedSocket) and takes all that has arrived
+        (usually the whole frame at once): on a busy server every syscall releases the GIL and
+        may wait to get it back, so a round trip makes as few of them as it can (no poll
+        before the recv).
         """
         buffer = self._buffer
+        if not buffer:
+            chunk = self._sock.recv(deadline)
+            # The usual case: the first read holds the whole frame, of the right type and a
+            # sane length; its body is taken as is. Anything else goes the long way below,
+            # which checks (and refuses) the same things.
+            if len(chunk) >= _wire.HEADER_SIZE_BYTES:
+                body_len_bytes, msg_type = _wire.HEADER.unpack_from(chunk)
+                if (
+                    msg_type == self._msg_type
+                    and body_len_bytes <= self._max_body_bytes
+                    and len(chunk) == _wire.HEADER_SIZE_BYTES + body_len_bytes
+                ):
+                    return chunk[_wire.HEADER_SIZE_BYTES :]
+            if not chunk:
+                raise ConnectionResetError("mms closed the connection")
+            buffer += chunk
         while True:
             if len(buffer) < self._frame_bytes:
-                _wait(self._sock, select.POLLIN, deadline)
-                chunk = self._sock.recv(_READ_CHUNK_BYTES)
+                chunk = self._sock.recv(deadline)
                 if not chunk:
                     raise ConnectionResetError("mms closed the connection")
                 buffer += chunk
@@ -214,6 +231,46 @@ class _FrameReader:
                 return bytes(buffer[_wire.HEADER_SIZE_BYTES :])
 
 
+class _TimedSocket:
+    """The mms socket in blocking mode: a read is one ``recv``, not a poll and then a recv.
+
+    That is about 20 µs of a lone caller's p50. A blocked ``recv`` ends with data, the end of
+    the stream (a shutdown from stop() or reset() wakes it at once), or the kernel's receive
+    timeout (SO_RCVTIMEO), which is set once for the session to ``wait_s``: short next to the
+    shortest watchdog, so a deadline is noticed at most ``wait_s`` late, and each kernel
+    timeout only sends the loop back to look at the deadline (a signal that restarts the
+    kernel's wait cannot stretch it beyond that). Deadlines and what they lead to stay the
+    watchdog's (``_overdue``). Every other read and every send passes MSG_DONTWAIT.
+    """
+
+    def __init__(self, sock: socket.socket, wait_s: float) -> None:
+        sock.setblocking(True)
+        seconds = min(max(wait_s, _MIN_KERNEL_WAIT_S), _MAX_KERNEL_WAIT_S)
+        whole_s = int(seconds)
+        # A struct timeval; a zero one would mean "no timeout" (hence the 1 ms floor).
+        timeval = struct.pack("@ll", whole_s, int((seconds - whole_s) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock = sock
+
+    def recv(self, deadline: float) -> bytes:
+        """What has arrived (b"" at end of stream); TimeoutError once ``deadline`` passed."""
+        while time.monotonic() < deadline:
+            try:
+                return self.sock.recv(_READ_CHUNK_BYTES)
+            except BlockingIOError:  # the kernel's wait ended with nothing: look again
+                continue
+        raise TimeoutError
+
+
+# The kernel's receive timeout: a tenth of the shortest watchdog, within these bounds.
+_MIN_KERNEL_WAIT_S = 0.001
+_MAX_KERNEL_WAIT_S = 1.0
+
+
+def _kernel_wait_s(watchdog_s: Mapping[MessageType, float]) -> float:
+    return min(watchdog_s.values(), default=_LONGEST_WATCHDOG_S) / 10
+
+
 class _Outgoing:
     """One request frame being written; keeps its progress when a wait times out."""
 
@@ -221,10 +278,10 @@ class _Outgoing:
         self.view = memoryview(frame)
 
     def send(self, sock: socket.socket, deadline: float) -> None:
-        """``sendall`` on the non-blocking socket, bounded by ``deadline`` (TimeoutError)."""
+        """``sendall`` without blocking in the send, bounded by ``deadline`` (TimeoutError)."""
         while self.view:
             try:
-                self.view = self.view[sock.send(self.view) :]
+                self.view = self.view[sock.send(self.view, socket.MSG_DONTWAIT) :]
             except BlockingIOError:
                 pass
             if self.view:
@@ -500,7 +557,8 @@ class MmsConnection:
 
     def _serve_calls(self, sock: socket.socket, session: int) -> MmsConnectionError | None:
         """Serve calls until the link is closed; returns why it ended (None when stopping)."""
-        sock.setblocking(False)  # every wait is a poll bounded by the watchdog; see _FrameReader
+        # Every wait is bounded by the watchdog; see _FrameReader and _TimedSocket.
+        timed = _TimedSocket(sock, _kernel_wait_s(self._config.watchdog_s))
         selector = selectors.DefaultSelector()
         selector.register(sock, selectors.EVENT_READ)
         selector.register(self._wake_r, selectors.EVENT_READ)
@@ -521,7 +579,7 @@ class MmsConnection:
                     continue
                 if not call.future.set_running_or_notify_cancel():
                     continue  # the caller gave up before it was sent: never send it
-                failure = self._round_trip(sock, session, call)
+                failure = self._round_trip(timed, session, call)
                 if failure is not None:
                     return failure
             return None
@@ -529,7 +587,7 @@ class MmsConnection:
             selector.close()
 
     def _round_trip(
-        self, sock: socket.socket, session: int, call: _Call
+        self, timed: _TimedSocket, session: int, call: _Call
     ) -> MmsConnectionError | None:
         """Send one call and read its answer; returns why the stream must close, or None."""
         msg_type = call.request.TYPE
@@ -537,7 +595,8 @@ class MmsConnection:
         started = time.monotonic()
         deadline = started + watchdog_s
         outgoing = _Outgoing(call.frame)
-        reader = _FrameReader(sock, msg_type, self._config.max_body_bytes)
+        sock = timed.sock
+        reader = _FrameReader(timed, msg_type, self._config.max_body_bytes)
         body: bytes | None = None
         try:
             while body is None:
@@ -713,7 +772,7 @@ class MmsConnection:
                     # Whatever mms says now cannot be matched to a request: read and drop it,
                     # watching only for the end of the stream.
                     try:
-                        data = sock.recv(_READ_CHUNK_BYTES)
+                        data = sock.recv(_READ_CHUNK_BYTES, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue
                     except OSError as exc:
@@ -741,7 +800,7 @@ class MmsConnection:
 
     def _idle_readable(self, sock: socket.socket, session: int) -> MmsConnectionError | None:
         try:
-            data = sock.recv(1, socket.MSG_PEEK)
+            data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         except OSError as exc:

@@ -58,6 +58,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 # Native byte order on every mms target is little-endian; `len` first, then `type`.
 _HEADER = struct.Struct("<II")
+HEADER = _HEADER  # for the connection's reader: it unpacks a whole frame's header in place
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 _U64_MAX = 2**64 - 1
