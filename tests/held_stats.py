@@ -7,6 +7,8 @@ a given number of reads have been sent, since the reader may hold a read back to
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -53,7 +55,11 @@ class HeldConnection:
         )
 
 
-def reader(connection: HeldConnection, gather_window_s: float | None = None) -> StatsReader:
+def reader(
+    connection: HeldConnection,
+    gather_window_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> StatsReader:
     if gather_window_s is None:
-        return StatsReader(connection)  # type: ignore[arg-type]
-    return StatsReader(connection, gather_window_s=gather_window_s)  # type: ignore[arg-type]
+        return StatsReader(connection, clock=clock)  # type: ignore[arg-type]
+    return StatsReader(connection, gather_window_s=gather_window_s, clock=clock)  # type: ignore[arg-type]

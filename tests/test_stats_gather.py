@@ -92,14 +92,15 @@ def test_callers_answered_together_are_waited_for_not_the_window() -> None:
 
 def test_after_a_read_mms_took_longer_than_the_window_to_answer_the_next_goes_at_once() -> None:
     connection = HeldConnection()
-    window_s = 0.05
-    stats = reader(connection, gather_window_s=window_s)
+    now_s = [0.0]  # the reader's clock, moved by the test
+    stats = reader(connection, gather_window_s=FAR_S, clock=lambda: now_s[0])
 
     async def scenario() -> None:
         crowd = await _crowd_on_the_wire(stats, connection, 3)
         straggler = asyncio.ensure_future(stats.read_async((0,), None))
+        await asyncio.sleep(0)  # it joins the next read while the crowd's is on the wire
         # mms is the bottleneck (slower than the window): waiting would leave it idle.
-        await asyncio.sleep(2 * window_s)
+        now_s[0] += 2 * FAR_S
         connection.answer()
         assert len(connection.sent) == 3
         await asyncio.gather(*crowd)

@@ -127,10 +127,12 @@ class StatsReader:
         connection: MmsConnection,
         coalesce: bool = True,
         gather_window_s: float = DEFAULT_GATHER_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connection = connection
         self._coalesce = coalesce
         self._gather_window_s = gather_window_s
+        self._clock = clock  # times an mms read against the gather window
         # How many callers a read waits for (see the module docstring): as many as the last
         # read served. Under _lock.
         self._expected_callers = 0
@@ -240,7 +242,7 @@ class StatsReader:
         self._next = None
         self._in_flight = True
         self._sent = batch
-        batch.sent_at_s = time.monotonic()
+        batch.sent_at_s = self._clock()
         self.mms_reads += 1
         session = self._connection.session
         vm_ids = tuple(sorted(batch.vm_ids))
@@ -276,7 +278,7 @@ class StatsReader:
                 assert following.waiters is not None
                 if (
                     len(following.waiters) >= self._expected_callers
-                    or time.monotonic() - batch.sent_at_s >= self._gather_window_s
+                    or self._clock() - batch.sent_at_s >= self._gather_window_s
                 ):
                     self._send_next_locked()
                 elif not following.gathering:
